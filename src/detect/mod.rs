@@ -1,0 +1,99 @@
+//! [`ExpiryDetector`]: does this response mean "the token expired"?
+//!
+//! A detector looks at the response head first and asks for the body only
+//! when it must; the body prefix it is shown is capped
+//! ([`AuthRefreshLayer::peek_limit`](crate::AuthRefreshLayer::peek_limit)),
+//! and the caller always receives the whole body unchanged.
+
+use http::{HeaderMap, StatusCode, Version};
+
+/// The parts of a response a detector decides on.
+#[derive(Debug, Clone, Copy)]
+pub struct ResponseHead<'a> {
+    status: StatusCode,
+    version: Version,
+    headers: &'a HeaderMap,
+}
+
+impl<'a> ResponseHead<'a> {
+    /// A head made of its parts.
+    pub fn new(status: StatusCode, version: Version, headers: &'a HeaderMap) -> Self {
+        Self { status, version, headers }
+    }
+
+    /// The status code.
+    pub fn status(&self) -> StatusCode {
+        self.status
+    }
+
+    /// The HTTP version.
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    /// The response headers.
+    pub fn headers(&self) -> &'a HeaderMap {
+        self.headers
+    }
+}
+
+/// What a detector says about a response head.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HeadVerdict {
+    /// The token was rejected.
+    Expired,
+    /// The response has nothing to do with the token.
+    NotExpired,
+    /// Cannot tell without the body: call [`ExpiryDetector::check_body`].
+    NeedBody,
+}
+
+/// Decides whether a response means the token expired.
+///
+/// ```
+/// use http::StatusCode;
+/// use tower_auth_refresh::{ExpiryDetector, HeadVerdict, ResponseHead};
+///
+/// /// An API that answers 419 for an expired session.
+/// struct Status419;
+///
+/// impl ExpiryDetector for Status419 {
+///     fn check_head(&self, head: &ResponseHead<'_>) -> HeadVerdict {
+///         if head.status().as_u16() == 419 { HeadVerdict::Expired } else { HeadVerdict::NotExpired }
+///     }
+/// }
+///
+/// let headers = http::HeaderMap::new();
+/// let head = ResponseHead::new(StatusCode::from_u16(419).unwrap(), http::Version::HTTP_11, &headers);
+/// assert_eq!(Status419.check_head(&head), HeadVerdict::Expired);
+/// ```
+pub trait ExpiryDetector: Send + Sync + 'static {
+    /// Decides from the status and headers.
+    fn check_head(&self, head: &ResponseHead<'_>) -> HeadVerdict;
+
+    /// Decides from the body, when [`check_head`](Self::check_head) answered
+    /// [`HeadVerdict::NeedBody`]. `body` is the whole body; a body longer
+    /// than the peek limit is never shown and counts as not expired.
+    fn check_body(&self, head: &ResponseHead<'_>, body: &[u8]) -> bool {
+        let _ = (head, body);
+        false
+    }
+}
+
+impl<T: ExpiryDetector + ?Sized> ExpiryDetector for std::sync::Arc<T> {
+    fn check_head(&self, head: &ResponseHead<'_>) -> HeadVerdict {
+        (**self).check_head(head)
+    }
+    fn check_body(&self, head: &ResponseHead<'_>, body: &[u8]) -> bool {
+        (**self).check_body(head, body)
+    }
+}
+
+impl<T: ExpiryDetector + ?Sized> ExpiryDetector for Box<T> {
+    fn check_head(&self, head: &ResponseHead<'_>) -> HeadVerdict {
+        (**self).check_head(head)
+    }
+    fn check_body(&self, head: &ResponseHead<'_>, body: &[u8]) -> bool {
+        (**self).check_body(head, body)
+    }
+}
