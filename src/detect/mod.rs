@@ -97,3 +97,16 @@ impl<T: ExpiryDetector + ?Sized> ExpiryDetector for Box<T> {
         (**self).check_body(head, body)
     }
 }
+
+/// TEMPORARY default detector until the built-ins land.
+#[derive(Debug, Clone, Default)]
+pub struct Unauthorized;
+impl Unauthorized {
+    /// New.
+    pub fn new() -> Self { Self }
+}
+impl ExpiryDetector for Unauthorized {
+    fn check_head(&self, head: &ResponseHead<'_>) -> HeadVerdict {
+        if head.status() == StatusCode::UNAUTHORIZED { HeadVerdict::Expired } else { HeadVerdict::NotExpired }
+    }
+}

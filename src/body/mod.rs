@@ -1,0 +1,9 @@
+//! Request replay and response peeking bodies.
+
+mod peek;
+mod replay;
+
+pub use peek::ResponseBody;
+pub(crate) use peek::peek;
+pub use replay::ReplayBody;
+pub(crate) use replay::{NotReplayable, Replay};

@@ -1,0 +1,271 @@
+//! [`TokenHandle`]: what an application holds to see and steer its token.
+
+use std::fmt;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+
+use crate::manager::{ManagerConfig, TokenManager};
+use crate::{BoxError, Token, TokenInjector, TokenSource};
+
+/// A cheap-to-clone handle on one token: its status, counters, and the
+/// operations an application needs (refresh now, set, clear).
+///
+/// Build one with [`TokenHandle::builder`], give it to
+/// [`AuthRefreshLayer::new`](crate::AuthRefreshLayer::new), and keep a clone.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower_auth_refresh::{token_source_fn, RefreshContext, Token, TokenHandle};
+///
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() -> Result<(), tower_auth_refresh::BoxError> {
+/// let handle = TokenHandle::builder(token_source_fn(|_cx: RefreshContext| async {
+///     Ok::<_, std::io::Error>(Token::bearer("t-1").with_expires_in(Duration::from_secs(3600)))
+/// }))
+/// .refresh_ahead(Duration::from_secs(120))
+/// .build();
+///
+/// handle.refresh_now().await?;
+/// let status = handle.status();
+/// assert!(status.valid);
+/// assert_eq!(status.generation, 1);
+/// assert_eq!(handle.stats().refreshes, 1);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct TokenHandle {
+    pub(crate) manager: Arc<TokenManager>,
+}
+
+impl fmt::Debug for TokenHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenHandle").field("status", &self.status()).finish()
+    }
+}
+
+impl TokenHandle {
+    /// A handle with default settings around `source`.
+    pub fn new(source: impl TokenSource) -> Self {
+        Self::builder(source).build()
+    }
+
+    /// Starts configuring a handle around `source`.
+    pub fn builder(source: impl TokenSource) -> TokenHandleBuilder {
+        TokenHandleBuilder {
+            source: Box::new(source),
+            config: ManagerConfig::default(),
+            initial: None,
+        }
+    }
+
+    /// The state of the token at a glance. Contains no secret.
+    pub fn status(&self) -> TokenStatus {
+        let snapshot = self.manager.snapshot();
+        let current = snapshot.current.as_ref();
+        TokenStatus {
+            has_token: current.is_some(),
+            valid: current.is_some_and(|c| c.is_valid()),
+            expires_in: current.and_then(|c| c.expires_in()),
+            generation: current.map_or(0, |c| c.generation),
+            should_refresh: current.is_none_or(|c| c.should_refresh()),
+            refreshing: snapshot.refreshing,
+            consecutive_failures: snapshot.consecutive_failures,
+            last_refresh_at: snapshot.last_refresh_at,
+            last_refresh_duration: snapshot.last_refresh_took,
+            installed_at: current.map(|c| c.installed_wall()),
+            last_error: snapshot.last_error,
+            backoff_remaining: snapshot.backoff_remaining,
+        }
+    }
+
+    /// The counters since the handle was built.
+    pub fn stats(&self) -> RefreshStats {
+        let counters = &self.manager.counters;
+        RefreshStats {
+            refreshes: counters.refreshes.load(Ordering::Relaxed),
+            failures: counters.failures.load(Ordering::Relaxed),
+            retries: counters.retries.load(Ordering::Relaxed),
+            skipped_retries: counters.skipped_retries.load(Ordering::Relaxed),
+            waited: counters.waited.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The current token, if there is one.
+    pub fn token(&self) -> Option<Arc<Token>> {
+        self.manager.current().map(|c| c.token.clone())
+    }
+
+    /// Fetches a new token now (joining a refresh already in flight), even
+    /// inside a back-off window, and returns it.
+    pub async fn refresh_now(&self) -> Result<Arc<Token>, BoxError> {
+        Ok(self.manager.refresh_now().await?.token.clone())
+    }
+
+    /// Installs a token obtained elsewhere (for example by exchanging an
+    /// authorization code). It gets a new generation; any back-off ends.
+    pub fn set_token(&self, token: Token) -> Result<(), crate::InvalidTokenValue> {
+        self.manager.set_token(token).map(drop)
+    }
+
+    /// Forgets the current token: the next request waits for a new one.
+    pub fn clear(&self) {
+        self.manager.clear();
+    }
+}
+
+/// Configures a [`TokenHandle`].
+pub struct TokenHandleBuilder {
+    source: Box<dyn TokenSource>,
+    config: ManagerConfig,
+    initial: Option<Token>,
+}
+
+impl fmt::Debug for TokenHandleBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenHandleBuilder")
+            .field("config", &self.config)
+            .field("initial", &self.initial)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenHandleBuilder {
+    /// Where the token goes on requests (default `Authorization: Bearer …`).
+    pub fn injector(mut self, injector: TokenInjector) -> Self {
+        self.config.injector = injector;
+        self
+    }
+
+    /// How long before expiry a token is refreshed in the background while
+    /// requests keep using it. Default 60 s; never more than half the
+    /// token's lifetime, and shortened by up to 10 % of jitter.
+    pub fn refresh_ahead(mut self, ahead: Duration) -> Self {
+        self.config.refresh_ahead = Some(ahead);
+        self
+    }
+
+    /// Turns off proactive refresh: tokens are refreshed when they expire or
+    /// are rejected.
+    pub fn no_refresh_ahead(mut self) -> Self {
+        self.config.refresh_ahead = None;
+        self
+    }
+
+    /// A token with less than this left is treated as expired: requests wait
+    /// for the refresh instead of racing the expiry. Default 1 s, at most a
+    /// quarter of the token's lifetime.
+    pub fn min_validity(mut self, min: Duration) -> Self {
+        self.config.min_validity = min;
+        self
+    }
+
+    /// How long a token source may take. Default 30 s.
+    pub fn refresh_timeout(mut self, timeout: Duration) -> Self {
+        self.config.refresh_timeout = timeout;
+        self
+    }
+
+    /// The back-off window after a failed refresh: starts at `min`, doubles
+    /// on each further failure up to `max`, with ±10 % jitter. Default
+    /// 500 ms to 60 s.
+    pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
+        self.config.backoff_min = min;
+        self.config.backoff_max = max;
+        self
+    }
+
+    /// A token rejected by the upstream before it is this old is not
+    /// refreshed again; the upstream's answer is returned instead (an
+    /// endpoint that always answers 401 is a permission problem). Default 5 s.
+    pub fn min_token_age(mut self, age: Duration) -> Self {
+        self.config.min_token_age = age;
+        self
+    }
+
+    /// Starts with this token instead of fetching one on the first request.
+    pub fn initial_token(mut self, token: Token) -> Self {
+        self.initial = Some(token);
+        self
+    }
+
+    /// Builds the handle. An initial token that cannot be made into a
+    /// header is dropped (the first request fetches one).
+    pub fn build(self) -> TokenHandle {
+        TokenHandle { manager: TokenManager::new(self.source, self.config, self.initial) }
+    }
+}
+
+/// The state of a token at a glance; contains no secret.
+///
+/// Serializes to JSON with durations in milliseconds and times as unix
+/// milliseconds, for a status endpoint.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct TokenStatus {
+    /// A token is installed.
+    pub has_token: bool,
+    /// The token may be sent (not expired, not rejected).
+    pub valid: bool,
+    /// Time left before the token expires, if its expiry is known.
+    #[serde(rename = "expires_in_ms", serialize_with = "ser::duration_ms")]
+    pub expires_in: Option<Duration>,
+    /// The token's generation: 0 before the first token, then +1 per token.
+    pub generation: u64,
+    /// The token is inside its refresh-ahead window, expired or missing.
+    pub should_refresh: bool,
+    /// A refresh is in flight.
+    pub refreshing: bool,
+    /// Refreshes that failed in a row.
+    pub consecutive_failures: u32,
+    /// When the last successful refresh finished.
+    #[serde(rename = "last_refresh_at_ms", serialize_with = "ser::time_ms")]
+    pub last_refresh_at: Option<SystemTime>,
+    /// How long the last successful refresh took.
+    #[serde(rename = "last_refresh_duration_ms", serialize_with = "ser::duration_ms")]
+    pub last_refresh_duration: Option<Duration>,
+    /// When the current token was installed.
+    #[serde(rename = "installed_at_ms", serialize_with = "ser::time_ms")]
+    pub installed_at: Option<SystemTime>,
+    /// The last refresh error, while failures last.
+    pub last_error: Option<String>,
+    /// Time left in the back-off window, if one is open.
+    #[serde(rename = "backoff_remaining_ms", serialize_with = "ser::duration_ms")]
+    pub backoff_remaining: Option<Duration>,
+}
+
+/// Counters of a [`TokenHandle`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+#[non_exhaustive]
+pub struct RefreshStats {
+    /// Tokens fetched successfully (the first one included).
+    pub refreshes: u64,
+    /// Token-source calls that failed or timed out.
+    pub failures: u64,
+    /// Requests sent a second time after a refresh.
+    pub retries: u64,
+    /// Rejected requests that were not retried (body not replayable, token too fresh).
+    pub skipped_retries: u64,
+    /// Requests that had to wait for a token before being sent.
+    pub waited: u64,
+}
+
+mod ser {
+    use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+    use serde::Serializer;
+
+    pub(super) fn duration_ms<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+        match d {
+            Some(d) => s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn time_ms<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
+        duration_ms(&t.and_then(|t| t.duration_since(UNIX_EPOCH).ok()), s)
+    }
+}

@@ -1,0 +1,204 @@
+//! [`TokenInjector`]: where the token goes on the request.
+
+use std::fmt::Write as _;
+
+use http::header::{AUTHORIZATION, HeaderName, HeaderValue};
+use http::{Request, Uri};
+use secrecy::ExposeSecret;
+
+use crate::Token;
+use crate::error::InvalidTokenValue;
+
+/// Where the token is put on each request.
+///
+/// The value is built once per token (when the token is installed), marked
+/// sensitive, and cloned onto each request. A request that already carries
+/// the target header or query parameter is left alone: the caller's explicit
+/// token wins, and such a request is passed through without refresh or retry.
+///
+/// ```
+/// use http::header::HeaderName;
+/// use tower_auth_refresh::TokenInjector;
+///
+/// let default = TokenInjector::bearer();                 // Authorization: Bearer <token>
+/// let raw = TokenInjector::raw();                        // Authorization: <token>
+/// let custom = TokenInjector::header(HeaderName::from_static("x-access-token"));
+/// let query = TokenInjector::query("access_token");      // ?access_token=<token>
+/// # let _ = (default, raw, custom, query);
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenInjector {
+    placement: Placement,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Placement {
+    Header { name: HeaderName, prefix: String },
+    Query { name: String },
+}
+
+impl Default for TokenInjector {
+    fn default() -> Self {
+        Self::bearer()
+    }
+}
+
+impl TokenInjector {
+    /// `Authorization: Bearer <token>` (the default).
+    pub fn bearer() -> Self {
+        Self::header_with_prefix(AUTHORIZATION, "Bearer ")
+    }
+
+    /// The raw token in `Authorization`, with no scheme prefix.
+    pub fn raw() -> Self {
+        Self::header(AUTHORIZATION)
+    }
+
+    /// The raw token in the named header.
+    pub fn header(name: HeaderName) -> Self {
+        Self::header_with_prefix(name, "")
+    }
+
+    /// `prefix` followed by the token in the named header
+    /// (`header_with_prefix(AUTHORIZATION, "Token ")`).
+    pub fn header_with_prefix(name: HeaderName, prefix: impl Into<String>) -> Self {
+        Self { placement: Placement::Header { name, prefix: prefix.into() } }
+    }
+
+    /// The token as a query parameter (`?access_token=…`), percent-encoded.
+    pub fn query(name: impl Into<String>) -> Self {
+        Self { placement: Placement::Query { name: name.into() } }
+    }
+
+    /// Builds the value put on requests; done once per token.
+    pub(crate) fn prepare(&self, token: &Token) -> Result<HeaderValue, InvalidTokenValue> {
+        let secret = token.access_token().expose_secret();
+        if secret.is_empty() {
+            return Err(InvalidTokenValue::new());
+        }
+        let text = match &self.placement {
+            Placement::Header { prefix, .. } => {
+                let mut text = String::with_capacity(prefix.len() + secret.len());
+                text.push_str(prefix);
+                text.push_str(secret);
+                text
+            }
+            Placement::Query { name, .. } => {
+                let mut text = String::with_capacity(name.len() + 1 + secret.len());
+                percent_encode_into(name, &mut text);
+                text.push('=');
+                percent_encode_into(secret, &mut text);
+                text
+            }
+        };
+        let mut value = HeaderValue::try_from(text).map_err(|_| InvalidTokenValue::new())?;
+        value.set_sensitive(true);
+        Ok(value)
+    }
+
+    /// `true` when the request already carries a token where this injector
+    /// would put one.
+    pub(crate) fn is_present<B>(&self, request: &Request<B>) -> bool {
+        match &self.placement {
+            Placement::Header { name, .. } => request.headers().contains_key(name),
+            Placement::Query { name } => request.uri().query().is_some_and(|query| {
+                query
+                    .split('&')
+                    .any(|pair| pair.split('=').next() == Some(name.as_str()))
+            }),
+        }
+    }
+
+    /// Puts the prepared value on the request.
+    pub(crate) fn apply<B>(&self, prepared: &HeaderValue, request: &mut Request<B>) {
+        match &self.placement {
+            Placement::Header { name, .. } => {
+                request.headers_mut().insert(name.clone(), prepared.clone());
+            }
+            Placement::Query { .. } => {
+                if let Some(uri) = with_query_pair(request.uri(), prepared.as_bytes()) {
+                    *request.uri_mut() = uri;
+                }
+            }
+        }
+    }
+}
+
+fn with_query_pair(uri: &Uri, pair: &[u8]) -> Option<Uri> {
+    let pair = std::str::from_utf8(pair).ok()?;
+    let path = uri.path();
+    let mut path_and_query = String::with_capacity(path.len() + pair.len() + 64);
+    path_and_query.push_str(path);
+    path_and_query.push('?');
+    if let Some(query) = uri.query().filter(|q| !q.is_empty()) {
+        path_and_query.push_str(query);
+        path_and_query.push('&');
+    }
+    path_and_query.push_str(pair);
+    let mut parts = uri.clone().into_parts();
+    parts.path_and_query = Some(path_and_query.parse().ok()?);
+    Uri::from_parts(parts).ok()
+}
+
+fn percent_encode_into(input: &str, out: &mut String) {
+    for byte in input.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(byte));
+        } else {
+            let _ = write!(out, "%{byte:02X}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(uri: &str) -> Request<()> {
+        Request::builder().uri(uri).body(()).unwrap()
+    }
+
+    #[test]
+    fn bearer_header_is_sensitive() {
+        let injector = TokenInjector::bearer();
+        let value = injector.prepare(&Token::bearer("abc")).unwrap();
+        assert!(value.is_sensitive());
+        let mut req = request("http://x/");
+        injector.apply(&value, &mut req);
+        assert_eq!(req.headers()[AUTHORIZATION], "Bearer abc");
+    }
+
+    #[test]
+    fn raw_and_custom_headers() {
+        let mut req = request("http://x/");
+        let raw = TokenInjector::raw();
+        raw.apply(&raw.prepare(&Token::bearer("abc")).unwrap(), &mut req);
+        assert_eq!(req.headers()[AUTHORIZATION], "abc");
+        let custom = TokenInjector::header(HeaderName::from_static("x-token"));
+        assert!(!custom.is_present(&req));
+        custom.apply(&custom.prepare(&Token::bearer("abc")).unwrap(), &mut req);
+        assert_eq!(req.headers()["x-token"], "abc");
+        assert!(custom.is_present(&req));
+    }
+
+    #[test]
+    fn query_parameter_is_encoded_and_appended() {
+        let injector = TokenInjector::query("access_token");
+        let value = injector.prepare(&Token::bearer("a b+c/=")).unwrap();
+        let mut req = request("http://x/path?page=2");
+        assert!(!injector.is_present(&req));
+        injector.apply(&value, &mut req);
+        assert_eq!(req.uri().to_string(), "http://x/path?page=2&access_token=a%20b%2Bc%2F%3D");
+        assert!(injector.is_present(&req));
+        let mut bare = request("/p");
+        injector.apply(&value, &mut bare);
+        assert_eq!(bare.uri().to_string(), "/p?access_token=a%20b%2Bc%2F%3D");
+    }
+
+    #[test]
+    fn tokens_that_cannot_be_headers_are_rejected() {
+        let injector = TokenInjector::bearer();
+        assert!(injector.prepare(&Token::bearer("line\nbreak")).is_err());
+        assert!(injector.prepare(&Token::bearer("")).is_err());
+    }
+}

@@ -1,0 +1,119 @@
+//! [`AuthRefreshLayer`] and its settings.
+
+use std::fmt;
+use std::sync::Arc;
+
+use tower_layer::Layer;
+
+use crate::detect::ExpiryDetector;
+use crate::{AuthRefresh, TokenHandle, TokenSource, Unauthorized};
+
+/// Default cap on the request body kept for a replay: 1 MiB.
+pub const DEFAULT_MAX_REPLAY_BYTES: usize = 1024 * 1024;
+/// Default cap on the response body a detector may look at: 64 KiB.
+pub const DEFAULT_PEEK_LIMIT: usize = 64 * 1024;
+
+/// The per-layer settings shared by every service and future.
+#[derive(Clone)]
+pub(crate) struct LayerConfig {
+    pub(crate) detector: Arc<dyn ExpiryDetector>,
+    pub(crate) peek_limit: usize,
+    pub(crate) max_replay_bytes: usize,
+}
+
+impl fmt::Debug for LayerConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LayerConfig")
+            .field("peek_limit", &self.peek_limit)
+            .field("max_replay_bytes", &self.max_replay_bytes)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A [`Layer`] that keeps the wrapped HTTP service authenticated: it puts
+/// the current token on each request, recognises an expired-token answer,
+/// refreshes the token once for all waiting requests and replays the request.
+///
+/// ```
+/// use std::time::Duration;
+/// use tower::ServiceBuilder;
+/// use tower_auth_refresh::{token_source_fn, AuthRefreshLayer, JsonBodyRule, RefreshContext, Token, TokenHandle, ExpiryDetectorExt, Unauthorized};
+///
+/// let handle = TokenHandle::new(token_source_fn(|_cx: RefreshContext| async {
+///     Ok::<_, std::io::Error>(Token::bearer("t").with_expires_in(Duration::from_secs(3600)))
+/// }));
+/// let layer = AuthRefreshLayer::new(handle.clone())
+///     .detector(Unauthorized::new().or(JsonBodyRule::default_rules()))
+///     .max_replay_bytes(256 * 1024);
+/// let builder = ServiceBuilder::new().layer(layer);
+/// # let _ = builder;
+/// ```
+#[derive(Clone)]
+pub struct AuthRefreshLayer {
+    handle: TokenHandle,
+    config: Arc<LayerConfig>,
+}
+
+impl fmt::Debug for AuthRefreshLayer {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthRefreshLayer")
+            .field("handle", &self.handle)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl AuthRefreshLayer {
+    /// A layer around the token behind `handle`, with the default detector
+    /// ([`Unauthorized`]) and caps.
+    pub fn new(handle: TokenHandle) -> Self {
+        Self {
+            handle,
+            config: Arc::new(LayerConfig {
+                detector: Arc::new(Unauthorized::new()),
+                peek_limit: DEFAULT_PEEK_LIMIT,
+                max_replay_bytes: DEFAULT_MAX_REPLAY_BYTES,
+            }),
+        }
+    }
+
+    /// A layer with a new [`TokenHandle`] around `source`, default settings.
+    pub fn from_source(source: impl TokenSource) -> Self {
+        Self::new(TokenHandle::new(source))
+    }
+
+    /// Decides which responses mean the token expired (default: [`Unauthorized`]).
+    pub fn detector(mut self, detector: impl ExpiryDetector) -> Self {
+        Arc::make_mut(&mut self.config).detector = Arc::new(detector);
+        self
+    }
+
+    /// The most response-body bytes a detector may look at (default 64 KiB).
+    /// A longer body is never counted as expired.
+    pub fn peek_limit(mut self, limit: usize) -> Self {
+        Arc::make_mut(&mut self.config).peek_limit = limit;
+        self
+    }
+
+    /// The most request-body bytes kept for a replay (default 1 MiB); `0`
+    /// turns replay off for non-empty bodies. A larger body is streamed once,
+    /// and an expired answer to it is returned with a
+    /// [`RetrySkipped`](crate::RetrySkipped) marker.
+    pub fn max_replay_bytes(mut self, limit: usize) -> Self {
+        Arc::make_mut(&mut self.config).max_replay_bytes = limit;
+        self
+    }
+
+    /// The handle on this layer's token.
+    pub fn handle(&self) -> &TokenHandle {
+        &self.handle
+    }
+}
+
+impl<S> Layer<S> for AuthRefreshLayer {
+    type Service = AuthRefresh<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        AuthRefresh::from_parts(inner, self.handle.clone(), self.config.clone())
+    }
+}

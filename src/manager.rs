@@ -1,0 +1,609 @@
+//! The token manager: the current token, its generation, the single
+//! in-flight refresh and the back-off after failures.
+//!
+//! NOTE: the invariants of this file.
+//! - Readers (`acquire`) take no lock: one `ArcSwapOption` load and one
+//!   atomic load of the token's freshness. A timer task flips the freshness
+//!   when the token enters its refresh-ahead window and when it expires, so
+//!   the hot path never reads the clock.
+//! - `refresh` decides under the `state` mutex (never held across `.await`)
+//!   whether to join the in-flight refresh, fail fast (back-off) or start a
+//!   new one. A refresh runs as a spawned task shared through
+//!   `futures::Shared`, so a caller that is dropped cannot cancel it.
+//! - The task installs the new token and clears `in_flight` under the same
+//!   lock, so a caller that sees no refresh in flight also sees its result.
+
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwapOption;
+use futures::future::{BoxFuture, FutureExt, Shared};
+use http::HeaderValue;
+use tokio::task::AbortHandle;
+use tokio::time::Instant;
+use tracing::Instrument;
+
+use crate::error::{RefreshError, RefreshFailed, RefreshTimedOut};
+use crate::{BoxError, RefreshContext, RefreshReason, Token, TokenInjector, TokenSource};
+
+/// Settings of a [`TokenManager`], set through
+/// [`TokenHandleBuilder`](crate::TokenHandleBuilder).
+#[derive(Debug, Clone)]
+pub(crate) struct ManagerConfig {
+    pub(crate) injector: TokenInjector,
+    pub(crate) refresh_ahead: Option<Duration>,
+    pub(crate) min_validity: Duration,
+    pub(crate) refresh_timeout: Duration,
+    pub(crate) backoff_min: Duration,
+    pub(crate) backoff_max: Duration,
+    pub(crate) min_token_age: Duration,
+}
+
+impl Default for ManagerConfig {
+    fn default() -> Self {
+        Self {
+            injector: TokenInjector::bearer(),
+            refresh_ahead: Some(Duration::from_secs(60)),
+            min_validity: Duration::from_secs(1),
+            refresh_timeout: Duration::from_secs(30),
+            backoff_min: Duration::from_millis(500),
+            backoff_max: Duration::from_secs(60),
+            min_token_age: Duration::from_secs(5),
+        }
+    }
+}
+
+// Freshness of the current token, kept in `Current::freshness`.
+/// Valid and outside the refresh-ahead window.
+const FRESH: u8 = 0;
+/// Valid; a proactive refresh has been started (or is backing off).
+const REFRESHING: u8 = 1;
+/// Valid, inside the refresh-ahead window; the next reader starts a refresh.
+const STALE: u8 = 2;
+/// Expired (or rejected): readers wait for the refresh.
+const EXPIRED: u8 = 3;
+/// No timer could be armed (installed outside a runtime): readers read the clock.
+const UNTIMED: u8 = 4;
+
+/// The installed token with everything the hot path needs.
+pub(crate) struct Current {
+    pub(crate) token: Arc<Token>,
+    pub(crate) header: HeaderValue,
+    pub(crate) generation: u64,
+    installed_at: Instant,
+    installed_wall: SystemTime,
+    expires_at: Option<Instant>,
+    refresh_at: Option<Instant>,
+    wait_at: Option<Instant>,
+    freshness: AtomicU8,
+}
+
+impl Current {
+    fn freshness_by_clock(&self, now: Instant) -> u8 {
+        if self.wait_at.is_some_and(|at| now >= at) {
+            EXPIRED
+        } else if self.refresh_at.is_some_and(|at| now >= at) {
+            STALE
+        } else {
+            FRESH
+        }
+    }
+
+    fn is_usable(&self) -> bool {
+        self.freshness.load(Ordering::Acquire) != EXPIRED
+    }
+
+    pub(crate) fn expires_in(&self) -> Option<Duration> {
+        self.expires_at
+            .map(|at| at.saturating_duration_since(Instant::now()))
+    }
+}
+
+/// What a request gets from [`TokenManager::acquire`].
+pub(crate) enum Acquired {
+    /// A usable token: its prepared header and generation.
+    Ready(HeaderValue, u64),
+    /// No usable token: wait for [`TokenManager::wait_for_token`].
+    Wait,
+}
+
+/// What to do after the upstream rejected a token.
+pub(crate) enum Rejection {
+    /// The token is younger than the minimum age: return the upstream's answer.
+    TooFresh,
+    /// Retry once the future resolves (at once if it already has).
+    Retry(BoxFuture<'static, Result<(HeaderValue, u64), BoxError>>),
+}
+
+type SharedRefresh = Shared<BoxFuture<'static, Result<Arc<Current>, RefreshError>>>;
+
+enum Start {
+    Ready(Arc<Current>),
+    Wait(SharedRefresh),
+    Failed(RefreshError),
+}
+
+#[derive(Default)]
+struct RefreshState {
+    in_flight: Option<SharedRefresh>,
+    next_generation: u64,
+    backoff_until: Option<Instant>,
+    backoff_window: Duration,
+    last_error: Option<RefreshError>,
+    consecutive_failures: u32,
+    last_refresh_at: Option<SystemTime>,
+    last_refresh_took: Option<Duration>,
+    timer: Option<AbortHandle>,
+}
+
+/// Counters kept by the manager; read with `TokenHandle::stats`.
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) refreshes: AtomicU64,
+    pub(crate) failures: AtomicU64,
+    pub(crate) retries: AtomicU64,
+    pub(crate) skipped_retries: AtomicU64,
+    pub(crate) waited: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn bump(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// A snapshot of the state, for `TokenHandle::status`.
+pub(crate) struct Snapshot {
+    pub(crate) current: Option<Arc<Current>>,
+    pub(crate) consecutive_failures: u32,
+    pub(crate) last_refresh_at: Option<SystemTime>,
+    pub(crate) last_refresh_took: Option<Duration>,
+    pub(crate) last_error: Option<String>,
+    pub(crate) backoff_remaining: Option<Duration>,
+    pub(crate) refreshing: bool,
+}
+
+/// The shared core behind every [`TokenHandle`](crate::TokenHandle) and layer.
+pub(crate) struct TokenManager {
+    current: ArcSwapOption<Current>,
+    source: Box<dyn TokenSource>,
+    pub(crate) config: ManagerConfig,
+    state: Mutex<RefreshState>,
+    pub(crate) counters: Counters,
+    weak_self: Weak<TokenManager>,
+}
+
+impl TokenManager {
+    pub(crate) fn new(
+        source: Box<dyn TokenSource>,
+        config: ManagerConfig,
+        initial: Option<Token>,
+    ) -> Arc<Self> {
+        let manager = Arc::new_cyclic(|weak_self| Self {
+            current: ArcSwapOption::empty(),
+            source,
+            config,
+            state: Mutex::new(RefreshState::default()),
+            counters: Counters::default(),
+            weak_self: weak_self.clone(),
+        });
+        if let Some(token) = initial {
+            if manager.set_token(token).is_err() {
+                tracing::warn!("initial token cannot be sent as a header; fetching a new one");
+            }
+        }
+        manager
+    }
+
+    fn lock(&self) -> MutexGuard<'_, RefreshState> {
+        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The hot path: the current token's header and generation, with no lock
+    /// and no clock read.
+    #[inline]
+    pub(crate) fn acquire(&self) -> Acquired {
+        let guard = self.current.load();
+        let Some(current) = guard.as_ref() else {
+            return Acquired::Wait;
+        };
+        match current.freshness.load(Ordering::Acquire) {
+            FRESH | REFRESHING => {}
+            STALE => self.start_proactive(current),
+            UNTIMED => {
+                let by_clock = current.freshness_by_clock(Instant::now());
+                if by_clock == EXPIRED {
+                    return Acquired::Wait;
+                }
+                if by_clock == STALE {
+                    self.start_proactive(current);
+                }
+            }
+            _ => return Acquired::Wait,
+        }
+        Acquired::Ready(current.header.clone(), current.generation)
+    }
+
+    fn start_proactive(&self, current: &Arc<Current>) {
+        let won = current
+            .freshness
+            .compare_exchange(STALE, REFRESHING, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+            || current
+                .freshness
+                .compare_exchange(UNTIMED, REFRESHING, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok();
+        if won {
+            // The refresh runs in its own task; nobody needs to await it.
+            let _ = self.refresh(Some(current.generation), RefreshReason::Proactive);
+        }
+    }
+
+    /// The current token, if any.
+    pub(crate) fn current(&self) -> Option<Arc<Current>> {
+        self.current.load_full()
+    }
+
+    /// Waits until a usable token is installed, refreshing if needed.
+    pub(crate) async fn wait_for_token(&self) -> Result<(HeaderValue, u64), BoxError> {
+        let (seen, reason) = match self.current.load_full() {
+            Some(current) if current.is_usable() => {
+                return Ok((current.header.clone(), current.generation));
+            }
+            Some(current) => (current.generation, RefreshReason::Expired),
+            None => (0, RefreshReason::Initial),
+        };
+        let current = self.run(Some(seen), reason).await?;
+        Ok((current.header.clone(), current.generation))
+    }
+
+    /// Called when the upstream rejected the token of `generation`.
+    pub(crate) fn on_rejected(&self, generation: u64) -> Rejection {
+        if let Some(current) = self.current.load_full() {
+            if current.generation != generation && current.is_usable() {
+                let ready = (current.header.clone(), current.generation);
+                return Rejection::Retry(Box::pin(async move { Ok(ready) }));
+            }
+            if current.generation == generation
+                && current.installed_at.elapsed() < self.config.min_token_age
+            {
+                return Rejection::TooFresh;
+            }
+        }
+        let start = self.refresh(Some(generation), RefreshReason::Rejected);
+        Rejection::Retry(Box::pin(async move {
+            let current = Self::finish(start).await?;
+            Ok((current.header.clone(), current.generation))
+        }))
+    }
+
+    /// Refreshes now, whatever the state, joining a refresh in flight.
+    pub(crate) async fn refresh_now(&self) -> Result<Arc<Current>, BoxError> {
+        self.run(None, RefreshReason::Manual).await
+    }
+
+    async fn run(&self, seen: Option<u64>, reason: RefreshReason) -> Result<Arc<Current>, BoxError> {
+        let start = self.refresh(seen, reason);
+        Self::finish(start).await
+    }
+
+    async fn finish(start: Start) -> Result<Arc<Current>, BoxError> {
+        match start {
+            Start::Ready(current) => Ok(current),
+            Start::Wait(shared) => shared.await.map_err(RefreshError::into_box),
+            Start::Failed(err) => Err(err.into_box()),
+        }
+    }
+
+    /// Joins the refresh in flight or starts one. `seen` is the generation
+    /// the caller found wanting; `None` forces a refresh (manual).
+    fn refresh(&self, seen: Option<u64>, reason: RefreshReason) -> Start {
+        let mut state = self.lock();
+        let current = self.current.load_full();
+        if let (Some(seen), Some(current)) = (seen, current.as_ref()) {
+            if current.generation != seen && current.is_usable() {
+                return Start::Ready(current.clone());
+            }
+        }
+        if let Some(in_flight) = &state.in_flight {
+            return Start::Wait(in_flight.clone());
+        }
+        if reason != RefreshReason::Manual {
+            if let (Some(until), Some(err)) = (state.backoff_until, &state.last_error) {
+                if Instant::now() < until {
+                    return Start::Failed(err.for_backoff());
+                }
+            }
+        }
+        if reason == RefreshReason::Rejected {
+            if let Some(current) = current.as_ref() {
+                current.freshness.store(EXPIRED, Ordering::Release);
+            }
+        }
+        let Some(manager) = self.weak_self.upgrade() else {
+            return Start::Failed(RefreshError::Failed(RefreshFailed::from_message(
+                "token manager dropped",
+            )));
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return Start::Failed(RefreshError::Failed(RefreshFailed::from_message(
+                "token refresh needs a tokio runtime",
+            )));
+        };
+        let previous = current.map(|c| c.token.clone());
+        let generation = state.next_generation;
+        let span = tracing::info_span!(
+            "token_refresh",
+            reason = reason.as_str(),
+            generation,
+            duration_ms = tracing::field::Empty,
+        );
+        let task = runtime.spawn(manager.fetch_and_install(previous, reason).instrument(span));
+        let shared = async move {
+            task.await.unwrap_or_else(|_| {
+                Err(RefreshError::Failed(RefreshFailed::from_message(
+                    "token refresh task was cancelled",
+                )))
+            })
+        }
+        .boxed()
+        .shared();
+        state.in_flight = Some(shared.clone());
+        Start::Wait(shared)
+    }
+
+    async fn fetch_and_install(
+        self: Arc<Self>,
+        previous: Option<Arc<Token>>,
+        reason: RefreshReason,
+    ) -> Result<Arc<Current>, RefreshError> {
+        let started = Instant::now();
+        let cx = RefreshContext { previous, reason };
+        let result = match std::panic::catch_unwind(AssertUnwindSafe(|| self.source.fetch(cx))) {
+            Err(_) => Err(panicked()),
+            Ok(fetch) => {
+                let guarded = AssertUnwindSafe(fetch).catch_unwind();
+                match tokio::time::timeout(self.config.refresh_timeout, guarded).await {
+                    Err(_) => Err(RefreshError::TimedOut(RefreshTimedOut::new(
+                        self.config.refresh_timeout,
+                    ))),
+                    Ok(Err(_)) => Err(panicked()),
+                    Ok(Ok(Err(err))) => Err(RefreshError::from_source(err)),
+                    Ok(Ok(Ok(token))) => Ok(token),
+                }
+            }
+        };
+        let took = started.elapsed();
+        tracing::Span::current().record("duration_ms", took.as_millis() as u64);
+        let mut state = self.lock();
+        state.in_flight = None;
+        let installed = result.and_then(|token| {
+            self.install(&mut state, token)
+                .map_err(|err| RefreshError::Failed(RefreshFailed::new(Arc::new(err))))
+        });
+        match installed {
+            Ok(current) => {
+                Counters::bump(&self.counters.refreshes);
+                state.consecutive_failures = 0;
+                state.backoff_until = None;
+                state.backoff_window = Duration::ZERO;
+                state.last_error = None;
+                state.last_refresh_at = Some(SystemTime::now());
+                state.last_refresh_took = Some(took);
+                tracing::debug!(generation = current.generation, "token refreshed");
+                Ok(current)
+            }
+            Err(err) => {
+                Counters::bump(&self.counters.failures);
+                state.consecutive_failures = state.consecutive_failures.saturating_add(1);
+                let window = next_backoff(state.backoff_window, &self.config);
+                state.backoff_window = window;
+                let until = Instant::now() + window;
+                state.backoff_until = Some(until);
+                state.last_error = Some(err.clone());
+                tracing::warn!(
+                    error = %err,
+                    failures = state.consecutive_failures,
+                    backoff_ms = window.as_millis() as u64,
+                    "token refresh failed"
+                );
+                if let Some(current) = self.current.load_full() {
+                    rearm_after_backoff(&current, until);
+                }
+                Err(err)
+            }
+        }
+    }
+
+    /// Installs `token` as the new current token. Called with the state locked.
+    fn install(
+        &self,
+        state: &mut RefreshState,
+        token: Token,
+    ) -> Result<Arc<Current>, crate::InvalidTokenValue> {
+        let header = self.config.injector.prepare(&token)?;
+        state.next_generation += 1;
+        let now = Instant::now();
+        let lifetime = token.expires_in();
+        let (refresh_at, wait_at) = match lifetime {
+            None => (None, None),
+            Some(lifetime) => {
+                let wait_margin = self.config.min_validity.min(lifetime / 4);
+                let ahead = self
+                    .config
+                    .refresh_ahead
+                    .map(|ahead| jittered(ahead.min(lifetime / 2)));
+                (
+                    ahead.map(|ahead| now + lifetime.saturating_sub(ahead)),
+                    Some(now + lifetime.saturating_sub(wait_margin)),
+                )
+            }
+        };
+        let current = Arc::new(Current {
+            token: Arc::new(token),
+            header,
+            generation: state.next_generation,
+            installed_at: now,
+            installed_wall: SystemTime::now(),
+            expires_at: lifetime.map(|lifetime| now + lifetime),
+            refresh_at,
+            wait_at,
+            freshness: AtomicU8::new(FRESH),
+        });
+        current
+            .freshness
+            .store(current.freshness_by_clock(now), Ordering::Release);
+        if let Some(timer) = state.timer.take() {
+            timer.abort();
+        }
+        if refresh_at.is_some() || wait_at.is_some() {
+            match tokio::runtime::Handle::try_current() {
+                Ok(runtime) => {
+                    let weak = Arc::downgrade(&current);
+                    state.timer = Some(runtime.spawn(freshness_timer(weak)).abort_handle());
+                }
+                Err(_) => current.freshness.store(UNTIMED, Ordering::Release),
+            }
+        }
+        self.current.store(Some(current.clone()));
+        Ok(current)
+    }
+
+    /// Installs a token given by the application; resets the back-off.
+    pub(crate) fn set_token(&self, token: Token) -> Result<Arc<Current>, crate::InvalidTokenValue> {
+        let mut state = self.lock();
+        let current = self.install(&mut state, token)?;
+        state.backoff_until = None;
+        state.backoff_window = Duration::ZERO;
+        state.last_error = None;
+        state.consecutive_failures = 0;
+        Ok(current)
+    }
+
+    /// Forgets the current token; the next request fetches a new one.
+    pub(crate) fn clear(&self) {
+        let mut state = self.lock();
+        if let Some(timer) = state.timer.take() {
+            timer.abort();
+        }
+        state.next_generation += 1;
+        self.current.store(None);
+    }
+
+    pub(crate) fn snapshot(&self) -> Snapshot {
+        let state = self.lock();
+        let now = Instant::now();
+        Snapshot {
+            current: self.current.load_full(),
+            consecutive_failures: state.consecutive_failures,
+            last_refresh_at: state.last_refresh_at,
+            last_refresh_took: state.last_refresh_took,
+            last_error: state.last_error.as_ref().map(ToString::to_string),
+            backoff_remaining: state
+                .backoff_until
+                .filter(|until| *until > now)
+                .map(|until| until - now),
+            refreshing: state.in_flight.is_some(),
+        }
+    }
+}
+
+impl Current {
+    /// `true` while the token may be sent.
+    pub(crate) fn is_valid(&self) -> bool {
+        self.is_usable() && self.freshness_by_clock(Instant::now()) != EXPIRED
+    }
+
+    /// `true` when the token is inside its refresh-ahead window or expired.
+    pub(crate) fn should_refresh(&self) -> bool {
+        self.freshness.load(Ordering::Acquire) != FRESH
+            || self.freshness_by_clock(Instant::now()) != FRESH
+    }
+
+    /// When this token was installed (wall clock).
+    pub(crate) fn installed_wall(&self) -> SystemTime {
+        self.installed_wall
+    }
+}
+
+impl Drop for TokenManager {
+    fn drop(&mut self) {
+        if let Some(timer) = self.lock().timer.take() {
+            timer.abort();
+        }
+    }
+}
+
+impl std::fmt::Debug for TokenManager {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenManager")
+            .field("generation", &self.current.load().as_ref().map(|c| c.generation))
+            .field("config", &self.config)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Marks the token stale at its refresh point and expired at its wait point.
+async fn freshness_timer(current: Weak<Current>) {
+    let Some((refresh_at, wait_at)) = current.upgrade().map(|c| (c.refresh_at, c.wait_at)) else {
+        return;
+    };
+    if let Some(at) = refresh_at {
+        tokio::time::sleep_until(at).await;
+        match current.upgrade() {
+            Some(c) => {
+                let _ = c
+                    .freshness
+                    .compare_exchange(FRESH, STALE, Ordering::AcqRel, Ordering::Acquire);
+            }
+            None => return,
+        }
+    }
+    if let Some(at) = wait_at {
+        tokio::time::sleep_until(at).await;
+        if let Some(c) = current.upgrade() {
+            c.freshness.store(EXPIRED, Ordering::Release);
+        }
+    }
+}
+
+/// After a failed proactive refresh, lets the next reader try again once the
+/// back-off window has passed.
+fn rearm_after_backoff(current: &Arc<Current>, until: Instant) {
+    if current.freshness.load(Ordering::Acquire) != REFRESHING {
+        return;
+    }
+    let weak = Arc::downgrade(current);
+    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+        runtime.spawn(async move {
+            tokio::time::sleep_until(until).await;
+            if let Some(c) = weak.upgrade() {
+                let _ = c
+                    .freshness
+                    .compare_exchange(REFRESHING, STALE, Ordering::AcqRel, Ordering::Acquire);
+            }
+        });
+    }
+}
+
+fn panicked() -> RefreshError {
+    RefreshError::Failed(RefreshFailed::from_message("token source panicked"))
+}
+
+/// Shortens `ahead` by up to 10 %, so replicas do not refresh in lockstep.
+fn jittered(ahead: Duration) -> Duration {
+    ahead.mul_f64(1.0 - fastrand::f64() * 0.1)
+}
+
+/// Doubles the back-off window, within the configured bounds, with ±10 % jitter.
+fn next_backoff(previous: Duration, config: &ManagerConfig) -> Duration {
+    let doubled = if previous.is_zero() {
+        config.backoff_min
+    } else {
+        previous.saturating_mul(2)
+    };
+    let capped = doubled.clamp(config.backoff_min, config.backoff_max.max(config.backoff_min));
+    capped.mul_f64(0.9 + fastrand::f64() * 0.2)
+}

@@ -1,0 +1,139 @@
+//! [`AuthRefresh`]: the middleware service.
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::Buf;
+use http::{Request, Response};
+use http_body::Body;
+use tower_service::Service;
+
+use crate::body::{ReplayBody, ResponseBody};
+use crate::future::ResponseFuture;
+use crate::layer::LayerConfig;
+use crate::manager::Acquired;
+use crate::retry::{RetryCtx, clone_head};
+use crate::{AuthRefreshLayer, BoxError, TokenHandle};
+
+/// Middleware that keeps the inner HTTP service authenticated; built by
+/// [`AuthRefreshLayer`].
+///
+/// The inner service receives requests whose body is a
+/// [`ReplayBody`] of the caller's body, and its responses come back with a
+/// [`ResponseBody`] around its own body.
+pub struct AuthRefresh<S> {
+    inner: S,
+    handle: TokenHandle,
+    config: Arc<LayerConfig>,
+}
+
+impl<S: Clone> Clone for AuthRefresh<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            handle: self.handle.clone(),
+            config: self.config.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug> fmt::Debug for AuthRefresh<S> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthRefresh")
+            .field("inner", &self.inner)
+            .field("handle", &self.handle)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S> AuthRefresh<S> {
+    /// Wraps `inner` with the default settings of [`AuthRefreshLayer::new`].
+    pub fn new(inner: S, handle: TokenHandle) -> Self {
+        tower_layer::Layer::layer(&AuthRefreshLayer::new(handle), inner)
+    }
+
+    pub(crate) fn from_parts(inner: S, handle: TokenHandle, config: Arc<LayerConfig>) -> Self {
+        Self { inner, handle, config }
+    }
+
+    /// A layer around `handle`; the same as [`AuthRefreshLayer::new`].
+    pub fn layer(handle: TokenHandle) -> AuthRefreshLayer {
+        AuthRefreshLayer::new(handle)
+    }
+
+    /// The handle on this service's token.
+    pub fn handle(&self) -> &TokenHandle {
+        &self.handle
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, ReqB, ResB> Service<Request<ReqB>> for AuthRefresh<S>
+where
+    S: Service<Request<ReplayBody<ReqB>>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    ReqB: Body + Send + 'static,
+    ReqB::Data: Buf + Send,
+    ReqB::Error: Into<BoxError>,
+    ResB: Body + Send + 'static,
+    ResB::Data: Buf + Send,
+    ResB::Error: Send,
+{
+    type Response = Response<ResponseBody<ResB>>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, ReqB, ResB>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: Request<ReqB>) -> Self::Future {
+        // Take the service that was made ready and leave a clone behind.
+        let clone = self.inner.clone();
+        let mut inner = std::mem::replace(&mut self.inner, clone);
+        let manager = &self.handle.manager;
+        let injector = &manager.config.injector;
+
+        if injector.is_present(&request) {
+            // The caller's own token wins; nothing to refresh or retry.
+            let request = request.map(|body| ReplayBody::new(body, 0).0);
+            return ResponseFuture::passthrough(inner.call(request));
+        }
+
+        let head = clone_head(&request);
+        let (parts, body) = request.into_parts();
+        let (body, replay) = ReplayBody::new(body, self.config.max_replay_bytes);
+        let mut request = Request::from_parts(parts, body);
+        let ctx = RetryCtx {
+            manager: manager.clone(),
+            config: self.config.clone(),
+            inner: self.inner.clone(),
+            head,
+            replay,
+            generation: 0,
+        };
+        match manager.acquire() {
+            Acquired::Ready(header, generation) => {
+                injector.apply(&header, &mut request);
+                ResponseFuture::first(inner.call(request), RetryCtx { generation, ..ctx })
+            }
+            Acquired::Wait => ResponseFuture::slow(Box::pin(ctx.wait_then_send(inner, request))),
+        }
+    }
+}
