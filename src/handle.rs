@@ -7,8 +7,9 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
+use crate::fleet::FleetStore;
 use crate::manager::{ManagerConfig, TokenManager};
-use crate::{BoxError, Token, TokenInjector, TokenSource};
+use crate::{BoxError, Token, TokenInjector, TokenSource, TokenStore};
 
 /// A cheap-to-clone handle on one token: its status, counters, and the
 /// operations an application needs (refresh now, set, clear).
@@ -59,6 +60,7 @@ impl TokenHandle {
             source: Box::new(source),
             config: ManagerConfig::default(),
             initial: None,
+            store: None,
         }
     }
 
@@ -91,6 +93,7 @@ impl TokenHandle {
             retries: counters.retries.load(Ordering::Relaxed),
             skipped_retries: counters.skipped_retries.load(Ordering::Relaxed),
             waited: counters.waited.load(Ordering::Relaxed),
+            adopted: counters.adopted.load(Ordering::Relaxed),
         }
     }
 
@@ -122,6 +125,7 @@ pub struct TokenHandleBuilder {
     source: Box<dyn TokenSource>,
     config: ManagerConfig,
     initial: Option<Token>,
+    store: Option<FleetStore>,
 }
 
 impl fmt::Debug for TokenHandleBuilder {
@@ -186,6 +190,36 @@ impl TokenHandleBuilder {
         self
     }
 
+    /// Keeps the token in `store` under `key`: a stored valid token is used
+    /// instead of fetching one (restarts make no token call), every refresh
+    /// is saved, and processes sharing the store refresh once between them
+    /// (the store's lease decides who; the others adopt the saved token).
+    /// When the store is out of reach, the token is refreshed locally.
+    pub fn store(mut self, store: impl TokenStore, key: impl Into<String>) -> Self {
+        self.store = Some(FleetStore {
+            store: Arc::new(store),
+            key: key.into(),
+            lease_ttl: self.config.refresh_timeout + Duration::from_secs(5),
+            poll_interval: Duration::from_millis(50),
+            op_timeout: Duration::from_secs(2),
+        });
+        self
+    }
+
+    /// How long a refresh lease is held at most (default: the refresh timeout
+    /// plus 5 s), how often a process waiting for another's refresh re-reads
+    /// the store (default 50 ms), and how long one store operation may take
+    /// before the store counts as unavailable (default 2 s). Call after
+    /// [`store`](Self::store).
+    pub fn store_timing(mut self, lease_ttl: Duration, poll_interval: Duration, op_timeout: Duration) -> Self {
+        if let Some(store) = &mut self.store {
+            store.lease_ttl = lease_ttl;
+            store.poll_interval = poll_interval;
+            store.op_timeout = op_timeout;
+        }
+        self
+    }
+
     /// Starts with this token instead of fetching one on the first request.
     pub fn initial_token(mut self, token: Token) -> Self {
         self.initial = Some(token);
@@ -195,7 +229,9 @@ impl TokenHandleBuilder {
     /// Builds the handle. An initial token that cannot be made into a
     /// header is dropped (the first request fetches one).
     pub fn build(self) -> TokenHandle {
-        TokenHandle { manager: TokenManager::new(self.source, self.config, self.initial) }
+        TokenHandle {
+            manager: TokenManager::new(self.source, self.store, self.config, self.initial),
+        }
     }
 }
 
@@ -251,6 +287,9 @@ pub struct RefreshStats {
     pub skipped_retries: u64,
     /// Requests that had to wait for a token before being sent.
     pub waited: u64,
+    /// Tokens taken from the store because another process (or an earlier
+    /// run) had already fetched them.
+    pub adopted: u64,
 }
 
 mod ser {

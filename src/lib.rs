@@ -6,6 +6,7 @@
 mod body;
 mod detect;
 mod error;
+mod fleet;
 mod future;
 mod handle;
 mod inject;
@@ -14,6 +15,7 @@ mod manager;
 mod retry;
 mod service;
 mod source;
+mod store;
 mod token;
 
 /// The error type of the middleware, as in tower.
@@ -29,4 +31,5 @@ pub use layer::{AuthRefreshLayer, DEFAULT_MAX_REPLAY_BYTES, DEFAULT_PEEK_LIMIT};
 pub use retry::{RetrySkipped, SkipReason};
 pub use service::AuthRefresh;
 pub use source::{RefreshContext, RefreshReason, TokenSource, TokenSourceFn, token_source_fn};
+pub use store::{Lease, MemoryStore, StoreError, StoredToken, TokenStore};
 pub use token::Token;

@@ -26,6 +26,7 @@ use tokio::time::Instant;
 use tracing::Instrument;
 
 use crate::error::{RefreshError, RefreshFailed, RefreshTimedOut};
+use crate::fleet::{FleetStore, Obtained};
 use crate::{BoxError, RefreshContext, RefreshReason, Token, TokenInjector, TokenSource};
 
 /// Settings of a [`TokenManager`], set through
@@ -72,6 +73,8 @@ pub(crate) struct Current {
     pub(crate) token: Arc<Token>,
     pub(crate) header: HeaderValue,
     pub(crate) generation: u64,
+    /// The store's version of this token; 0 when it is not from a store.
+    pub(crate) store_version: u64,
     installed_at: Instant,
     installed_wall: SystemTime,
     expires_at: Option<Instant>,
@@ -146,6 +149,7 @@ pub(crate) struct Counters {
     pub(crate) retries: AtomicU64,
     pub(crate) skipped_retries: AtomicU64,
     pub(crate) waited: AtomicU64,
+    pub(crate) adopted: AtomicU64,
 }
 
 impl Counters {
@@ -169,6 +173,7 @@ pub(crate) struct Snapshot {
 pub(crate) struct TokenManager {
     current: ArcSwapOption<Current>,
     source: Box<dyn TokenSource>,
+    store: Option<FleetStore>,
     pub(crate) config: ManagerConfig,
     state: Mutex<RefreshState>,
     pub(crate) counters: Counters,
@@ -178,12 +183,14 @@ pub(crate) struct TokenManager {
 impl TokenManager {
     pub(crate) fn new(
         source: Box<dyn TokenSource>,
+        store: Option<FleetStore>,
         config: ManagerConfig,
         initial: Option<Token>,
     ) -> Arc<Self> {
         let manager = Arc::new_cyclic(|weak_self| Self {
             current: ArcSwapOption::empty(),
             source,
+            store,
             config,
             state: Mutex::new(RefreshState::default()),
             counters: Counters::default(),
@@ -332,7 +339,7 @@ impl TokenManager {
                 "token refresh needs a tokio runtime",
             )));
         };
-        let previous = current.map(|c| c.token.clone());
+        let previous = current;
         let generation = state.next_generation;
         let span = tracing::info_span!(
             "token_refresh",
@@ -356,36 +363,34 @@ impl TokenManager {
 
     async fn fetch_and_install(
         self: Arc<Self>,
-        previous: Option<Arc<Token>>,
+        previous: Option<Arc<Current>>,
         reason: RefreshReason,
     ) -> Result<Arc<Current>, RefreshError> {
         let started = Instant::now();
-        let cx = RefreshContext { previous, reason };
-        let result = match std::panic::catch_unwind(AssertUnwindSafe(|| self.source.fetch(cx))) {
-            Err(_) => Err(panicked()),
-            Ok(fetch) => {
-                let guarded = AssertUnwindSafe(fetch).catch_unwind();
-                match tokio::time::timeout(self.config.refresh_timeout, guarded).await {
-                    Err(_) => Err(RefreshError::TimedOut(RefreshTimedOut::new(
-                        self.config.refresh_timeout,
-                    ))),
-                    Ok(Err(_)) => Err(panicked()),
-                    Ok(Ok(Err(err))) => Err(RefreshError::from_source(err)),
-                    Ok(Ok(Ok(token))) => Ok(token),
-                }
-            }
+        let result = match &self.store {
+            Some(store) => store.obtain(&self, previous, reason).await,
+            None => self
+                .call_source(previous.map(|c| c.token.clone()), reason)
+                .await
+                .map(Obtained::fetched),
         };
         let took = started.elapsed();
         tracing::Span::current().record("duration_ms", took.as_millis() as u64);
         let mut state = self.lock();
         state.in_flight = None;
-        let installed = result.and_then(|token| {
-            self.install(&mut state, token)
+        let installed = result.and_then(|obtained| {
+            let adopted = obtained.adopted;
+            self.install(&mut state, obtained.token, obtained.store_version)
+                .map(|current| (current, adopted))
                 .map_err(|err| RefreshError::Failed(RefreshFailed::new(Arc::new(err))))
         });
         match installed {
-            Ok(current) => {
-                Counters::bump(&self.counters.refreshes);
+            Ok((current, adopted)) => {
+                if adopted {
+                    Counters::bump(&self.counters.adopted);
+                } else {
+                    Counters::bump(&self.counters.refreshes);
+                }
                 state.consecutive_failures = 0;
                 state.backoff_until = None;
                 state.backoff_window = Duration::ZERO;
@@ -417,11 +422,35 @@ impl TokenManager {
         }
     }
 
+    /// Calls the token source, with the refresh timeout, containing panics.
+    pub(crate) async fn call_source(
+        &self,
+        previous: Option<Arc<Token>>,
+        reason: RefreshReason,
+    ) -> Result<Token, RefreshError> {
+        let cx = RefreshContext { previous, reason };
+        match std::panic::catch_unwind(AssertUnwindSafe(|| self.source.fetch(cx))) {
+            Err(_) => Err(panicked()),
+            Ok(fetch) => {
+                let guarded = AssertUnwindSafe(fetch).catch_unwind();
+                match tokio::time::timeout(self.config.refresh_timeout, guarded).await {
+                    Err(_) => Err(RefreshError::TimedOut(RefreshTimedOut::new(
+                        self.config.refresh_timeout,
+                    ))),
+                    Ok(Err(_)) => Err(panicked()),
+                    Ok(Ok(Err(err))) => Err(RefreshError::from_source(err)),
+                    Ok(Ok(Ok(token))) => Ok(token),
+                }
+            }
+        }
+    }
+
     /// Installs `token` as the new current token. Called with the state locked.
     fn install(
         &self,
         state: &mut RefreshState,
         token: Token,
+        store_version: Option<u64>,
     ) -> Result<Arc<Current>, crate::InvalidTokenValue> {
         let header = self.config.injector.prepare(&token)?;
         state.next_generation += 1;
@@ -445,6 +474,7 @@ impl TokenManager {
             token: Arc::new(token),
             header,
             generation: state.next_generation,
+            store_version: store_version.unwrap_or(0),
             installed_at: now,
             installed_wall: SystemTime::now(),
             expires_at: lifetime.map(|lifetime| now + lifetime),
@@ -474,7 +504,10 @@ impl TokenManager {
     /// Installs a token given by the application; resets the back-off.
     pub(crate) fn set_token(&self, token: Token) -> Result<Arc<Current>, crate::InvalidTokenValue> {
         let mut state = self.lock();
-        let current = self.install(&mut state, token)?;
+        let current = self.install(&mut state, token, None)?;
+        if let Some(store) = &self.store {
+            store.save_in_background(current.token.clone());
+        }
         state.backoff_until = None;
         state.backoff_window = Duration::ZERO;
         state.last_error = None;

@@ -1,0 +1,102 @@
+//! The fleet protocol over a shared MemoryStore: several managers behave
+//! like one client.
+
+mod common;
+
+use std::time::Duration;
+
+use common::Issuer;
+use secrecy::ExposeSecret;
+use tower_auth_refresh::{MemoryStore, Token, TokenHandle, TokenStore};
+
+#[tokio::test]
+async fn a_stored_valid_token_is_used_without_a_token_call() {
+    let store = MemoryStore::new();
+    store
+        .save("api", &Token::bearer("from-last-run").with_expires_in(Duration::from_secs(600)), None)
+        .await
+        .unwrap();
+    let issuer = Issuer::detached();
+    let handle = TokenHandle::builder(issuer.source()).store(store, "api").build();
+    let token = handle.refresh_now().await.unwrap();
+    assert_eq!(token.access_token().expose_secret(), "from-last-run");
+    assert_eq!(issuer.calls(), 0);
+    assert_eq!(handle.stats().adopted, 1);
+}
+
+#[tokio::test]
+async fn an_expired_stored_token_is_replaced_and_saved() {
+    let store = MemoryStore::new();
+    store
+        .save("api", &Token::bearer("old").with_expires_at(std::time::UNIX_EPOCH), None)
+        .await
+        .unwrap();
+    let issuer = Issuer::detached().lifetime(Duration::from_secs(600));
+    let handle = TokenHandle::builder(issuer.source()).store(store.clone(), "api").build();
+    handle.refresh_now().await.unwrap();
+    assert_eq!(issuer.calls(), 1);
+    let stored = store.load("api").await.unwrap().unwrap();
+    assert_eq!(stored.version, 2);
+    assert_eq!(stored.token.access_token().expose_secret(), "tok-1");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eight_managers_sharing_a_store_refresh_once() {
+    let store = MemoryStore::new();
+    let issuer = Issuer::detached()
+        .lifetime(Duration::from_secs(600))
+        .delay(Duration::from_millis(50));
+    let handles: Vec<TokenHandle> = (0..8)
+        .map(|_| {
+            TokenHandle::builder(issuer.source())
+                .store(store.clone(), "shared")
+                .store_timing(Duration::from_secs(5), Duration::from_millis(5), Duration::from_secs(1))
+                .build()
+        })
+        .collect();
+    let tokens = futures::future::join_all(handles.iter().map(|h| h.refresh_now())).await;
+    let names: Vec<String> = tokens
+        .into_iter()
+        .map(|t| t.unwrap().access_token().expose_secret().to_owned())
+        .collect();
+    assert_eq!(issuer.calls(), 1, "one refresh for the whole fleet");
+    assert!(names.iter().all(|n| n == "tok-1"), "{names:?}");
+    let adopted: u64 = handles.iter().map(|h| h.stats().adopted).sum();
+    assert_eq!(adopted, 7);
+}
+
+#[tokio::test]
+async fn a_failed_refresh_adopts_what_another_process_stored_and_deletes_nothing() {
+    // FIELD_NOTES mistake 3: the loser of a rotation race gets invalid_grant;
+    // it must pick up the winner's token, not wipe it.
+    let store = MemoryStore::new();
+    let winner = TokenHandle::builder(Issuer::detached().lifetime(Duration::from_secs(600)).source())
+        .store(store.clone(), "k")
+        .build();
+    winner.refresh_now().await.unwrap();
+
+    let writes_during_refresh = store.clone();
+    let loser_source = tower_auth_refresh::token_source_fn(move |_cx| {
+        let store = writes_during_refresh.clone();
+        async move {
+            // While this process refreshes, the other one rotates and saves.
+            let current = store.load("k").await.unwrap().unwrap();
+            store
+                .save("k", &Token::bearer("winner-2").with_expires_in(Duration::from_secs(600)), Some(current.version))
+                .await
+                .unwrap();
+            Err::<Token, tower_auth_refresh::BoxError>(Box::new(
+                tower_auth_refresh::ReauthorizationRequired::new("invalid_grant"),
+            ))
+        }
+    });
+    let loser = TokenHandle::builder(loser_source)
+        .store(store.clone(), "k")
+        .initial_token(Token::bearer("stale").with_expires_in(Duration::from_secs(600)))
+        .build();
+    // The loser's own token was rejected: it refreshes.
+    let token = loser.refresh_now().await.unwrap();
+    assert_eq!(token.access_token().expose_secret(), "winner-2");
+    let stored = store.load("k").await.unwrap().unwrap();
+    assert_eq!(stored.token.access_token().expose_secret(), "winner-2");
+}
