@@ -49,7 +49,9 @@ struct Issued {
 impl Issued {
     fn is_valid(&self, token: &str) -> bool {
         let tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
-        tokens.get(token).is_some_and(|at| at.elapsed() < TOKEN_LIFETIME)
+        tokens
+            .get(token)
+            .is_some_and(|at| at.elapsed() < TOKEN_LIFETIME)
     }
 }
 
@@ -74,10 +76,14 @@ fn bearer(headers: &HeaderMap) -> &str {
 
 async fn v1_orders(State(issued): State<Arc<Issued>>, headers: HeaderMap, body: Bytes) -> Response {
     if !issued.is_valid(bearer(&headers)) {
-        return (StatusCode::UNAUTHORIZED, [("www-authenticate", "Bearer error=\"invalid_token\"")])
+        return (
+            StatusCode::UNAUTHORIZED,
+            [("www-authenticate", "Bearer error=\"invalid_token\"")],
+        )
             .into_response();
     }
-    let echoed = serde_json::from_slice::<serde_json::Value>(&body).unwrap_or(serde_json::Value::Null);
+    let echoed =
+        serde_json::from_slice::<serde_json::Value>(&body).unwrap_or(serde_json::Value::Null);
     Json(serde_json::json!({ "code": 0, "data": { "accepted": echoed } })).into_response()
 }
 
@@ -116,7 +122,9 @@ async fn main() -> Result<(), BoxError> {
             .with_state(issued.clone()),
     )
     .await?;
-    println!("token endpoint  http://{token_addr}/token  (tokens live {TOKEN_LIFETIME:?}, expiry not announced)");
+    println!(
+        "token endpoint  http://{token_addr}/token  (tokens live {TOKEN_LIFETIME:?}, expiry not announced)"
+    );
     println!("upstream API    http://{api_addr}  (/v1: 401 when expired, /v2: 200 + code 40003)");
 
     // The token source: a plain POST to the token endpoint, over its own client.
@@ -127,9 +135,17 @@ async fn main() -> Result<(), BoxError> {
         let url = token_url.clone();
         async move {
             let request = http::Request::post(url).body(Full::default())?;
-            let body = client.request(request).await?.into_body().collect().await?.to_bytes();
+            let body = client
+                .request(request)
+                .await?
+                .into_body()
+                .collect()
+                .await?
+                .to_bytes();
             let json: serde_json::Value = serde_json::from_slice(&body)?;
-            let access = json["access_token"].as_str().ok_or("no access_token in response")?;
+            let access = json["access_token"]
+                .as_str()
+                .ok_or("no access_token in response")?;
             Ok::<_, BoxError>(Token::bearer(access))
         }
     });
@@ -142,7 +158,10 @@ async fn main() -> Result<(), BoxError> {
         .layer(layer)
         .service(Client::builder(TokioExecutor::new()).build_http());
 
-    println!("sending {} requests from {TASKS} tasks …", TASKS * REQUESTS_PER_TASK);
+    println!(
+        "sending {} requests from {TASKS} tasks …",
+        TASKS * REQUESTS_PER_TASK
+    );
     let started = Instant::now();
     let ok = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
@@ -155,11 +174,15 @@ async fn main() -> Result<(), BoxError> {
             tokio::time::sleep(PACE.mul_f64(task as f64 / TASKS as f64)).await;
             for i in 0..REQUESTS_PER_TASK {
                 let request = match (task + i) % 3 {
-                    0 => http::Request::get(format!("http://{api_addr}/v2/profile")).body(Full::default()),
-                    1 => http::Request::get(format!("http://{api_addr}/v1/orders")).body(Full::default()),
+                    0 => http::Request::get(format!("http://{api_addr}/v2/profile"))
+                        .body(Full::default()),
+                    1 => http::Request::get(format!("http://{api_addr}/v1/orders"))
+                        .body(Full::default()),
                     _ => http::Request::post(format!("http://{api_addr}/v1/orders"))
                         .header("content-type", "application/json")
-                        .body(Full::new(Bytes::from(format!(r#"{{"task":{task},"item":{i}}}"#)))),
+                        .body(Full::new(Bytes::from(format!(
+                            r#"{{"task":{task},"item":{i}}}"#
+                        )))),
                 };
                 let outcome = match request {
                     Ok(request) => client.clone().oneshot(request).await,
@@ -201,9 +224,18 @@ async fn main() -> Result<(), BoxError> {
     println!("finished in {:.1} s", elapsed.as_secs_f64());
     println!("  requests answered ok      {ok}");
     println!("  requests failed           {failed}");
-    println!("  tokens issued by endpoint {issued_count}  (~{:.1} token lifetimes elapsed)", elapsed.as_secs_f64() / TOKEN_LIFETIME.as_secs_f64());
-    println!("  refreshes by the layer    {}  (one per expiry, shared by every waiting request)", stats.refreshes);
-    println!("  requests replayed         {}  (rejected by 401 or code 40003, sent again with the new token)", stats.retries);
+    println!(
+        "  tokens issued by endpoint {issued_count}  (~{:.1} token lifetimes elapsed)",
+        elapsed.as_secs_f64() / TOKEN_LIFETIME.as_secs_f64()
+    );
+    println!(
+        "  refreshes by the layer    {}  (one per expiry, shared by every waiting request)",
+        stats.refreshes
+    );
+    println!(
+        "  requests replayed         {}  (rejected by 401 or code 40003, sent again with the new token)",
+        stats.retries
+    );
     println!("  requests that waited      {}", stats.waited);
     println!(
         "summary requests={} ok={ok} failed={failed} refreshes={} retries={} waited={}",

@@ -31,7 +31,10 @@ pub struct RefreshFailed {
 
 impl RefreshFailed {
     pub(crate) fn new(source: SharedError) -> Self {
-        Self { source, in_backoff: false }
+        Self {
+            source,
+            in_backoff: false,
+        }
     }
 
     pub(crate) fn from_message(message: impl Into<String>) -> Self {
@@ -39,7 +42,10 @@ impl RefreshFailed {
     }
 
     pub(crate) fn in_backoff(&self) -> Self {
-        Self { source: self.source.clone(), in_backoff: true }
+        Self {
+            source: self.source.clone(),
+            in_backoff: true,
+        }
     }
 
     /// `true` when this error was returned from the back-off window, without
@@ -61,7 +67,11 @@ impl fmt::Debug for RefreshFailed {
 impl fmt::Display for RefreshFailed {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         if self.in_backoff {
-            write!(f, "token refresh failed recently, backing off: {}", self.source)
+            write!(
+                f,
+                "token refresh failed recently, backing off: {}",
+                self.source
+            )
         } else {
             write!(f, "token refresh failed: {}", self.source)
         }
@@ -121,7 +131,10 @@ pub struct ReauthorizationRequired {
 impl ReauthorizationRequired {
     /// A re-authorization error with a human-readable reason.
     pub fn new(reason: impl Into<String>) -> Self {
-        Self { reason: reason.into(), source: None }
+        Self {
+            reason: reason.into(),
+            source: None,
+        }
     }
 
     /// Attaches the error that led to it (for example the token endpoint's
@@ -154,7 +167,9 @@ impl fmt::Display for ReauthorizationRequired {
 
 impl StdError for ReauthorizationRequired {
     fn source(&self) -> Option<&(dyn StdError + 'static)> {
-        self.source.as_deref().map(|e| e as &(dyn StdError + 'static))
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn StdError + 'static))
     }
 }
 
@@ -247,7 +262,10 @@ mod tests {
     #[test]
     fn source_errors_are_classified() {
         let reauth: crate::BoxError = Box::new(ReauthorizationRequired::new("gone"));
-        assert!(matches!(RefreshError::from_source(reauth), RefreshError::Reauthorize(_)));
+        assert!(matches!(
+            RefreshError::from_source(reauth),
+            RefreshError::Reauthorize(_)
+        ));
         let other: crate::BoxError = "boom".into();
         let err = RefreshError::from_source(other).into_box();
         let failed = err.downcast_ref::<RefreshFailed>().expect("wrapped");

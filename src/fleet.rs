@@ -33,11 +33,19 @@ pub(crate) struct Obtained {
 
 impl Obtained {
     pub(crate) fn fetched(token: Token) -> Self {
-        Self { token, store_version: None, adopted: false }
+        Self {
+            token,
+            store_version: None,
+            adopted: false,
+        }
     }
 
     fn adopted(stored: StoredToken) -> Self {
-        Self { token: stored.token, store_version: Some(stored.version), adopted: true }
+        Self {
+            token: stored.token,
+            store_version: Some(stored.version),
+            adopted: true,
+        }
     }
 }
 
@@ -109,7 +117,10 @@ impl FleetStore {
         // 2. Take the lease, or wait for its holder.
         let give_up_at = Instant::now() + self.lease_ttl + self.lease_ttl;
         let lease = loop {
-            match self.timed(self.store.try_lock(&self.key, self.lease_ttl)).await {
+            match self
+                .timed(self.store.try_lock(&self.key, self.lease_ttl))
+                .await
+            {
                 Ok(Some(lease)) => break lease,
                 Ok(None) => {}
                 Err(err) => return self.local(manager, previous_token, reason, err).await,
@@ -121,7 +132,10 @@ impl FleetStore {
             tokio::time::sleep(self.poll_interval).await;
             match self.load().await {
                 Ok(Some(stored)) if is_newer_and_usable(&stored, ours, rejected) => {
-                    tracing::debug!(version = stored.version, "adopting token refreshed by another process");
+                    tracing::debug!(
+                        version = stored.version,
+                        "adopting token refreshed by another process"
+                    );
                     return Ok(Obtained::adopted(stored));
                 }
                 Ok(stored) => newest = stored,
@@ -130,7 +144,9 @@ impl FleetStore {
         };
 
         // 3. We hold the lease: one more look, then refresh and save.
-        let result = self.refresh_with_lease(manager, ours, rejected, previous_token, newest, reason).await;
+        let result = self
+            .refresh_with_lease(manager, ours, rejected, previous_token, newest, reason)
+            .await;
         if let Err(err) = self.timed(self.store.unlock(lease)).await {
             tracing::warn!(error = %err, "could not release the token lease; it will expire");
         }
@@ -165,8 +181,15 @@ impl FleetStore {
             None => (0, previous_token),
         };
         match manager.call_source(base, reason).await {
-            Ok(token) => match self.timed(self.store.save(&self.key, &token, Some(expected))).await {
-                Ok(version) => Ok(Obtained { token, store_version: Some(version), adopted: false }),
+            Ok(token) => match self
+                .timed(self.store.save(&self.key, &token, Some(expected)))
+                .await
+            {
+                Ok(version) => Ok(Obtained {
+                    token,
+                    store_version: Some(version),
+                    adopted: false,
+                }),
                 Err(err) => {
                     tracing::warn!(error = %err, "could not save the refreshed token; using it locally");
                     Ok(Obtained::fetched(token))

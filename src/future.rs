@@ -56,15 +56,24 @@ where
     S: Service<Request<ReplayBody<ReqB>>>,
 {
     pub(crate) fn passthrough(fut: S::Future) -> Self {
-        Self { kind: Kind::First { fut }, retry: None }
+        Self {
+            kind: Kind::First { fut },
+            retry: None,
+        }
     }
 
     pub(crate) fn first(fut: S::Future, retry: RetryCtx<S, ReqB>) -> Self {
-        Self { kind: Kind::First { fut }, retry: Some(retry) }
+        Self {
+            kind: Kind::First { fut },
+            retry: Some(retry),
+        }
     }
 
     pub(crate) fn slow(fut: SlowPath<ResB>) -> Self {
-        Self { kind: Kind::Slow { fut }, retry: None }
+        Self {
+            kind: Kind::Slow { fut },
+            retry: None,
+        }
     }
 }
 

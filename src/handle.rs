@@ -44,7 +44,9 @@ pub struct TokenHandle {
 
 impl fmt::Debug for TokenHandle {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("TokenHandle").field("status", &self.status()).finish()
+        f.debug_struct("TokenHandle")
+            .field("status", &self.status())
+            .finish()
     }
 }
 
@@ -211,7 +213,12 @@ impl TokenHandleBuilder {
     /// the store (default 50 ms), and how long one store operation may take
     /// before the store counts as unavailable (default 2 s). Call after
     /// [`store`](Self::store).
-    pub fn store_timing(mut self, lease_ttl: Duration, poll_interval: Duration, op_timeout: Duration) -> Self {
+    pub fn store_timing(
+        mut self,
+        lease_ttl: Duration,
+        poll_interval: Duration,
+        op_timeout: Duration,
+    ) -> Self {
         if let Some(store) = &mut self.store {
             store.lease_ttl = lease_ttl;
             store.poll_interval = poll_interval;
@@ -261,7 +268,10 @@ pub struct TokenStatus {
     #[serde(rename = "last_refresh_at_ms", serialize_with = "ser::time_ms")]
     pub last_refresh_at: Option<SystemTime>,
     /// How long the last successful refresh took.
-    #[serde(rename = "last_refresh_duration_ms", serialize_with = "ser::duration_ms")]
+    #[serde(
+        rename = "last_refresh_duration_ms",
+        serialize_with = "ser::duration_ms"
+    )]
     pub last_refresh_duration: Option<Duration>,
     /// When the current token was installed.
     #[serde(rename = "installed_at_ms", serialize_with = "ser::time_ms")]
@@ -297,7 +307,10 @@ mod ser {
 
     use serde::Serializer;
 
-    pub(super) fn duration_ms<S: Serializer>(d: &Option<Duration>, s: S) -> Result<S::Ok, S::Error> {
+    pub(super) fn duration_ms<S: Serializer>(
+        d: &Option<Duration>,
+        s: S,
+    ) -> Result<S::Ok, S::Error> {
         match d {
             Some(d) => s.serialize_u64(u64::try_from(d.as_millis()).unwrap_or(u64::MAX)),
             None => s.serialize_none(),

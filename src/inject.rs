@@ -62,12 +62,19 @@ impl TokenInjector {
     /// `prefix` followed by the token in the named header
     /// (`header_with_prefix(AUTHORIZATION, "Token ")`).
     pub fn header_with_prefix(name: HeaderName, prefix: impl Into<String>) -> Self {
-        Self { placement: Placement::Header { name, prefix: prefix.into() } }
+        Self {
+            placement: Placement::Header {
+                name,
+                prefix: prefix.into(),
+            },
+        }
     }
 
     /// The token as a query parameter (`?access_token=…`), percent-encoded.
     pub fn query(name: impl Into<String>) -> Self {
-        Self { placement: Placement::Query { name: name.into() } }
+        Self {
+            placement: Placement::Query { name: name.into() },
+        }
     }
 
     /// Builds the value put on requests; done once per token.
@@ -188,7 +195,10 @@ mod tests {
         let mut req = request("http://x/path?page=2");
         assert!(!injector.is_present(&req));
         injector.apply(&value, &mut req);
-        assert_eq!(req.uri().to_string(), "http://x/path?page=2&access_token=a%20b%2Bc%2F%3D");
+        assert_eq!(
+            req.uri().to_string(),
+            "http://x/path?page=2&access_token=a%20b%2Bc%2F%3D"
+        );
         assert!(injector.is_present(&req));
         let mut bare = request("/p");
         injector.apply(&value, &mut bare);

@@ -1,6 +1,11 @@
 //! tower-auth-refresh (docs to come)
 #![forbid(unsafe_code)]
-#![warn(missing_docs, missing_debug_implementations, unreachable_pub, rust_2018_idioms)]
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    unreachable_pub,
+    rust_2018_idioms
+)]
 #![deny(clippy::await_holding_lock)]
 
 mod body;

@@ -205,7 +205,9 @@ impl TokenManager {
     }
 
     fn lock(&self) -> MutexGuard<'_, RefreshState> {
-        self.state.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
     /// The hot path: the current token's header and generation, with no lock
@@ -291,7 +293,11 @@ impl TokenManager {
         self.run(None, RefreshReason::Manual).await
     }
 
-    async fn run(&self, seen: Option<u64>, reason: RefreshReason) -> Result<Arc<Current>, BoxError> {
+    async fn run(
+        &self,
+        seen: Option<u64>,
+        reason: RefreshReason,
+    ) -> Result<Arc<Current>, BoxError> {
         let start = self.refresh(seen, reason);
         Self::finish(start).await
     }
@@ -572,7 +578,10 @@ impl Drop for TokenManager {
 impl std::fmt::Debug for TokenManager {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenManager")
-            .field("generation", &self.current.load().as_ref().map(|c| c.generation))
+            .field(
+                "generation",
+                &self.current.load().as_ref().map(|c| c.generation),
+            )
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
@@ -587,9 +596,9 @@ async fn freshness_timer(current: Weak<Current>) {
         tokio::time::sleep_until(at).await;
         match current.upgrade() {
             Some(c) => {
-                let _ = c
-                    .freshness
-                    .compare_exchange(FRESH, STALE, Ordering::AcqRel, Ordering::Acquire);
+                let _ =
+                    c.freshness
+                        .compare_exchange(FRESH, STALE, Ordering::AcqRel, Ordering::Acquire);
             }
             None => return,
         }
@@ -613,9 +622,12 @@ fn rearm_after_backoff(current: &Arc<Current>, until: Instant) {
         runtime.spawn(async move {
             tokio::time::sleep_until(until).await;
             if let Some(c) = weak.upgrade() {
-                let _ = c
-                    .freshness
-                    .compare_exchange(REFRESHING, STALE, Ordering::AcqRel, Ordering::Acquire);
+                let _ = c.freshness.compare_exchange(
+                    REFRESHING,
+                    STALE,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                );
             }
         });
     }
@@ -637,6 +649,9 @@ fn next_backoff(previous: Duration, config: &ManagerConfig) -> Duration {
     } else {
         previous.saturating_mul(2)
     };
-    let capped = doubled.clamp(config.backoff_min, config.backoff_max.max(config.backoff_min));
+    let capped = doubled.clamp(
+        config.backoff_min,
+        config.backoff_max.max(config.backoff_min),
+    );
     capped.mul_f64(0.9 + fastrand::f64() * 0.2)
 }

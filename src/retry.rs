@@ -9,11 +9,11 @@ use http_body::Body;
 use tower::ServiceExt;
 use tower_service::Service;
 
+use crate::BoxError;
 use crate::body::{NotReplayable, Replay, ReplayBody, ResponseBody, peek};
 use crate::detect::{HeadVerdict, ResponseHead};
 use crate::layer::LayerConfig;
 use crate::manager::{Counters, Rejection, TokenManager};
-use crate::BoxError;
 
 /// Why an expired-token answer was handed back without a retry. Found in the
 /// response's extensions as [`RetrySkipped`].

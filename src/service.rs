@@ -54,7 +54,11 @@ impl<S> AuthRefresh<S> {
     }
 
     pub(crate) fn from_parts(inner: S, handle: TokenHandle, config: Arc<LayerConfig>) -> Self {
-        Self { inner, handle, config }
+        Self {
+            inner,
+            handle,
+            config,
+        }
     }
 
     /// A layer around `handle`; the same as [`AuthRefreshLayer::new`].

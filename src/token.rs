@@ -123,8 +123,10 @@ impl Token {
     /// How long the access token is still valid, measured now; `Some(ZERO)`
     /// once it has expired, `None` when the expiry is unknown.
     pub fn expires_in(&self) -> Option<Duration> {
-        self.expires_at
-            .map(|at| at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO))
+        self.expires_at.map(|at| {
+            at.duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO)
+        })
     }
 
     /// `true` when the expiry is known and has passed.
@@ -145,7 +147,9 @@ impl Token {
     /// `true` when there is a refresh token and it is not known to have expired.
     pub fn has_usable_refresh_token(&self) -> bool {
         self.refresh_token.is_some()
-            && self.refresh_expires_at.is_none_or(|at| at > SystemTime::now())
+            && self
+                .refresh_expires_at
+                .is_none_or(|at| at > SystemTime::now())
     }
 
     /// The granted scopes.
@@ -165,8 +169,14 @@ impl fmt::Debug for Token {
             .field("access_token", &"[REDACTED]")
             .field("token_type", &self.token_type)
             .field("expires_at", &self.expires_at.map(unix_millis))
-            .field("refresh_token", &self.refresh_token.as_ref().map(|_| "[REDACTED]"))
-            .field("refresh_expires_at", &self.refresh_expires_at.map(unix_millis))
+            .field(
+                "refresh_token",
+                &self.refresh_token.as_ref().map(|_| "[REDACTED]"),
+            )
+            .field(
+                "refresh_expires_at",
+                &self.refresh_expires_at.map(unix_millis),
+            )
             .field("scopes", &self.scopes)
             .field("metadata", &self.metadata)
             .finish()
@@ -180,7 +190,10 @@ impl PartialEq for Token {
             && self.token_type == other.token_type
             && self.expires_at == other.expires_at
             && self.refresh_token.as_ref().map(ExposeSecret::expose_secret)
-                == other.refresh_token.as_ref().map(ExposeSecret::expose_secret)
+                == other
+                    .refresh_token
+                    .as_ref()
+                    .map(ExposeSecret::expose_secret)
             && self.refresh_expires_at == other.refresh_expires_at
             && self.scopes == other.scopes
             && self.metadata == other.metadata
@@ -291,7 +304,9 @@ mod tests {
     fn corrupt_stored_tokens_are_errors() {
         assert!(serde_json::from_str::<Token>("{}").is_err());
         assert!(serde_json::from_str::<Token>(r#"{"access_token":""}"#).is_err());
-        assert!(serde_json::from_str::<Token>(r#"{"access_token":"a","expires_at_ms":-1}"#).is_err());
+        assert!(
+            serde_json::from_str::<Token>(r#"{"access_token":"a","expires_at_ms":-1}"#).is_err()
+        );
     }
 
     #[test]

@@ -22,7 +22,11 @@ struct Flaky {
 }
 
 impl Flaky {
-    fn source(&self, upstream: Option<Upstream>, lifetime: Option<Duration>) -> impl tower_auth_refresh::TokenSource {
+    fn source(
+        &self,
+        upstream: Option<Upstream>,
+        lifetime: Option<Duration>,
+    ) -> impl tower_auth_refresh::TokenSource {
         let this = self.clone();
         token_source_fn(move |_cx: RefreshContext| {
             let this = this.clone();
@@ -59,7 +63,9 @@ async fn a_slow_token_source_times_out_with_a_typed_error() {
         .refresh_timeout(Duration::from_secs(5))
         .build();
     let err = handle.refresh_now().await.unwrap_err();
-    let timeout = err.downcast_ref::<RefreshTimedOut>().expect("typed timeout");
+    let timeout = err
+        .downcast_ref::<RefreshTimedOut>()
+        .expect("typed timeout");
     assert_eq!(timeout.after(), Duration::from_secs(5));
     assert_eq!(handle.stats().failures, 1);
 }
@@ -77,20 +83,40 @@ async fn requests_in_the_backoff_window_fail_fast_without_calling_the_source() {
         .service(client());
 
     for _ in 0..20 {
-        let err = service.clone().oneshot(get(&upstream.url("/a"))).await.unwrap_err();
+        let err = service
+            .clone()
+            .oneshot(get(&upstream.url("/a")))
+            .await
+            .unwrap_err();
         assert!(err.downcast_ref::<RefreshFailed>().is_some(), "{err}");
     }
-    assert_eq!(flaky.calls(), 1, "one call, then the back-off window answers");
-    assert!(upstream.seen().is_empty(), "no request was sent without a token");
+    assert_eq!(
+        flaky.calls(),
+        1,
+        "one call, then the back-off window answers"
+    );
+    assert!(
+        upstream.seen().is_empty(),
+        "no request was sent without a token"
+    );
     let status = handle.status();
     assert_eq!(status.consecutive_failures, 1);
     assert!(status.backoff_remaining.unwrap() > Duration::from_secs(50));
-    assert!(status.last_error.unwrap().contains("token endpoint unavailable"));
+    assert!(
+        status
+            .last_error
+            .unwrap()
+            .contains("token endpoint unavailable")
+    );
 
     // A manual refresh ignores the window; once the endpoint works, so do requests.
     flaky.failing.store(false, Ordering::SeqCst);
     handle.refresh_now().await.unwrap();
-    let response = service.clone().oneshot(get(&upstream.url("/a"))).await.unwrap();
+    let response = service
+        .clone()
+        .oneshot(get(&upstream.url("/a")))
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(handle.status().consecutive_failures, 0);
 }
@@ -111,8 +137,14 @@ async fn the_backoff_window_grows_with_each_failure() {
         tokio::time::sleep(window + Duration::from_millis(1)).await;
     }
     assert_eq!(flaky.calls(), 5);
-    assert!(windows[1] > windows[0] && windows[2] > windows[1], "{windows:?}");
-    assert!(windows.iter().all(|w| *w <= Duration::from_millis(8800)), "{windows:?}");
+    assert!(
+        windows[1] > windows[0] && windows[2] > windows[1],
+        "{windows:?}"
+    );
+    assert!(
+        windows.iter().all(|w| *w <= Duration::from_millis(8800)),
+        "{windows:?}"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -125,11 +157,15 @@ async fn a_failed_proactive_refresh_keeps_the_valid_token() {
     let service = ServiceBuilder::new()
         .layer(AuthRefreshLayer::new(handle.clone()))
         .service(tower::service_fn(|_req: http::Request<_>| async {
-            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<bytes::Bytes>::new()))
+            Ok::<_, std::convert::Infallible>(http::Response::new(http_body_util::Empty::<
+                bytes::Bytes,
+            >::new()))
         }));
     let call = |svc: &_| {
         let svc: tower_auth_refresh::AuthRefresh<_> = Clone::clone(svc);
-        svc.oneshot(http::Request::new(http_body_util::Empty::<bytes::Bytes>::new()))
+        svc.oneshot(http::Request::new(
+            http_body_util::Empty::<bytes::Bytes>::new(),
+        ))
     };
     call(&service).await.unwrap();
     flaky.failing.store(true, Ordering::SeqCst);
@@ -159,10 +195,17 @@ async fn a_fresh_token_rejected_at_once_is_not_refreshed_again() {
         .layer(AuthRefreshLayer::new(handle.clone()))
         .service(client());
     for _ in 0..10 {
-        let response = service.clone().oneshot(get(&upstream.url("/always-401"))).await.unwrap();
+        let response = service
+            .clone()
+            .oneshot(get(&upstream.url("/always-401")))
+            .await
+            .unwrap();
         assert_eq!(response.status(), 401, "the upstream's answer is returned");
         assert_eq!(
-            response.extensions().get::<RetrySkipped>().map(|m| m.reason),
+            response
+                .extensions()
+                .get::<RetrySkipped>()
+                .map(|m| m.reason),
             Some(SkipReason::TokenTooFresh)
         );
     }
@@ -181,16 +224,26 @@ async fn a_retry_that_is_rejected_again_is_returned_not_looped() {
     let service = ServiceBuilder::new()
         .layer(AuthRefreshLayer::new(handle.clone()))
         .service(client());
-    let response = service.clone().oneshot(get(&upstream.url("/always-401"))).await.unwrap();
+    let response = service
+        .clone()
+        .oneshot(get(&upstream.url("/always-401")))
+        .await
+        .unwrap();
     assert_eq!(response.status(), 401);
-    assert_eq!(upstream.seen().len(), 2, "first attempt and exactly one retry");
+    assert_eq!(
+        upstream.seen().len(),
+        2,
+        "first attempt and exactly one retry"
+    );
     assert_eq!(issuer.calls(), 2);
 }
 
 #[tokio::test]
 async fn reauthorization_required_reaches_the_caller_unchanged() {
     let source = token_source_fn(|_cx: RefreshContext| async {
-        Err::<Token, BoxError>(Box::new(ReauthorizationRequired::new("refresh token expired")))
+        Err::<Token, BoxError>(Box::new(ReauthorizationRequired::new(
+            "refresh token expired",
+        )))
     });
     let handle = TokenHandle::new(source);
     let upstream = Upstream::start().await;
@@ -198,7 +251,9 @@ async fn reauthorization_required_reaches_the_caller_unchanged() {
         .layer(AuthRefreshLayer::new(handle.clone()))
         .service(client());
     let err = service.oneshot(get(&upstream.url("/a"))).await.unwrap_err();
-    let reauth = err.downcast_ref::<ReauthorizationRequired>().expect("typed");
+    let reauth = err
+        .downcast_ref::<ReauthorizationRequired>()
+        .expect("typed");
     assert_eq!(reauth.reason(), "refresh token expired");
     assert!(upstream.seen().is_empty());
 }
@@ -220,9 +275,17 @@ async fn a_panicking_token_source_is_contained() {
         .backoff(Duration::from_millis(1), Duration::from_millis(1))
         .build();
     let err = handle.refresh_now().await.unwrap_err();
-    assert!(err.downcast_ref::<RefreshFailed>().unwrap().to_string().contains("panicked"));
+    assert!(
+        err.downcast_ref::<RefreshFailed>()
+            .unwrap()
+            .to_string()
+            .contains("panicked")
+    );
     let token = handle.refresh_now().await.unwrap();
-    assert_eq!(secrecy::ExposeSecret::expose_secret(token.access_token()), "after-panic");
+    assert_eq!(
+        secrecy::ExposeSecret::expose_secret(token.access_token()),
+        "after-panic"
+    );
 }
 
 #[tokio::test]
@@ -235,9 +298,15 @@ async fn a_dropped_caller_does_not_cancel_the_refresh() {
         .service(client());
     let request = service.clone().oneshot(get(&upstream.url("/a")));
     // Give up on the request while its token is being fetched.
-    let _ = tokio::time::timeout(Duration::from_millis(10), request).await.unwrap_err();
+    let _ = tokio::time::timeout(Duration::from_millis(10), request)
+        .await
+        .unwrap_err();
     tokio::time::sleep(Duration::from_millis(100)).await;
-    assert_eq!(handle.status().generation, 1, "the refresh completed and was stored");
+    assert_eq!(
+        handle.status().generation,
+        1,
+        "the refresh completed and was stored"
+    );
     let response = service.oneshot(get(&upstream.url("/a"))).await.unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(issuer.calls(), 1);

@@ -29,7 +29,10 @@ async fn status_describes_the_token_without_secrets() {
 
     tokio::time::sleep(Duration::from_secs(250)).await;
     let late = handle.status();
-    assert!(late.valid && late.should_refresh, "inside the refresh-ahead window");
+    assert!(
+        late.valid && late.should_refresh,
+        "inside the refresh-ahead window"
+    );
     assert!(late.expires_in.unwrap() <= Duration::from_secs(50));
 
     let json = serde_json::to_value(handle.status()).unwrap();
@@ -49,20 +52,37 @@ async fn set_token_and_clear_change_what_requests_carry() {
     upstream.accept("pasted");
     handle.set_token(Token::bearer("pasted")).unwrap();
     assert_eq!(handle.status().generation, 1);
-    service.clone().oneshot(get(&upstream.url("/a"))).await.unwrap();
-    assert_eq!(upstream.seen()[0].authorization.as_deref(), Some("Bearer pasted"));
+    service
+        .clone()
+        .oneshot(get(&upstream.url("/a")))
+        .await
+        .unwrap();
+    assert_eq!(
+        upstream.seen()[0].authorization.as_deref(),
+        Some("Bearer pasted")
+    );
     assert_eq!(issuer.calls(), 0);
 
     handle.clear();
     assert!(!handle.status().has_token);
-    service.clone().oneshot(get(&upstream.url("/a"))).await.unwrap();
+    service
+        .clone()
+        .oneshot(get(&upstream.url("/a")))
+        .await
+        .unwrap();
     assert_eq!(issuer.calls(), 1);
     assert_eq!(issuer.reasons.lock().unwrap()[0], RefreshReason::Initial);
-    assert_eq!(upstream.seen()[1].authorization.as_deref(), Some("Bearer tok-1"));
+    assert_eq!(
+        upstream.seen()[1].authorization.as_deref(),
+        Some("Bearer tok-1")
+    );
     assert!(handle.status().generation > 1);
 
     assert!(handle.set_token(Token::bearer("bad\r\nheader")).is_err());
-    assert_eq!(handle.token().unwrap().access_token().expose_secret(), "tok-1");
+    assert_eq!(
+        handle.token().unwrap().access_token().expose_secret(),
+        "tok-1"
+    );
 }
 
 #[tokio::test]
@@ -75,10 +95,22 @@ async fn counters_add_up() {
     let service = ServiceBuilder::new()
         .layer(AuthRefreshLayer::new(handle.clone()))
         .service(client());
-    service.clone().oneshot(get(&upstream.url("/a"))).await.unwrap();
+    service
+        .clone()
+        .oneshot(get(&upstream.url("/a")))
+        .await
+        .unwrap();
     upstream.revoke_all();
-    service.clone().oneshot(get(&upstream.url("/b"))).await.unwrap();
-    service.clone().oneshot(get(&upstream.url("/c"))).await.unwrap();
+    service
+        .clone()
+        .oneshot(get(&upstream.url("/b")))
+        .await
+        .unwrap();
+    service
+        .clone()
+        .oneshot(get(&upstream.url("/c")))
+        .await
+        .unwrap();
     let stats = handle.stats();
     assert_eq!(stats.refreshes, 2);
     assert_eq!(stats.retries, 1);

@@ -13,11 +13,16 @@ use tower_auth_refresh::{AuthRefreshLayer, TokenHandle, TokenInjector};
 async fn first_seen(injector: TokenInjector) -> common::Seen {
     let upstream = Upstream::start().await;
     let issuer = Issuer::new(&upstream);
-    let handle = TokenHandle::builder(issuer.source()).injector(injector).build();
+    let handle = TokenHandle::builder(issuer.source())
+        .injector(injector)
+        .build();
     let service = ServiceBuilder::new()
         .layer(AuthRefreshLayer::new(handle))
         .service(client());
-    let response = service.oneshot(get(&upstream.url("/p?page=2"))).await.unwrap();
+    let response = service
+        .oneshot(get(&upstream.url("/p?page=2")))
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
     upstream.seen().remove(0)
 }
@@ -36,7 +41,10 @@ async fn raw_value_in_authorization() {
 
 #[tokio::test]
 async fn any_named_header() {
-    let seen = first_seen(TokenInjector::header(HeaderName::from_static("x-api-token"))).await;
+    let seen = first_seen(TokenInjector::header(HeaderName::from_static(
+        "x-api-token",
+    )))
+    .await;
     assert_eq!(seen.headers["x-api-token"], "tok-1");
     assert!(seen.authorization.is_none());
 }
@@ -57,11 +65,20 @@ async fn the_callers_explicit_token_wins_and_is_not_refreshed() {
         .layer(AuthRefreshLayer::new(handle.clone()))
         .service(client());
     let mut request = get(&upstream.url("/a"));
-    request.headers_mut().insert("authorization", "Bearer mine".parse().unwrap());
+    request
+        .headers_mut()
+        .insert("authorization", "Bearer mine".parse().unwrap());
     let response = service.oneshot(request).await.unwrap();
-    assert_eq!(response.status(), 401, "the caller's token is not ours to refresh");
+    assert_eq!(
+        response.status(),
+        401,
+        "the caller's token is not ours to refresh"
+    );
     assert_eq!(issuer.calls(), 0);
-    assert_eq!(upstream.seen()[0].authorization.as_deref(), Some("Bearer mine"));
+    assert_eq!(
+        upstream.seen()[0].authorization.as_deref(),
+        Some("Bearer mine")
+    );
 }
 
 #[tokio::test]
@@ -91,5 +108,8 @@ async fn the_retry_reads_the_token_current_when_it_is_sent() {
     assert_eq!(seen.len(), 2);
     assert_eq!(seen[0].authorization.as_deref(), Some("Bearer tok-1"));
     assert_eq!(seen[1].authorization.as_deref(), Some("Bearer tok-2"));
-    assert_eq!(seen[0].body, seen[1].body, "the retry replays the same body");
+    assert_eq!(
+        seen[0].body, seen[1].body,
+        "the retry replays the same body"
+    );
 }

@@ -23,14 +23,16 @@ type Upstream = tower::util::BoxCloneService<
 >;
 
 fn recording_upstream(seen: Arc<Mutex<Vec<String>>>) -> Upstream {
-    tower::util::BoxCloneService::new(service_fn(move |req: http::Request<ReplayBody<Full<Bytes>>>| {
-        let seen = seen.clone();
-        async move {
-            let auth = req.headers()["authorization"].to_str().unwrap().to_owned();
-            seen.lock().unwrap().push(auth);
-            Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(b"ok"))))
-        }
-    }))
+    tower::util::BoxCloneService::new(service_fn(
+        move |req: http::Request<ReplayBody<Full<Bytes>>>| {
+            let seen = seen.clone();
+            async move {
+                let auth = req.headers()["authorization"].to_str().unwrap().to_owned();
+                seen.lock().unwrap().push(auth);
+                Ok::<_, Infallible>(http::Response::new(Full::new(Bytes::from_static(b"ok"))))
+            }
+        },
+    ))
 }
 
 #[tokio::test(start_paused = true)]
@@ -48,7 +50,11 @@ async fn steady_traffic_across_three_lifetimes_refreshes_three_times_and_never_w
     // One request a second for 1,500 s: the lifetimes of three tokens
     // (each is replaced ~60 s before it expires, at ~540 s of age).
     for _ in 0..1500 {
-        let response = service.clone().oneshot(http::Request::new(Full::default())).await.unwrap();
+        let response = service
+            .clone()
+            .oneshot(http::Request::new(Full::default()))
+            .await
+            .unwrap();
         assert_eq!(response.status(), 200);
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
@@ -56,13 +62,26 @@ async fn steady_traffic_across_three_lifetimes_refreshes_three_times_and_never_w
     assert_eq!(issuer.calls(), 3);
     let stats = handle.stats();
     assert_eq!(stats.refreshes, 3);
-    assert_eq!(stats.waited, 1, "only the very first request waited (for the first token)");
+    assert_eq!(
+        stats.waited, 1,
+        "only the very first request waited (for the first token)"
+    );
     assert_eq!(stats.retries, 0);
     let reasons = issuer.reasons.lock().unwrap().clone();
-    assert_eq!(reasons, [RefreshReason::Initial, RefreshReason::Proactive, RefreshReason::Proactive]);
+    assert_eq!(
+        reasons,
+        [
+            RefreshReason::Initial,
+            RefreshReason::Proactive,
+            RefreshReason::Proactive
+        ]
+    );
     let seen = seen.lock().unwrap();
     assert!(seen.iter().any(|a| a == "Bearer tok-3"));
-    assert!(seen.windows(2).all(|w| w[0] <= w[1]), "tokens only move forward");
+    assert!(
+        seen.windows(2).all(|w| w[0] <= w[1]),
+        "tokens only move forward"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -76,7 +95,11 @@ async fn refresh_ahead_is_capped_at_half_the_lifetime() {
         .layer(AuthRefreshLayer::new(handle.clone()))
         .service(recording_upstream(Arc::default()));
     for _ in 0..40 {
-        service.clone().oneshot(http::Request::new(Full::default())).await.unwrap();
+        service
+            .clone()
+            .oneshot(http::Request::new(Full::default()))
+            .await
+            .unwrap();
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     // 4 s of traffic on a 10 s token refreshed at ≥ 5 s of age: no refresh yet.
@@ -89,14 +112,24 @@ async fn refresh_ahead_is_capped_at_half_the_lifetime() {
 #[tokio::test(start_paused = true)]
 async fn an_expired_token_makes_requests_wait_for_the_refresh() {
     let issuer = Issuer::detached().lifetime(Duration::from_secs(60));
-    let handle = TokenHandle::builder(issuer.source()).no_refresh_ahead().build();
+    let handle = TokenHandle::builder(issuer.source())
+        .no_refresh_ahead()
+        .build();
     let service = ServiceBuilder::new()
         .layer(AuthRefreshLayer::new(handle.clone()))
         .service(recording_upstream(Arc::default()));
-    service.clone().oneshot(http::Request::new(Full::default())).await.unwrap();
+    service
+        .clone()
+        .oneshot(http::Request::new(Full::default()))
+        .await
+        .unwrap();
     tokio::time::sleep(Duration::from_secs(61)).await;
     assert!(!handle.status().valid);
-    service.clone().oneshot(http::Request::new(Full::default())).await.unwrap();
+    service
+        .clone()
+        .oneshot(http::Request::new(Full::default()))
+        .await
+        .unwrap();
     assert_eq!(issuer.calls(), 2);
     assert_eq!(handle.stats().waited, 2);
     assert_eq!(issuer.reasons.lock().unwrap()[1], RefreshReason::Expired);

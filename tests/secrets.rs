@@ -11,7 +11,9 @@ use std::time::Duration;
 
 use common::{Upstream, client, get, post};
 use tower::{Layer, ServiceBuilder, ServiceExt};
-use tower_auth_refresh::{AuthRefreshLayer, BoxError, RefreshContext, Token, TokenHandle, token_source_fn};
+use tower_auth_refresh::{
+    AuthRefreshLayer, BoxError, RefreshContext, Token, TokenHandle, token_source_fn,
+};
 
 const ACCESS: &str = "acc3ss-Q7w9Zk2LmP4xR8vT";
 const REFRESH: &str = "r3fresh-Hn5Jd8Fs1Gq6Yb0C";
@@ -80,17 +82,32 @@ async fn tracing_and_debug_never_show_a_token() {
     let service = ServiceBuilder::new().layer(layer.clone()).service(client());
 
     // Fetch, use, reject, refresh, replay, fail, recover.
-    service.clone().oneshot(get(&upstream.url("/a"))).await.unwrap();
+    service
+        .clone()
+        .oneshot(get(&upstream.url("/a")))
+        .await
+        .unwrap();
     upstream.revoke_all();
-    service.clone().oneshot(post(&upstream.url("/b"), "{}")).await.unwrap();
+    service
+        .clone()
+        .oneshot(post(&upstream.url("/b"), "{}"))
+        .await
+        .unwrap();
     upstream.revoke_all();
     let failed = service.clone().oneshot(get(&upstream.url("/c"))).await;
     let err = failed.expect_err("third fetch fails");
     tokio::time::sleep(Duration::from_millis(5)).await;
-    service.clone().oneshot(get(&upstream.url("/d"))).await.unwrap();
+    service
+        .clone()
+        .oneshot(get(&upstream.url("/d")))
+        .await
+        .unwrap();
 
     let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
-    assert!(logs.contains("token_refresh"), "refresh spans are traced:\n{logs}");
+    assert!(
+        logs.contains("token_refresh"),
+        "refresh spans are traced:\n{logs}"
+    );
     assert_no_secret(&logs, "trace output");
 
     let token = handle.token().unwrap();

@@ -35,7 +35,11 @@ async fn a_thousand_requests_on_an_expired_token_make_one_refresh() {
         ok += 1;
     }
     assert_eq!(ok, 1000);
-    assert_eq!(issuer.calls(), 2, "one initial fetch and exactly one refresh");
+    assert_eq!(
+        issuer.calls(),
+        2,
+        "one initial fetch and exactly one refresh"
+    );
     let stats = handle.stats();
     assert_eq!(stats.refreshes, 2);
     assert_eq!(stats.retries as usize, upstream.rejected());
@@ -55,7 +59,11 @@ async fn a_401_for_an_older_generation_retries_without_refreshing() {
     handle.refresh_now().await.unwrap();
     upstream.revoke_all();
     // … and meanwhile the application refreshes (generation 2).
-    let slow = service.ready().await.unwrap().call(get(&upstream.url("/a")));
+    let slow = service
+        .ready()
+        .await
+        .unwrap()
+        .call(get(&upstream.url("/a")));
     handle.refresh_now().await.unwrap();
     assert_eq!(issuer.calls(), 2);
 
@@ -85,5 +93,8 @@ async fn the_first_requests_wait_for_one_initial_fetch() {
     assert!(responses.into_iter().all(|r| r.unwrap().status() == 200));
     assert_eq!(issuer.calls(), 1);
     assert_eq!(handle.stats().waited, 50);
-    assert_eq!(issuer.reasons.lock().unwrap()[0], tower_auth_refresh::RefreshReason::Initial);
+    assert_eq!(
+        issuer.reasons.lock().unwrap()[0],
+        tower_auth_refresh::RefreshReason::Initial
+    );
 }

@@ -13,11 +13,17 @@ use tower_auth_refresh::{MemoryStore, Token, TokenHandle, TokenStore};
 async fn a_stored_valid_token_is_used_without_a_token_call() {
     let store = MemoryStore::new();
     store
-        .save("api", &Token::bearer("from-last-run").with_expires_in(Duration::from_secs(600)), None)
+        .save(
+            "api",
+            &Token::bearer("from-last-run").with_expires_in(Duration::from_secs(600)),
+            None,
+        )
         .await
         .unwrap();
     let issuer = Issuer::detached();
-    let handle = TokenHandle::builder(issuer.source()).store(store, "api").build();
+    let handle = TokenHandle::builder(issuer.source())
+        .store(store, "api")
+        .build();
     let token = handle.refresh_now().await.unwrap();
     assert_eq!(token.access_token().expose_secret(), "from-last-run");
     assert_eq!(issuer.calls(), 0);
@@ -28,11 +34,17 @@ async fn a_stored_valid_token_is_used_without_a_token_call() {
 async fn an_expired_stored_token_is_replaced_and_saved() {
     let store = MemoryStore::new();
     store
-        .save("api", &Token::bearer("old").with_expires_at(std::time::UNIX_EPOCH), None)
+        .save(
+            "api",
+            &Token::bearer("old").with_expires_at(std::time::UNIX_EPOCH),
+            None,
+        )
         .await
         .unwrap();
     let issuer = Issuer::detached().lifetime(Duration::from_secs(600));
-    let handle = TokenHandle::builder(issuer.source()).store(store.clone(), "api").build();
+    let handle = TokenHandle::builder(issuer.source())
+        .store(store.clone(), "api")
+        .build();
     handle.refresh_now().await.unwrap();
     assert_eq!(issuer.calls(), 1);
     let stored = store.load("api").await.unwrap().unwrap();
@@ -50,7 +62,11 @@ async fn eight_managers_sharing_a_store_refresh_once() {
         .map(|_| {
             TokenHandle::builder(issuer.source())
                 .store(store.clone(), "shared")
-                .store_timing(Duration::from_secs(5), Duration::from_millis(5), Duration::from_secs(1))
+                .store_timing(
+                    Duration::from_secs(5),
+                    Duration::from_millis(5),
+                    Duration::from_secs(1),
+                )
                 .build()
         })
         .collect();
@@ -70,9 +86,13 @@ async fn a_failed_refresh_adopts_what_another_process_stored_and_deletes_nothing
     // FIELD_NOTES mistake 3: the loser of a rotation race gets invalid_grant;
     // it must pick up the winner's token, not wipe it.
     let store = MemoryStore::new();
-    let winner = TokenHandle::builder(Issuer::detached().lifetime(Duration::from_secs(600)).source())
-        .store(store.clone(), "k")
-        .build();
+    let winner = TokenHandle::builder(
+        Issuer::detached()
+            .lifetime(Duration::from_secs(600))
+            .source(),
+    )
+    .store(store.clone(), "k")
+    .build();
     winner.refresh_now().await.unwrap();
 
     let writes_during_refresh = store.clone();
@@ -82,7 +102,11 @@ async fn a_failed_refresh_adopts_what_another_process_stored_and_deletes_nothing
             // While this process refreshes, the other one rotates and saves.
             let current = store.load("k").await.unwrap().unwrap();
             store
-                .save("k", &Token::bearer("winner-2").with_expires_in(Duration::from_secs(600)), Some(current.version))
+                .save(
+                    "k",
+                    &Token::bearer("winner-2").with_expires_in(Duration::from_secs(600)),
+                    Some(current.version),
+                )
                 .await
                 .unwrap();
             Err::<Token, tower_auth_refresh::BoxError>(Box::new(

@@ -25,8 +25,13 @@ async fn composes_into_a_box_clone_service() {
         .layer(layer)
         .service(client())
         .map_response(|r| r.map(|b| b.boxed_unsync()));
-    let boxed: BoxCloneService<http::Request<Full<Bytes>>, _, BoxError> = BoxCloneService::new(service);
-    let response = boxed.clone().oneshot(get(&upstream.url("/a"))).await.unwrap();
+    let boxed: BoxCloneService<http::Request<Full<Bytes>>, _, BoxError> =
+        BoxCloneService::new(service);
+    let response = boxed
+        .clone()
+        .oneshot(get(&upstream.url("/a")))
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
 }
 
@@ -59,7 +64,10 @@ impl Service<http::Request<ReplayBody<Full<Bytes>>>> for Picky {
         self.ready = false;
         let n = self.calls.fetch_add(1, Ordering::SeqCst);
         let status = if n == 0 { 401 } else { 200 };
-        let response = http::Response::builder().status(status).body(Full::default()).unwrap();
+        let response = http::Response::builder()
+            .status(status)
+            .body(Full::default())
+            .unwrap();
         std::future::ready(Ok(response))
     }
 }
@@ -70,12 +78,26 @@ async fn poll_ready_is_delegated_and_the_retry_waits_for_readiness() {
     let handle = TokenHandle::builder(issuer.source())
         .min_token_age(std::time::Duration::ZERO)
         .build();
-    let picky = Picky { polls: Arc::default(), calls: Arc::default(), ready: false };
-    let mut service: AuthRefresh<Picky> = AuthRefreshLayer::new(handle.clone()).layer(picky.clone());
-    let response = service.ready().await.unwrap().call(http::Request::new(Full::default())).await.unwrap();
+    let picky = Picky {
+        polls: Arc::default(),
+        calls: Arc::default(),
+        ready: false,
+    };
+    let mut service: AuthRefresh<Picky> =
+        AuthRefreshLayer::new(handle.clone()).layer(picky.clone());
+    let response = service
+        .ready()
+        .await
+        .unwrap()
+        .call(http::Request::new(Full::default()))
+        .await
+        .unwrap();
     assert_eq!(response.status(), 200);
     assert_eq!(picky.calls.load(Ordering::SeqCst), 2);
-    assert!(picky.polls.load(Ordering::SeqCst) >= 4, "the retry polled readiness again");
+    assert!(
+        picky.polls.load(Ordering::SeqCst) >= 4,
+        "the retry polled readiness again"
+    );
     assert_eq!(handle.stats().retries, 1);
     assert_eq!(service.get_ref().calls.load(Ordering::SeqCst), 2);
     let _inner: Picky = service.into_inner();
@@ -96,7 +118,11 @@ async fn works_with_an_axum_router_as_the_inner_service() {
         .map_request(|req: http::Request<ReplayBody<Full<Bytes>>>| req.map(axum::body::Body::new))
         .service(router);
     let response = service
-        .oneshot(http::Request::get("/who").body(Full::<Bytes>::default()).unwrap())
+        .oneshot(
+            http::Request::get("/who")
+                .body(Full::<Bytes>::default())
+                .unwrap(),
+        )
         .await
         .unwrap();
     let body = response.into_body().collect().await.unwrap().to_bytes();

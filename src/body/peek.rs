@@ -22,7 +22,9 @@ impl<B> std::fmt::Debug for ResponseBody<B> {
 }
 
 impl<B> ResponseBody<B> {
-    pub(crate) fn new(inner: B) -> Self { Self { inner } }
+    pub(crate) fn new(inner: B) -> Self {
+        Self { inner }
+    }
 }
 
 pub(crate) struct Peeked<B> {
@@ -31,15 +33,32 @@ pub(crate) struct Peeked<B> {
 }
 
 pub(crate) async fn peek<B: Body>(body: B, _limit: usize) -> Peeked<B> {
-    Peeked { body: ResponseBody::new(body), complete: None }
+    Peeked {
+        body: ResponseBody::new(body),
+        complete: None,
+    }
 }
 
-impl<B> Body for ResponseBody<B> where B: Body, B::Data: Buf {
+impl<B> Body for ResponseBody<B>
+where
+    B: Body,
+    B::Data: Buf,
+{
     type Data = Bytes;
     type Error = B::Error;
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        self.project().inner.poll_frame(cx).map(|f| f.map(|f| f.map(|f| f.map_data(|mut d| d.copy_to_bytes(d.remaining())))))
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        self.project()
+            .inner
+            .poll_frame(cx)
+            .map(|f| f.map(|f| f.map(|f| f.map_data(|mut d| d.copy_to_bytes(d.remaining())))))
     }
-    fn is_end_stream(&self) -> bool { self.inner.is_end_stream() }
-    fn size_hint(&self) -> SizeHint { self.inner.size_hint() }
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
 }

@@ -38,13 +38,23 @@ pub(crate) struct Replay<B> {
 impl<B: Body> ReplayBody<B> {
     pub(crate) fn new(body: B, _max: usize) -> (ReplayBody<B>, Replay<B>) {
         let empty = body.is_end_stream();
-        (ReplayBody { inner: Some(body) }, Replay { empty, _b: std::marker::PhantomData })
+        (
+            ReplayBody { inner: Some(body) },
+            Replay {
+                empty,
+                _b: std::marker::PhantomData,
+            },
+        )
     }
 }
 
 impl<B> Replay<B> {
     pub(crate) fn try_replay(&self) -> Result<ReplayBody<B>, NotReplayable> {
-        if self.empty { Ok(ReplayBody { inner: None }) } else { Err(NotReplayable::Disabled) }
+        if self.empty {
+            Ok(ReplayBody { inner: None })
+        } else {
+            Err(NotReplayable::Disabled)
+        }
     }
 }
 
@@ -57,12 +67,26 @@ where
     type Data = Bytes;
     type Error = BoxError;
 
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project().inner.as_pin_mut() {
             None => Poll::Ready(None),
-            Some(inner) => inner.poll_frame(cx).map(|f| f.map(|f| f.map(|f| f.map_data(|mut d| d.copy_to_bytes(d.remaining()))).map_err(Into::into))),
+            Some(inner) => inner.poll_frame(cx).map(|f| {
+                f.map(|f| {
+                    f.map(|f| f.map_data(|mut d| d.copy_to_bytes(d.remaining())))
+                        .map_err(Into::into)
+                })
+            }),
         }
     }
-    fn is_end_stream(&self) -> bool { self.inner.as_ref().is_none_or(|b| b.is_end_stream()) }
-    fn size_hint(&self) -> SizeHint { self.inner.as_ref().map_or(SizeHint::with_exact(0), |b| b.size_hint()) }
+    fn is_end_stream(&self) -> bool {
+        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+    fn size_hint(&self) -> SizeHint {
+        self.inner
+            .as_ref()
+            .map_or(SizeHint::with_exact(0), |b| b.size_hint())
+    }
 }

@@ -18,7 +18,11 @@ pub struct ResponseHead<'a> {
 impl<'a> ResponseHead<'a> {
     /// A head made of its parts.
     pub fn new(status: StatusCode, version: Version, headers: &'a HeaderMap) -> Self {
-        Self { status, version, headers }
+        Self {
+            status,
+            version,
+            headers,
+        }
     }
 
     /// The status code.
@@ -103,10 +107,16 @@ impl<T: ExpiryDetector + ?Sized> ExpiryDetector for Box<T> {
 pub struct Unauthorized;
 impl Unauthorized {
     /// New.
-    pub fn new() -> Self { Self }
+    pub fn new() -> Self {
+        Self
+    }
 }
 impl ExpiryDetector for Unauthorized {
     fn check_head(&self, head: &ResponseHead<'_>) -> HeadVerdict {
-        if head.status() == StatusCode::UNAUTHORIZED { HeadVerdict::Expired } else { HeadVerdict::NotExpired }
+        if head.status() == StatusCode::UNAUTHORIZED {
+            HeadVerdict::Expired
+        } else {
+            HeadVerdict::NotExpired
+        }
     }
 }

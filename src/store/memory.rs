@@ -38,7 +38,9 @@ impl MemoryStore {
     }
 
     fn lock(&self) -> MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -64,9 +66,13 @@ impl TokenStore for MemoryStore {
             }),
             _ => {
                 let version = found.unwrap_or(0) + 1;
-                inner
-                    .tokens
-                    .insert(key.to_owned(), StoredToken { token: token.clone(), version });
+                inner.tokens.insert(
+                    key.to_owned(),
+                    StoredToken {
+                        token: token.clone(),
+                        version,
+                    },
+                );
                 Ok(version)
             }
         };
@@ -110,7 +116,9 @@ impl TokenStore for MemoryStore {
             None
         } else {
             let owner = new_owner();
-            inner.leases.insert(key.to_owned(), (owner.clone(), now + ttl));
+            inner
+                .leases
+                .insert(key.to_owned(), (owner.clone(), now + ttl));
             Some(Lease::new(key, owner, ttl, None))
         };
         futures::future::ready(Ok(result)).boxed()
@@ -118,7 +126,11 @@ impl TokenStore for MemoryStore {
 
     fn unlock(&self, lease: Lease) -> BoxFuture<'_, Result<(), StoreError>> {
         let mut inner = self.lock();
-        if inner.leases.get(lease.key()).is_some_and(|(owner, _)| owner == lease.owner()) {
+        if inner
+            .leases
+            .get(lease.key())
+            .is_some_and(|(owner, _)| owner == lease.owner())
+        {
             inner.leases.remove(lease.key());
         }
         futures::future::ready(Ok(())).boxed()
@@ -132,12 +144,18 @@ mod tests {
     #[tokio::test]
     async fn versions_guard_against_stale_writers() {
         let store = MemoryStore::new();
-        assert_eq!(store.save("k", &Token::bearer("a"), Some(0)).await.unwrap(), 1);
+        assert_eq!(
+            store.save("k", &Token::bearer("a"), Some(0)).await.unwrap(),
+            1
+        );
         assert!(matches!(
             store.save("k", &Token::bearer("b"), Some(0)).await,
             Err(StoreError::Conflict { found: Some(1), .. })
         ));
-        assert_eq!(store.save("k", &Token::bearer("c"), Some(1)).await.unwrap(), 2);
+        assert_eq!(
+            store.save("k", &Token::bearer("c"), Some(1)).await.unwrap(),
+            2
+        );
         assert!(store.delete("k", Some(1)).await.is_err());
         assert!(store.delete("k", Some(2)).await.unwrap());
         assert!(store.load("k").await.unwrap().is_none());
@@ -146,11 +164,33 @@ mod tests {
     #[tokio::test]
     async fn one_lease_at_a_time_until_it_expires_or_is_released() {
         let store = MemoryStore::new();
-        let lease = store.try_lock("k", Duration::from_secs(10)).await.unwrap().unwrap();
-        assert!(store.try_lock("k", Duration::from_secs(10)).await.unwrap().is_none());
+        let lease = store
+            .try_lock("k", Duration::from_secs(10))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(
+            store
+                .try_lock("k", Duration::from_secs(10))
+                .await
+                .unwrap()
+                .is_none()
+        );
         store.unlock(lease).await.unwrap();
-        assert!(store.try_lock("k", Duration::from_millis(0)).await.unwrap().is_some());
+        assert!(
+            store
+                .try_lock("k", Duration::from_millis(0))
+                .await
+                .unwrap()
+                .is_some()
+        );
         // A zero-ttl lease has already expired: the next one is granted.
-        assert!(store.try_lock("k", Duration::from_secs(1)).await.unwrap().is_some());
+        assert!(
+            store
+                .try_lock("k", Duration::from_secs(1))
+                .await
+                .unwrap()
+                .is_some()
+        );
     }
 }

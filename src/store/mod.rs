@@ -89,7 +89,13 @@ impl Lease {
         ttl: Duration,
         held: Option<Box<dyn Any + Send + Sync>>,
     ) -> Self {
-        Self { key: key.into(), owner: owner.into(), acquired_at: Instant::now(), ttl, held }
+        Self {
+            key: key.into(),
+            owner: owner.into(),
+            acquired_at: Instant::now(),
+            ttl,
+            held,
+        }
     }
 
     /// The key the lease is on.

@@ -82,7 +82,11 @@ impl Upstream {
 
 async fn handle(State(state): State<Arc<UpstreamState>>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
-    let body = body.collect().await.map(|b| b.to_bytes()).unwrap_or_default();
+    let body = body
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
     let authorization = parts
         .headers
         .get("authorization")
