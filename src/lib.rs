@@ -1,4 +1,60 @@
-//! tower-auth-refresh (docs to come)
+//! Tower middleware that keeps HTTP clients authenticated.
+//!
+//! [`AuthRefreshLayer`] wraps any tower HTTP [`Service`](tower_service::Service):
+//! it puts the current token on every request (read without a lock), recognises
+//! an expired-token answer with an [`ExpiryDetector`] (a 401, an RFC 6750
+//! `invalid_token` challenge, a JSON business code such as
+//! `HTTP 200 {"code":40003,"msg":"token过期"}`), refreshes the token **once** for
+//! every request waiting on it, and replays the request with its buffered body.
+//!
+//! ```
+//! use std::sync::Arc;
+//! use std::sync::atomic::{AtomicUsize, Ordering};
+//! use std::time::Duration;
+//!
+//! use bytes::Bytes;
+//! use http::{Request, Response, StatusCode};
+//! use http_body_util::Full;
+//! use tower::{Layer, ServiceExt, service_fn};
+//! use tower_auth_refresh::{AuthRefreshLayer, RefreshContext, Token, TokenHandle, token_source_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower_auth_refresh::BoxError> {
+//! // A token source: here a counter; in practice an OAuth2 grant or a login call.
+//! let issued = Arc::new(AtomicUsize::new(0));
+//! let counter = issued.clone();
+//! let handle = TokenHandle::builder(token_source_fn(move |_cx: RefreshContext| {
+//!     let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+//!     async move {
+//!         Ok::<_, std::io::Error>(Token::bearer(format!("token-{n}")).with_expires_in(Duration::from_secs(3600)))
+//!     }
+//! }))
+//! .min_token_age(Duration::ZERO)
+//! .build();
+//!
+//! // An upstream that only accepts the second token it ever saw issued.
+//! let upstream = service_fn(|request: Request<_>| async move {
+//!     let ok = request.headers()["authorization"] == "Bearer token-2";
+//!     let status = if ok { StatusCode::OK } else { StatusCode::UNAUTHORIZED };
+//!     Ok::<_, std::convert::Infallible>(Response::builder().status(status).body(Full::new(Bytes::new())).unwrap())
+//! });
+//!
+//! let client = AuthRefreshLayer::new(handle.clone()).layer(upstream);
+//! let response = client.oneshot(Request::post("http://api.test/orders").body(Full::new(Bytes::from("{}")))?).await?;
+//! assert_eq!(response.status(), StatusCode::OK); // token-1 was rejected, token-2 fetched, request replayed
+//! assert_eq!(handle.stats().refreshes, 2);
+//! # Ok(()) }
+//! ```
+//!
+//! The parts, each in its own module:
+//!
+//! * [`Token`] and [`TokenSource`]: what a token is and how a new one is obtained;
+//! * [`TokenHandle`]: the shared manager (single-flight refresh, proactive
+//!   refresh, back-off, status and stats, optional [`TokenStore`] for a fleet);
+//! * [`AuthRefreshLayer`]: the middleware, with its [`ExpiryDetector`] and
+//!   [`TokenInjector`];
+//! * [`ReplayBody`] / [`ResponseBody`]: the request body kept for one replay,
+//!   and the response body handed back byte for byte after a detector peeked.
 #![forbid(unsafe_code)]
 #![warn(
     missing_docs,
