@@ -99,13 +99,21 @@ impl FleetStore {
         previous: Option<Arc<Current>>,
         reason: RefreshReason,
     ) -> Result<Obtained, RefreshError> {
-        let ours = previous.as_ref().map_or(0, |c| c.store_version);
+        let mut ours = previous.as_ref().map_or(0, |c| c.store_version);
         let rejected = previous.as_ref().map(|c| c.token.clone());
         let rejected = rejected.as_deref();
         let previous_token = previous.as_ref().map(|c| c.token.clone());
 
         // 1. Someone else may have refreshed already.
         let mut newest = match self.load().await {
+            // NOTE: a manual refresh asks for a new token: what is stored
+            // now is the base to refresh from, never an answer. Only a token
+            // saved after this read (by another process that refreshed while
+            // this one waited for the lease) is adopted.
+            Ok(Some(stored)) if reason == RefreshReason::Manual => {
+                ours = ours.max(stored.version);
+                Some(stored)
+            }
             Ok(Some(stored)) if is_newer_and_usable(&stored, ours, rejected) => {
                 tracing::debug!(version = stored.version, "adopting token from store");
                 return Ok(Obtained::adopted(stored));

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tower_layer::Layer;
 
 use crate::detect::ExpiryDetector;
+use crate::registry::Origin;
 use crate::{AuthRefresh, TokenHandle, TokenSource, Unauthorized};
 
 /// Default cap on the request body kept for a replay: 1 MiB.
@@ -19,6 +20,15 @@ pub(crate) struct LayerConfig {
     pub(crate) detector: Arc<dyn ExpiryDetector>,
     pub(crate) peek_limit: usize,
     pub(crate) max_replay_bytes: usize,
+    pub(crate) origin: Option<Origin>,
+}
+
+impl LayerConfig {
+    /// Whether a request to `uri` gets the token: always, unless the layer
+    /// is bound to one origin.
+    pub(crate) fn sends_token_to(&self, uri: &http::Uri) -> bool {
+        self.origin.as_ref().is_none_or(|origin| origin.matches(uri))
+    }
 }
 
 impl fmt::Debug for LayerConfig {
@@ -26,6 +36,7 @@ impl fmt::Debug for LayerConfig {
         f.debug_struct("LayerConfig")
             .field("peek_limit", &self.peek_limit)
             .field("max_replay_bytes", &self.max_replay_bytes)
+            .field("origin", &self.origin)
             .finish_non_exhaustive()
     }
 }
@@ -73,6 +84,7 @@ impl AuthRefreshLayer {
                 detector: Arc::new(Unauthorized::new()),
                 peek_limit: DEFAULT_PEEK_LIMIT,
                 max_replay_bytes: DEFAULT_MAX_REPLAY_BYTES,
+                origin: None,
             }),
         }
     }
@@ -102,6 +114,29 @@ impl AuthRefreshLayer {
     pub fn max_replay_bytes(mut self, limit: usize) -> Self {
         Arc::make_mut(&mut self.config).max_replay_bytes = limit;
         self
+    }
+
+    /// Sends the token only to requests for `origin` (scheme, host and
+    /// port); requests to any other origin pass through untouched, without a
+    /// token. Use it when the client can reach other hosts, for example when
+    /// it follows redirects.
+    ///
+    /// ```
+    /// use tower_auth_refresh::{AuthRefreshLayer, Origin, Token, TokenHandle, token_source_fn};
+    ///
+    /// let handle = TokenHandle::new(token_source_fn(|_| async {
+    ///     Ok::<_, std::io::Error>(Token::bearer("t"))
+    /// }));
+    /// let layer = AuthRefreshLayer::new(handle).origin(Origin::parse("https://api.example.com")?);
+    /// # Ok::<(), tower_auth_refresh::InvalidOrigin>(())
+    /// ```
+    pub fn origin(mut self, origin: Origin) -> Self {
+        Arc::make_mut(&mut self.config).origin = Some(origin);
+        self
+    }
+
+    pub(crate) fn config(&self) -> &Arc<LayerConfig> {
+        &self.config
     }
 
     /// The handle on this layer's token.

@@ -73,6 +73,7 @@ mod handle;
 mod inject;
 mod layer;
 mod manager;
+mod registry;
 mod retry;
 mod service;
 mod source;
@@ -89,6 +90,10 @@ pub use future::ResponseFuture;
 pub use handle::{RefreshStats, TokenHandle, TokenHandleBuilder, TokenStatus};
 pub use inject::TokenInjector;
 pub use layer::{AuthRefreshLayer, DEFAULT_MAX_REPLAY_BYTES, DEFAULT_PEEK_LIMIT};
+pub use registry::{
+    AuthRouting, AuthRoutingLayer, InvalidOrigin, LAST_USED_METADATA_KEY, MaintenanceReport, Origin,
+    Outcome, ProgressUpdate, RefreshAll, Tenant, TokenRegistry, TokenRegistryBuilder, UpstreamKey,
+};
 pub use retry::{RetrySkipped, SkipReason};
 pub use service::AuthRefresh;
 pub use source::{RefreshContext, RefreshReason, TokenSource, TokenSourceFn, token_source_fn};

@@ -110,34 +110,70 @@ where
     fn call(&mut self, request: Request<ReqB>) -> Self::Future {
         // Take the service that was made ready and leave a clone behind.
         let clone = self.inner.clone();
-        let mut inner = std::mem::replace(&mut self.inner, clone);
-        let manager = &self.handle.manager;
-        let injector = &manager.config.injector;
-
-        if injector.is_present(&request) {
-            // The caller's own token wins; nothing to refresh or retry.
-            let request = request.map(|body| ReplayBody::new(body, 0).0);
-            return ResponseFuture::passthrough(inner.call(request));
+        let inner = std::mem::replace(&mut self.inner, clone);
+        if !self.config.sends_token_to(request.uri()) {
+            return passthrough(inner, request);
         }
+        dispatch(inner, &self.inner, &self.handle, &self.config, request)
+    }
+}
 
-        let head = clone_head(&request);
-        let (parts, body) = request.into_parts();
-        let (body, replay) = ReplayBody::new(body, self.config.max_replay_bytes);
-        let mut request = Request::from_parts(parts, body);
-        let ctx = RetryCtx {
-            manager: manager.clone(),
-            config: self.config.clone(),
-            inner: self.inner.clone(),
-            head,
-            replay,
-            generation: 0,
-        };
-        match manager.acquire() {
-            Acquired::Ready(header, generation) => {
-                injector.apply(&header, &mut request);
-                ResponseFuture::first(inner.call(request), RetryCtx { generation, ..ctx })
-            }
-            Acquired::Wait => ResponseFuture::slow(Box::pin(ctx.wait_then_send(inner, request))),
+/// Sends `request` without touching it: no token, no detection, no retry.
+pub(crate) fn passthrough<S, ReqB, ResB>(mut inner: S, request: Request<ReqB>) -> ResponseFuture<S, ReqB, ResB>
+where
+    S: Service<Request<ReplayBody<ReqB>>, Response = Response<ResB>>,
+    ReqB: Body,
+{
+    let request = request.map(|body| ReplayBody::new(body, 0).0);
+    ResponseFuture::passthrough(inner.call(request))
+}
+
+/// Sends `request` through the ready service `inner` with the token of
+/// `handle`, keeping what a retry needs (`spare` is a clone of the service
+/// for the retry).
+pub(crate) fn dispatch<S, ReqB, ResB>(
+    mut inner: S,
+    spare: &S,
+    handle: &TokenHandle,
+    config: &Arc<LayerConfig>,
+    request: Request<ReqB>,
+) -> ResponseFuture<S, ReqB, ResB>
+where
+    S: Service<Request<ReplayBody<ReqB>>, Response = Response<ResB>> + Clone + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send + 'static,
+    ReqB: Body + Send + 'static,
+    ReqB::Data: Buf + Send,
+    ReqB::Error: Into<BoxError>,
+    ResB: Body + Send + 'static,
+    ResB::Data: Buf + Send,
+    ResB::Error: Send,
+{
+    let manager = &handle.manager;
+    let injector = &manager.config.injector;
+
+    if injector.is_present(&request) {
+        // The caller's own token wins; nothing to refresh or retry.
+        return passthrough(inner, request);
+    }
+
+    let head = clone_head(&request);
+    let (parts, body) = request.into_parts();
+    let (body, replay) = ReplayBody::new(body, config.max_replay_bytes);
+    let mut request = Request::from_parts(parts, body);
+    let ctx = RetryCtx {
+        manager: manager.clone(),
+        config: config.clone(),
+        inner: spare.clone(),
+        head,
+        replay,
+        generation: 0,
+    };
+    match manager.acquire() {
+        Acquired::Ready(header, generation) => {
+            injector.apply(&header, &mut request);
+            ResponseFuture::first(inner.call(request), RetryCtx { generation, ..ctx })
         }
+        Acquired::Wait => ResponseFuture::slow(Box::pin(ctx.wait_then_send(inner, request))),
     }
 }

@@ -1,0 +1,375 @@
+//! [`TokenRegistry`]: one token manager per tenant, created lazily from a
+//! store.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use futures::future::BoxFuture;
+
+use crate::detect::ExpiryDetector;
+use crate::layer::LayerConfig;
+use crate::{
+    AuthRefreshLayer, BoxError, RefreshContext, Token, TokenHandle, TokenHandleBuilder,
+    TokenSource, TokenStatus, TokenStore,
+};
+
+/// The metadata key under which a stored token keeps the time it was last
+/// used (unix milliseconds). It is written when the token is refreshed and by
+/// [`TokenRegistry::flush_usage`], never on each request.
+pub const LAST_USED_METADATA_KEY: &str = "last_used_ms";
+
+/// The tenant a request belongs to: put it in the request's extensions and
+/// the [`AuthRoutingLayer`](crate::AuthRoutingLayer) sends it with that
+/// tenant's token.
+///
+/// ```
+/// use tower_auth_refresh::Tenant;
+///
+/// let request = http::Request::get("https://api.example.com/orders")
+///     .extension(Tenant::new("seller-42"))
+///     .body(())
+///     .unwrap();
+/// assert_eq!(request.extensions().get::<Tenant>().unwrap().as_str(), "seller-42");
+/// ```
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Tenant(Arc<str>);
+
+impl Tenant {
+    /// The tenant called `id`.
+    pub fn new(id: impl AsRef<str>) -> Self {
+        Self(Arc::from(id.as_ref()))
+    }
+
+    /// The tenant's id.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+type SourceFactory = dyn Fn(&str) -> Box<dyn TokenSource> + Send + Sync;
+type Configure = dyn Fn(TokenHandleBuilder) -> TokenHandleBuilder + Send + Sync;
+
+/// One token per tenant (per seller, per customer account …), kept in a
+/// [`TokenStore`] and managed by a [`TokenHandle`] created the first time the
+/// tenant is used.
+///
+/// Every tenant's handle shares the registry's settings and whatever the
+/// token-source factory captures (typically one token-endpoint client). The
+/// time each tenant was last used is tracked in memory (an atomic store per
+/// request) and written to the store with the token's metadata when the
+/// token is refreshed, so bulk jobs
+/// ([`refresh_all`](Self::refresh_all), [`remove_idle`](Self::remove_idle))
+/// can tell active tenants from idle ones.
+///
+/// ```
+/// # #[tokio::main(flavor = "current_thread")]
+/// # async fn main() {
+/// use std::time::Duration;
+/// use tower_auth_refresh::{MemoryStore, Token, TokenRegistry, token_source_fn};
+///
+/// let store = MemoryStore::new();
+/// let registry = TokenRegistry::builder(store, |tenant: &str| {
+///     let tenant = tenant.to_owned();
+///     token_source_fn(move |_| {
+///         let tenant = tenant.clone();
+///         async move { Ok::<_, std::io::Error>(Token::bearer(format!("token-for-{tenant}"))) }
+///     })
+/// })
+/// .configure(|handle| handle.refresh_ahead(Duration::from_secs(120)))
+/// .build();
+///
+/// let handle = registry.get("seller-42");
+/// let token = handle.refresh_now().await.unwrap();
+/// assert_eq!(registry.tenants(), vec!["seller-42".to_owned()]);
+/// # let _ = token;
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct TokenRegistry {
+    inner: Arc<Inner>,
+}
+
+pub(crate) struct Inner {
+    pub(crate) store: Arc<dyn TokenStore>,
+    pub(crate) key_prefix: String,
+    factory: Box<SourceFactory>,
+    configure: Option<Box<Configure>>,
+    entries: ArcSwap<HashMap<Arc<str>, Arc<Entry>>>,
+    create: Mutex<()>,
+    pub(crate) layer: Arc<LayerConfig>,
+}
+
+pub(crate) struct Entry {
+    pub(crate) handle: TokenHandle,
+    pub(crate) last_used_ms: Arc<AtomicU64>,
+}
+
+impl fmt::Debug for TokenRegistry {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenRegistry")
+            .field("key_prefix", &self.inner.key_prefix)
+            .field("tenants", &self.inner.entries.load().len())
+            .finish_non_exhaustive()
+    }
+}
+
+/// Configures a [`TokenRegistry`].
+pub struct TokenRegistryBuilder {
+    store: Arc<dyn TokenStore>,
+    key_prefix: String,
+    factory: Box<SourceFactory>,
+    configure: Option<Box<Configure>>,
+    layer: AuthRefreshLayer,
+}
+
+impl fmt::Debug for TokenRegistryBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenRegistryBuilder")
+            .field("key_prefix", &self.key_prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TokenRegistryBuilder {
+    /// Store keys are `prefix` + tenant id (default: no prefix). Bulk jobs
+    /// only look at keys with this prefix.
+    pub fn key_prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.key_prefix = prefix.into();
+        self
+    }
+
+    /// Applies the same settings to each tenant's [`TokenHandleBuilder`]
+    /// (refresh-ahead, injector, timeouts …). The store is set by the
+    /// registry.
+    pub fn configure(
+        mut self,
+        configure: impl Fn(TokenHandleBuilder) -> TokenHandleBuilder + Send + Sync + 'static,
+    ) -> Self {
+        self.configure = Some(Box::new(configure));
+        self
+    }
+
+    /// The expiry detector for the tenants' requests (default
+    /// [`Unauthorized`](crate::Unauthorized)).
+    pub fn detector(mut self, detector: impl ExpiryDetector) -> Self {
+        self.layer = self.layer.detector(detector);
+        self
+    }
+
+    /// The most request-body bytes kept for a replay (see
+    /// [`AuthRefreshLayer::max_replay_bytes`]).
+    pub fn max_replay_bytes(mut self, limit: usize) -> Self {
+        self.layer = self.layer.max_replay_bytes(limit);
+        self
+    }
+
+    /// The response-body peek limit (see [`AuthRefreshLayer::peek_limit`]).
+    pub fn peek_limit(mut self, limit: usize) -> Self {
+        self.layer = self.layer.peek_limit(limit);
+        self
+    }
+
+    /// Builds the registry. No tenant is loaded until it is used.
+    pub fn build(self) -> TokenRegistry {
+        TokenRegistry {
+            inner: Arc::new(Inner {
+                store: self.store,
+                key_prefix: self.key_prefix,
+                factory: self.factory,
+                configure: self.configure,
+                entries: ArcSwap::from_pointee(HashMap::new()),
+                create: Mutex::new(()),
+                layer: self.layer.config().clone(),
+            }),
+        }
+    }
+}
+
+impl TokenRegistry {
+    /// Starts a registry over `store`; `source_for(tenant)` makes the token
+    /// source of a tenant (called once per tenant, when it is first used).
+    pub fn builder<F, S>(store: impl TokenStore, source_for: F) -> TokenRegistryBuilder
+    where
+        F: Fn(&str) -> S + Send + Sync + 'static,
+        S: TokenSource,
+    {
+        let placeholder = TokenHandle::new(crate::token_source_fn(|_| async {
+            Err::<Token, _>(std::io::Error::other("placeholder handle"))
+        }));
+        TokenRegistryBuilder {
+            store: Arc::new(store),
+            key_prefix: String::new(),
+            factory: Box::new(move |tenant| Box::new(source_for(tenant))),
+            configure: None,
+            layer: AuthRefreshLayer::new(placeholder),
+        }
+    }
+
+    /// The handle of `tenant`, created (and its stored token loaded on first
+    /// use) if this is the first time the tenant is asked for.
+    pub fn get(&self, tenant: &str) -> TokenHandle {
+        self.entry(tenant).handle.clone()
+    }
+
+    pub(crate) fn entry(&self, tenant: &str) -> Arc<Entry> {
+        if let Some(entry) = self.inner.entries.load().get(tenant) {
+            return entry.clone();
+        }
+        let _creating = self
+            .inner
+            .create
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        if let Some(entry) = self.inner.entries.load().get(tenant) {
+            return entry.clone();
+        }
+        let last_used_ms = Arc::new(AtomicU64::new(0));
+        let source = UsageRecordingSource {
+            inner: (self.inner.factory)(tenant),
+            last_used_ms: last_used_ms.clone(),
+        };
+        let mut builder = TokenHandle::builder(source);
+        if let Some(configure) = &self.inner.configure {
+            builder = configure(builder);
+        }
+        let handle = builder
+            .store(self.inner.store.clone(), self.store_key(tenant))
+            .build();
+        let entry = Arc::new(Entry {
+            handle,
+            last_used_ms,
+        });
+        let mut entries = HashMap::clone(&self.inner.entries.load());
+        entries.insert(Arc::from(tenant), entry.clone());
+        self.inner.entries.store(Arc::new(entries));
+        entry
+    }
+
+    /// The handle of `tenant` for a request: also notes that it was used now.
+    pub(crate) fn use_tenant(&self, tenant: &str) -> Arc<Entry> {
+        let entry = self.entry(tenant);
+        entry.last_used_ms.store(now_ms(), Ordering::Relaxed);
+        entry
+    }
+
+    pub(crate) fn inner(&self) -> &Inner {
+        &self.inner
+    }
+
+    /// The store key of `tenant`.
+    pub fn store_key(&self, tenant: &str) -> String {
+        format!("{}{}", self.inner.key_prefix, tenant)
+    }
+
+    /// The tenants loaded in this process, sorted.
+    pub fn tenants(&self) -> Vec<String> {
+        let mut tenants: Vec<String> = self
+            .inner
+            .entries
+            .load()
+            .keys()
+            .map(|t| t.to_string())
+            .collect();
+        tenants.sort();
+        tenants
+    }
+
+    /// The status of a loaded tenant's token (no secret).
+    pub fn status(&self, tenant: &str) -> Option<TokenStatus> {
+        self.inner.entries.load().get(tenant).map(|e| e.handle.status())
+    }
+
+    /// When `tenant` was last used by a request in this process.
+    pub fn last_used(&self, tenant: &str) -> Option<SystemTime> {
+        let ms = self
+            .inner
+            .entries
+            .load()
+            .get(tenant)?
+            .last_used_ms
+            .load(Ordering::Relaxed);
+        (ms > 0).then(|| UNIX_EPOCH + Duration::from_millis(ms))
+    }
+
+    /// Forgets a loaded tenant (its stored token stays).
+    pub fn unload(&self, tenant: &str) -> bool {
+        let _creating = self
+            .inner
+            .create
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut entries = HashMap::clone(&self.inner.entries.load());
+        let removed = entries.remove(tenant).is_some();
+        self.inner.entries.store(Arc::new(entries));
+        removed
+    }
+
+    /// Writes each loaded tenant's last-used time into its stored token's
+    /// metadata (a compare-and-swap save; a token changed meanwhile by
+    /// another process is left alone). Returns how many tokens were updated.
+    /// Call it from time to time, or before a bulk job in another process.
+    pub async fn flush_usage(&self) -> Result<usize, crate::StoreError> {
+        let mut updated = 0;
+        let entries = self.inner.entries.load_full();
+        for (tenant, entry) in entries.iter() {
+            let used = entry.last_used_ms.load(Ordering::Relaxed);
+            if used == 0 {
+                continue;
+            }
+            let key = self.store_key(tenant);
+            let Some(stored) = self.inner.store.load(&key).await? else {
+                continue;
+            };
+            if last_used_ms(&stored.token).is_some_and(|at| at >= used) {
+                continue;
+            }
+            let token = stored
+                .token
+                .with_metadata(LAST_USED_METADATA_KEY, used.to_string());
+            match self.inner.store.save(&key, &token, Some(stored.version)).await {
+                Ok(_) => updated += 1,
+                Err(crate::StoreError::Conflict { .. }) => {}
+                Err(err) => return Err(err),
+            }
+        }
+        Ok(updated)
+    }
+}
+
+/// The last-used time recorded in a token's metadata, in unix milliseconds.
+pub(crate) fn last_used_ms(token: &Token) -> Option<u64> {
+    token.metadata().get(LAST_USED_METADATA_KEY)?.parse().ok()
+}
+
+pub(crate) fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Wraps a tenant's token source so that each new token carries the time the
+/// tenant was last used (from this process, or else from the previous token).
+struct UsageRecordingSource {
+    inner: Box<dyn TokenSource>,
+    last_used_ms: Arc<AtomicU64>,
+}
+
+impl TokenSource for UsageRecordingSource {
+    fn fetch(&self, cx: RefreshContext) -> BoxFuture<'static, Result<Token, BoxError>> {
+        let previous = cx.previous.as_deref().and_then(last_used_ms);
+        let here = self.last_used_ms.load(Ordering::Relaxed);
+        let fetch = self.inner.fetch(cx);
+        Box::pin(async move {
+            let token = fetch.await?;
+            let used = previous.unwrap_or(0).max(here);
+            if used == 0 || last_used_ms(&token).is_some_and(|t| t >= used) {
+                return Ok(token);
+            }
+            Ok(token.with_metadata(LAST_USED_METADATA_KEY, used.to_string()))
+        })
+    }
+}
