@@ -82,17 +82,33 @@ fn cells() -> Vec<(&'static str, Arc<dyn Cell>)> {
     let value = token_header();
     let (_sender, rx) = tokio::sync::watch::channel(Arc::new(value.clone()));
     vec![
-        ("arc_swap_ours", Arc::new(ArcSwapCell(ArcSwap::from_pointee(value.clone())))),
-        ("std_rwlock", Arc::new(StdRwLockCell(RwLock::new(Arc::new(value.clone()))))),
-        ("std_mutex", Arc::new(MutexCell(Mutex::new(Arc::new(value.clone()))))),
-        ("tokio_rwlock", Arc::new(TokioRwLockCell(tokio::sync::RwLock::new(Arc::new(value))))),
+        (
+            "arc_swap_ours",
+            Arc::new(ArcSwapCell(ArcSwap::from_pointee(value.clone()))),
+        ),
+        (
+            "std_rwlock",
+            Arc::new(StdRwLockCell(RwLock::new(Arc::new(value.clone())))),
+        ),
+        (
+            "std_mutex",
+            Arc::new(MutexCell(Mutex::new(Arc::new(value.clone())))),
+        ),
+        (
+            "tokio_rwlock",
+            Arc::new(TokioRwLockCell(tokio::sync::RwLock::new(Arc::new(value)))),
+        ),
         ("tokio_watch", Arc::new(WatchCell(rx))),
     ]
 }
 
 /// Runs `op` `iters` times on each of `threads` threads at once and returns
 /// the wall time: the time per iteration is then per operation per thread.
-fn on_threads(threads: usize, iters: u64, op: Arc<dyn Fn(&mut HeaderMap) + Send + Sync>) -> Duration {
+fn on_threads(
+    threads: usize,
+    iters: u64,
+    op: Arc<dyn Fn(&mut HeaderMap) + Send + Sync>,
+) -> Duration {
     let barrier = Arc::new(Barrier::new(threads + 1));
     let handles: Vec<_> = (0..threads)
         .map(|_| {
@@ -126,7 +142,11 @@ fn read_on_threads(c: &mut Criterion) {
                 let cell = cell.clone();
                 b.iter_custom(move |iters| {
                     let cell = cell.clone();
-                    on_threads(threads, iters, Arc::new(move |h: &mut HeaderMap| cell.read_into(h)))
+                    on_threads(
+                        threads,
+                        iters,
+                        Arc::new(move |h: &mut HeaderMap| cell.read_into(h)),
+                    )
                 });
             });
         }
@@ -168,7 +188,9 @@ fn read_on_tasks(c: &mut Criterion) {
                             handle.await.unwrap();
                         }
                         // Normalise to `iters` operations.
-                        start.elapsed().mul_f64(iters as f64 / (per_task * tasks as u64) as f64)
+                        start
+                            .elapsed()
+                            .mul_f64(iters as f64 / (per_task * tasks as u64) as f64)
                     })
                 });
             });
@@ -184,55 +206,86 @@ fn refcount(c: &mut Criterion) {
     let short = b"Bearer 0123456789abcdef0123456789abcdef";
     for threads in [1, 2] {
         let value = shared.clone();
-        group.bench_with_input(BenchmarkId::new("clone_shared_bytes", threads), &threads, |b, &threads| {
-            let value = value.clone();
-            b.iter_custom(move |iters| {
+        group.bench_with_input(
+            BenchmarkId::new("clone_shared_bytes", threads),
+            &threads,
+            |b, &threads| {
                 let value = value.clone();
-                on_threads(threads, iters, Arc::new(move |h: &mut HeaderMap| {
-                    h.insert(AUTHORIZATION, value.clone());
-                }))
-            });
-        });
-        group.bench_with_input(BenchmarkId::new("clone_per_thread_copy", threads), &threads, |b, &threads| {
-            b.iter_custom(move |iters| {
-                // Each thread clones a value no other thread touches.
-                let barrier = Arc::new(Barrier::new(threads + 1));
-                let handles: Vec<_> = (0..threads)
-                    .map(|_| {
-                        let barrier = barrier.clone();
-                        std::thread::spawn(move || {
-                            let own = token_header();
-                            let mut headers = HeaderMap::with_capacity(4);
-                            barrier.wait();
-                            for _ in 0..iters {
-                                headers.insert(AUTHORIZATION, own.clone());
-                                black_box(&headers);
-                            }
+                b.iter_custom(move |iters| {
+                    let value = value.clone();
+                    on_threads(
+                        threads,
+                        iters,
+                        Arc::new(move |h: &mut HeaderMap| {
+                            h.insert(AUTHORIZATION, value.clone());
+                        }),
+                    )
+                });
+            },
+        );
+        group.bench_with_input(
+            BenchmarkId::new("clone_per_thread_copy", threads),
+            &threads,
+            |b, &threads| {
+                b.iter_custom(move |iters| {
+                    // Each thread clones a value no other thread touches.
+                    let barrier = Arc::new(Barrier::new(threads + 1));
+                    let handles: Vec<_> = (0..threads)
+                        .map(|_| {
+                            let barrier = barrier.clone();
+                            std::thread::spawn(move || {
+                                let own = token_header();
+                                let mut headers = HeaderMap::with_capacity(4);
+                                barrier.wait();
+                                for _ in 0..iters {
+                                    headers.insert(AUTHORIZATION, own.clone());
+                                    black_box(&headers);
+                                }
+                            })
                         })
-                    })
-                    .collect();
-                barrier.wait();
-                let start = Instant::now();
-                for handle in handles {
-                    handle.join().unwrap();
-                }
-                start.elapsed()
-            });
-        });
-        group.bench_with_input(BenchmarkId::new("copy_short_header", threads), &threads, |b, &threads| {
-            b.iter_custom(move |iters| {
-                on_threads(threads, iters, Arc::new(move |h: &mut HeaderMap| {
-                    h.insert(AUTHORIZATION, HeaderValue::from_bytes(short).unwrap());
-                }))
-            });
-        });
-        group.bench_with_input(BenchmarkId::new("static_header", threads), &threads, |b, &threads| {
-            b.iter_custom(move |iters| {
-                on_threads(threads, iters, Arc::new(move |h: &mut HeaderMap| {
-                    h.insert(AUTHORIZATION, HeaderValue::from_static("Bearer 0123456789abcdef"));
-                }))
-            });
-        });
+                        .collect();
+                    barrier.wait();
+                    let start = Instant::now();
+                    for handle in handles {
+                        handle.join().unwrap();
+                    }
+                    start.elapsed()
+                });
+            },
+        );
+        group.bench_with_input(
+            BenchmarkId::new("copy_short_header", threads),
+            &threads,
+            |b, &threads| {
+                b.iter_custom(move |iters| {
+                    on_threads(
+                        threads,
+                        iters,
+                        Arc::new(move |h: &mut HeaderMap| {
+                            h.insert(AUTHORIZATION, HeaderValue::from_bytes(short).unwrap());
+                        }),
+                    )
+                });
+            },
+        );
+        group.bench_with_input(
+            BenchmarkId::new("static_header", threads),
+            &threads,
+            |b, &threads| {
+                b.iter_custom(move |iters| {
+                    on_threads(
+                        threads,
+                        iters,
+                        Arc::new(move |h: &mut HeaderMap| {
+                            h.insert(
+                                AUTHORIZATION,
+                                HeaderValue::from_static("Bearer 0123456789abcdef"),
+                            );
+                        }),
+                    )
+                });
+            },
+        );
     }
     group.finish();
 }

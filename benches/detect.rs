@@ -18,7 +18,10 @@ fn body(size: usize) -> Vec<u8> {
         if !items.is_empty() {
             items.push(',');
         }
-        items.push_str(&format!(r#"{{"id":{i},"name":"item number {i}","price":{}}}"#, i * 7));
+        items.push_str(&format!(
+            r#"{{"id":{i},"name":"item number {i}","price":{}}}"#,
+            i * 7
+        ));
         i += 1;
     }
     let json = format!(r#"{{"code":0,"msg":"ok","data":[{items}]}}"#);
@@ -35,11 +38,17 @@ fn classify(detector: &dyn ExpiryDetector, head: &ResponseHead<'_>, body: &[u8])
 
 fn detect(c: &mut Criterion) {
     let mut headers = HeaderMap::new();
-    headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json; charset=utf-8"));
+    headers.insert(
+        CONTENT_TYPE,
+        HeaderValue::from_static("application/json; charset=utf-8"),
+    );
     let head = ResponseHead::new(StatusCode::OK, Version::HTTP_11, &headers);
     let detectors: [(&str, Box<dyn ExpiryDetector>); 3] = [
         ("status_only", Box::new(Unauthorized::new())),
-        ("code_rule", Box::new(JsonBodyRule::new().code_at("/code", [401, 40001, 40002, 40003]))),
+        (
+            "code_rule",
+            Box::new(JsonBodyRule::new().code_at("/code", [401, 40001, 40002, 40003])),
+        ),
         ("code_and_keywords", Box::new(JsonBodyRule::default_rules())),
     ];
     let mut group = c.benchmark_group("detect");

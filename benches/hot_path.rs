@@ -54,7 +54,8 @@ where
 {
     type Response = Response<Full<Bytes>>;
     type Error = Infallible;
-    type Future = std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+    type Future =
+        std::pin::Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
         Poll::Ready(Ok(()))
@@ -87,7 +88,10 @@ where
     S::Response: IntoBody,
     S::Error: std::fmt::Debug,
 {
-    let request = Request::builder().uri("http://api.test/v1/items").body(body).unwrap();
+    let request = Request::builder()
+        .uri("http://api.test/v1/items")
+        .body(body)
+        .unwrap();
     let response = service
         .ready()
         .now_or_never()
@@ -120,7 +124,9 @@ impl<B: Body + Unpin> IntoBody for Response<B> {
 
 fn handle() -> TokenHandle {
     TokenHandle::builder(token_source_fn(|_| async {
-        Ok::<_, Infallible>(Token::bearer(token_string()).with_expires_in(Duration::from_secs(3600)))
+        Ok::<_, Infallible>(
+            Token::bearer(token_string()).with_expires_in(Duration::from_secs(3600)),
+        )
     }))
     .initial_token(Token::bearer(token_string()).with_expires_in(Duration::from_secs(3600)))
     .build()
@@ -181,7 +187,10 @@ where
 fn cached() -> Cached {
     let mut header = HeaderValue::from_str(&format!("Bearer {}", token_string())).unwrap();
     header.set_sensitive(true);
-    Cached { header, expires_at: Instant::now() + Duration::from_secs(3600) }
+    Cached {
+        header,
+        expires_at: Instant::now() + Duration::from_secs(3600),
+    }
 }
 
 /// A service that inserts whatever header `make` returns.
@@ -251,14 +260,22 @@ fn hot_path(c: &mut Criterion) {
     let mut floor = tower_http::auth::AddAuthorizationLayer::bearer(&token_string())
         .as_sensitive(true)
         .layer(Noop);
-    group.bench_function("tower_http_bearer", |b| b.iter(|| send(&mut floor, empty())));
+    group.bench_function("tower_http_bearer", |b| {
+        b.iter(|| send(&mut floor, empty()))
+    });
 
     let shared = handle();
-    let mut replay_off = AuthRefreshLayer::new(shared.clone()).max_replay_bytes(0).layer(Noop);
-    group.bench_function("ours/replay_off", |b| b.iter(|| send(&mut replay_off, empty())));
+    let mut replay_off = AuthRefreshLayer::new(shared.clone())
+        .max_replay_bytes(0)
+        .layer(Noop);
+    group.bench_function("ours/replay_off", |b| {
+        b.iter(|| send(&mut replay_off, empty()))
+    });
 
     let mut replay_on = AuthRefreshLayer::new(shared.clone()).layer(Noop);
-    group.bench_function("ours/replay_on_empty_body", |b| b.iter(|| send(&mut replay_on, empty())));
+    group.bench_function("ours/replay_on_empty_body", |b| {
+        b.iter(|| send(&mut replay_on, empty()))
+    });
     group.bench_function("ours/replay_on_1kib_body", |b| {
         b.iter(|| send(&mut replay_on, Full::new(kib.clone())))
     });
@@ -272,17 +289,27 @@ fn hot_path(c: &mut Criterion) {
     let mut json_rule = AuthRefreshLayer::new(shared.clone())
         .detector(Unauthorized::new().or(JsonBodyRule::default_rules()))
         .layer(Noop);
-    group.bench_function("ours/detector_json_rule", |b| b.iter(|| send(&mut json_rule, empty())));
+    group.bench_function("ours/detector_json_rule", |b| {
+        b.iter(|| send(&mut json_rule, empty()))
+    });
 
-    let mut mutex = LockedAuth { inner: Noop, cell: Arc::new(Mutex::new(cached())) };
+    let mut mutex = LockedAuth {
+        inner: Noop,
+        cell: Arc::new(Mutex::new(cached())),
+    };
     group.bench_function("mutex_layer", |b| b.iter(|| send(&mut mutex, empty())));
-    let mut rwlock = LockedAuth { inner: Noop, cell: Arc::new(RwLock::new(cached())) };
+    let mut rwlock = LockedAuth {
+        inner: Noop,
+        cell: Arc::new(RwLock::new(cached())),
+    };
     group.bench_function("rwlock_layer", |b| b.iter(|| send(&mut rwlock, empty())));
 
     // Peers.
     let url = runtime.block_on(token_endpoint());
     let authorizer = runtime
-        .block_on(middle::BasicClientCredentialAuthorizer::basic_builder("bench", "secret", url).build())
+        .block_on(
+            middle::BasicClientCredentialAuthorizer::basic_builder("bench", "secret", url).build(),
+        )
         .expect("middle authorizer fetched its first token");
     let mut middle_svc = WithHeader {
         inner: Noop,
@@ -305,7 +332,8 @@ fn hot_path(c: &mut Criterion) {
         make: move || {
             let token = watcher.token();
             let mut value =
-                HeaderValue::from_str(&format!("Bearer {}", token.access_token().as_str())).unwrap();
+                HeaderValue::from_str(&format!("Bearer {}", token.access_token().as_str()))
+                    .unwrap();
             value.set_sensitive(true);
             value
         },

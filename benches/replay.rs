@@ -29,7 +29,8 @@ use tower_auth_refresh::{AuthRefreshLayer, Token, TokenHandle, token_source_fn};
 const CHUNK: usize = 8 * 1024;
 const SIZES: [(&str, usize); 3] = [("1KiB", 1024), ("64KiB", 64 * 1024), ("1MiB", 1024 * 1024)];
 
-type Chunks = StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;
+type Chunks =
+    StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;
 
 fn chunked(size: usize) -> Chunks {
     let data = Bytes::from(vec![b'x'; size]);
@@ -97,7 +98,12 @@ where
 
     fn call(&mut self, request: Request<B>) -> S::Future {
         let (parts, body) = request.into_parts();
-        let bytes = body.collect().now_or_never().expect("chunks are ready").unwrap().to_bytes();
+        let bytes = body
+            .collect()
+            .now_or_never()
+            .expect("chunks are ready")
+            .unwrap()
+            .to_bytes();
         self.0.call(Request::from_parts(parts, Full::new(bytes)))
     }
 }
@@ -106,7 +112,9 @@ fn handle() -> TokenHandle {
     TokenHandle::builder(token_source_fn(|_| async {
         Ok::<_, Infallible>(Token::bearer("t").with_expires_in(Duration::from_secs(3600)))
     }))
-    .initial_token(Token::bearer("t").with_expires_at(SystemTime::now() + Duration::from_secs(3600)))
+    .initial_token(
+        Token::bearer("t").with_expires_at(SystemTime::now() + Duration::from_secs(3600)),
+    )
     .build()
 }
 
@@ -142,7 +150,10 @@ fn replay(c: &mut Criterion) {
     let handle = handle();
 
     for (figure, pick) in [
-        ("first_byte", (|m: (Duration, Duration)| m.0) as fn((Duration, Duration)) -> Duration),
+        (
+            "first_byte",
+            (|m: (Duration, Duration)| m.0) as fn((Duration, Duration)) -> Duration,
+        ),
         ("total", |m: (Duration, Duration)| m.1),
     ] {
         let mut group = c.benchmark_group(format!("replay/{figure}"));
@@ -155,14 +166,22 @@ fn replay(c: &mut Criterion) {
                 .max_replay_bytes(0)
                 .layer(recorder.clone());
             group.bench_with_input(BenchmarkId::new("no_replay", label), &size, |b, &size| {
-                b.iter_custom(|iters| (0..iters).map(|_| pick(measure(&mut no_replay, &marks, size))).sum())
+                b.iter_custom(|iters| {
+                    (0..iters)
+                        .map(|_| pick(measure(&mut no_replay, &marks, size)))
+                        .sum()
+                })
             });
 
             let mut tee = AuthRefreshLayer::new(handle.clone())
                 .max_replay_bytes(2 * 1024 * 1024)
                 .layer(recorder.clone());
             group.bench_with_input(BenchmarkId::new("ours_tee", label), &size, |b, &size| {
-                b.iter_custom(|iters| (0..iters).map(|_| pick(measure(&mut tee, &marks, size))).sum())
+                b.iter_custom(|iters| {
+                    (0..iters)
+                        .map(|_| pick(measure(&mut tee, &marks, size)))
+                        .sum()
+                })
             });
 
             let mut collect = CollectThenSend(
@@ -170,9 +189,17 @@ fn replay(c: &mut Criterion) {
                     .max_replay_bytes(2 * 1024 * 1024)
                     .layer(recorder.clone()),
             );
-            group.bench_with_input(BenchmarkId::new("collect_then_send", label), &size, |b, &size| {
-                b.iter_custom(|iters| (0..iters).map(|_| pick(measure(&mut collect, &marks, size))).sum())
-            });
+            group.bench_with_input(
+                BenchmarkId::new("collect_then_send", label),
+                &size,
+                |b, &size| {
+                    b.iter_custom(|iters| {
+                        (0..iters)
+                            .map(|_| pick(measure(&mut collect, &marks, size)))
+                            .sum()
+                    })
+                },
+            );
         }
         group.finish();
     }

@@ -36,14 +36,19 @@ fn ours_burst(runtime: &tokio::runtime::Runtime, n: usize) -> (Duration, usize) 
             async move {
                 counter.fetch_add(1, Ordering::SeqCst);
                 tokio::time::sleep(SOURCE_LATENCY).await;
-                Ok::<_, Infallible>(Token::bearer("fresh").with_expires_in(Duration::from_secs(3600)))
+                Ok::<_, Infallible>(
+                    Token::bearer("fresh").with_expires_in(Duration::from_secs(3600)),
+                )
             }
         }))
-        .initial_token(Token::bearer("stale").with_expires_at(SystemTime::now() - Duration::from_secs(1)))
+        .initial_token(
+            Token::bearer("stale").with_expires_at(SystemTime::now() - Duration::from_secs(1)),
+        )
         .build();
-        let service = AuthRefreshLayer::new(handle).layer(tower::service_fn(
-            |_: Request<_>| async { Ok::<_, Infallible>(Response::new(Full::new(Bytes::new()))) },
-        ));
+        let service =
+            AuthRefreshLayer::new(handle).layer(tower::service_fn(|_: Request<_>| async {
+                Ok::<_, Infallible>(Response::new(Full::new(Bytes::new())))
+            }));
         let start = Instant::now();
         let tasks: Vec<_> = (0..n)
             .map(|_| {
@@ -64,7 +69,9 @@ fn ours_burst(runtime: &tokio::runtime::Runtime, n: usize) -> (Duration, usize) 
 fn naive_burst(runtime: &tokio::runtime::Runtime, n: usize) -> (Duration, usize) {
     runtime.block_on(async {
         let calls = Arc::new(AtomicUsize::new(0));
-        let token = Arc::new(tokio::sync::Mutex::new(SystemTime::now() - Duration::from_secs(1)));
+        let token = Arc::new(tokio::sync::Mutex::new(
+            SystemTime::now() - Duration::from_secs(1),
+        ));
         let start = Instant::now();
         let tasks: Vec<_> = (0..n)
             .map(|_| {
@@ -104,7 +111,10 @@ fn smithy_burst(runtime: &tokio::runtime::Runtime, n: usize) -> (Duration, usize
                         .get_or_load(|| async {
                             calls.fetch_add(1, Ordering::SeqCst);
                             tokio::time::sleep(SOURCE_LATENCY).await;
-                            Ok(("fresh".to_owned(), SystemTime::now() + Duration::from_secs(3600)))
+                            Ok((
+                                "fresh".to_owned(),
+                                SystemTime::now() + Duration::from_secs(3600),
+                            ))
                         })
                         .await
                         .unwrap()

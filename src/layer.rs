@@ -27,7 +27,9 @@ impl LayerConfig {
     /// Whether a request to `uri` gets the token: always, unless the layer
     /// is bound to one origin.
     pub(crate) fn sends_token_to(&self, uri: &http::Uri) -> bool {
-        self.origin.as_ref().is_none_or(|origin| origin.matches(uri))
+        self.origin
+            .as_ref()
+            .is_none_or(|origin| origin.matches(uri))
     }
 }
 

@@ -91,8 +91,9 @@ pub use handle::{RefreshStats, TokenHandle, TokenHandleBuilder, TokenStatus};
 pub use inject::TokenInjector;
 pub use layer::{AuthRefreshLayer, DEFAULT_MAX_REPLAY_BYTES, DEFAULT_PEEK_LIMIT};
 pub use registry::{
-    AuthRouting, AuthRoutingLayer, InvalidOrigin, LAST_USED_METADATA_KEY, MaintenanceReport, Origin,
-    Outcome, ProgressUpdate, RefreshAll, Tenant, TokenRegistry, TokenRegistryBuilder, UpstreamKey,
+    AuthRouting, AuthRoutingLayer, InvalidOrigin, LAST_USED_METADATA_KEY, MaintenanceReport,
+    Origin, Outcome, ProgressUpdate, RefreshAll, Tenant, TokenRegistry, TokenRegistryBuilder,
+    UpstreamKey,
 };
 pub use retry::{RetrySkipped, SkipReason};
 pub use service::AuthRefresh;

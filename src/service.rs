@@ -119,7 +119,10 @@ where
 }
 
 /// Sends `request` without touching it: no token, no detection, no retry.
-pub(crate) fn passthrough<S, ReqB, ResB>(mut inner: S, request: Request<ReqB>) -> ResponseFuture<S, ReqB, ResB>
+pub(crate) fn passthrough<S, ReqB, ResB>(
+    mut inner: S,
+    request: Request<ReqB>,
+) -> ResponseFuture<S, ReqB, ResB>
 where
     S: Service<Request<ReplayBody<ReqB>>, Response = Response<ResB>>,
     ReqB: Body,

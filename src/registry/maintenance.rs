@@ -103,7 +103,10 @@ impl RefreshAll {
     }
 
     /// Called after each token is handled.
-    pub fn on_progress(mut self, progress: impl Fn(&ProgressUpdate) + Send + Sync + 'static) -> Self {
+    pub fn on_progress(
+        mut self,
+        progress: impl Fn(&ProgressUpdate) + Send + Sync + 'static,
+    ) -> Self {
         self.progress = Some(Arc::new(progress));
         self
     }
@@ -212,7 +215,11 @@ impl fmt::Display for MaintenanceReport {
             f,
             "took {:.2?}{}",
             self.duration,
-            if self.dry_run { " (dry run: nothing changed)" } else { "" }
+            if self.dry_run {
+                " (dry run: nothing changed)"
+            } else {
+                ""
+            }
         )?;
         for (tenant, reason) in &self.failed {
             writeln!(f, "failed  {tenant}: {reason}")?;
@@ -330,7 +337,9 @@ impl TokenRegistry {
                 // process saved meanwhile is kept.
                 let version = match self.inner().store.load(&key).await {
                     Ok(Some(now)) if now.token != stored.token => {
-                        return Outcome::Failed(format!("{reason} (a newer token was stored meanwhile; kept)"));
+                        return Outcome::Failed(format!(
+                            "{reason} (a newer token was stored meanwhile; kept)"
+                        ));
                     }
                     Ok(Some(now)) => now.version,
                     Ok(None) => return Outcome::Removed(reason),

@@ -36,9 +36,11 @@ pub struct InvalidOrigin {
 impl Origin {
     /// Parses `scheme://host[:port]` (a path, if any, is ignored).
     pub fn parse(origin: &str) -> Result<Self, InvalidOrigin> {
-        let uri: Uri = origin.parse().map_err(|err: http::uri::InvalidUri| InvalidOrigin {
-            reason: err.to_string(),
-        })?;
+        let uri: Uri = origin
+            .parse()
+            .map_err(|err: http::uri::InvalidUri| InvalidOrigin {
+                reason: err.to_string(),
+            })?;
         Self::of(&uri).ok_or_else(|| InvalidOrigin {
             reason: "an absolute http or https URL is needed".into(),
         })

@@ -75,7 +75,10 @@ impl Routes {
         let extensions = request.extensions();
         if let Some(key) = extensions.get::<UpstreamKey>() {
             let route = self.by_key.get(key.as_str())?;
-            return route.config.sends_token_to(request.uri()).then(|| route.clone());
+            return route
+                .config
+                .sends_token_to(request.uri())
+                .then(|| route.clone());
         }
         if let Some(tenant) = extensions.get::<Tenant>() {
             let (origin, registry) = self.tenants.as_ref()?;
@@ -133,7 +136,12 @@ impl fmt::Debug for AuthRoutingLayer {
         f.debug_struct("AuthRoutingLayer")
             .field(
                 "origins",
-                &self.routes.by_origin.iter().map(|(o, _)| o).collect::<Vec<_>>(),
+                &self
+                    .routes
+                    .by_origin
+                    .iter()
+                    .map(|(o, _)| o)
+                    .collect::<Vec<_>>(),
             )
             .field("keys", &self.routes.by_key.keys().collect::<Vec<_>>())
             .field("tenants", &self.routes.tenants.as_ref().map(|(o, _)| o))

@@ -280,7 +280,11 @@ impl TokenRegistry {
 
     /// The status of a loaded tenant's token (no secret).
     pub fn status(&self, tenant: &str) -> Option<TokenStatus> {
-        self.inner.entries.load().get(tenant).map(|e| e.handle.status())
+        self.inner
+            .entries
+            .load()
+            .get(tenant)
+            .map(|e| e.handle.status())
     }
 
     /// When `tenant` was last used by a request in this process.
@@ -330,7 +334,12 @@ impl TokenRegistry {
             let token = stored
                 .token
                 .with_metadata(LAST_USED_METADATA_KEY, used.to_string());
-            match self.inner.store.save(&key, &token, Some(stored.version)).await {
+            match self
+                .inner
+                .store
+                .save(&key, &token, Some(stored.version))
+                .await
+            {
                 Ok(_) => updated += 1,
                 Err(crate::StoreError::Conflict { .. }) => {}
                 Err(err) => return Err(err),

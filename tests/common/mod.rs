@@ -119,6 +119,14 @@ async fn handle(State(state): State<Arc<UpstreamState>>, request: Request) -> Re
         body: body.clone(),
         accepted,
     });
+    if path.starts_with("/redirect") {
+        let to = parts
+            .uri
+            .query()
+            .and_then(|q| q.strip_prefix("to="))
+            .unwrap_or("/");
+        return (StatusCode::FOUND, [("location", to.to_owned())], "moved").into_response();
+    }
     if path.starts_with("/always-401") {
         return (StatusCode::UNAUTHORIZED, "never allowed").into_response();
     }
@@ -161,6 +169,7 @@ pub struct Issuer {
     upstream: Option<Upstream>,
     lifetime: Option<Duration>,
     delay: Duration,
+    prefix: String,
 }
 
 impl Issuer {
@@ -171,6 +180,7 @@ impl Issuer {
             upstream: Some(upstream.clone()),
             lifetime: None,
             delay: Duration::ZERO,
+            prefix: "tok".into(),
         }
     }
 
@@ -181,11 +191,18 @@ impl Issuer {
             upstream: None,
             lifetime: None,
             delay: Duration::ZERO,
+            prefix: "tok".into(),
         }
     }
 
     pub fn lifetime(mut self, lifetime: Duration) -> Self {
         self.lifetime = Some(lifetime);
+        self
+    }
+
+    /// Tokens are named `<prefix>-1`, `<prefix>-2` … (default `tok`).
+    pub fn prefix(mut self, prefix: &str) -> Self {
+        self.prefix = prefix.to_owned();
         self
     }
 
@@ -208,7 +225,7 @@ impl Issuer {
                 if !this.delay.is_zero() {
                     tokio::time::sleep(this.delay).await;
                 }
-                let name = format!("tok-{n}");
+                let name = format!("{}-{n}", this.prefix);
                 if let Some(upstream) = &this.upstream {
                     upstream.accept(&name);
                 }
