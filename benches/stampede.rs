@@ -20,7 +20,7 @@ use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 use http::{Request, Response};
 use http_body_util::Full;
-use tower::{Layer, Service, ServiceExt};
+use tower::{Layer, ServiceExt};
 use tower_auth_refresh::{AuthRefreshLayer, Token, TokenHandle, token_source_fn};
 
 const SIZES: [usize; 4] = [10, 100, 1_000, 10_000];

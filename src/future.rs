@@ -87,7 +87,7 @@ where
     ReqB::Error: Into<BoxError>,
     ResB: Body + Send + 'static,
     ResB::Data: Buf + Send,
-    ResB::Error: Send,
+    ResB::Error: Send + Sync + 'static,
 {
     type Output = Result<Response<ResponseBody<ResB>>, BoxError>;
 

@@ -105,6 +105,24 @@ impl TokenInjector {
 
     /// `true` when the request already carries a token where this injector
     /// would put one.
+    /// The header the token goes in, when it goes in a header.
+    #[cfg_attr(not(feature = "reqwest"), allow(dead_code))]
+    pub(crate) fn header_name(&self) -> Option<&HeaderName> {
+        match &self.placement {
+            Placement::Header { name, .. } => Some(name),
+            Placement::Query { .. } => None,
+        }
+    }
+
+    /// The query parameter the token goes in, when it goes in the query.
+    #[cfg_attr(not(feature = "reqwest"), allow(dead_code))]
+    pub(crate) fn query_name(&self) -> Option<&str> {
+        match &self.placement {
+            Placement::Header { .. } => None,
+            Placement::Query { name } => Some(name),
+        }
+    }
+
     pub(crate) fn is_present<B>(&self, request: &Request<B>) -> bool {
         match &self.placement {
             Placement::Header { name, .. } => request.headers().contains_key(name),

@@ -74,6 +74,8 @@ mod inject;
 mod layer;
 mod manager;
 mod registry;
+#[cfg(feature = "reqwest")]
+mod reqwest;
 mod retry;
 mod service;
 mod source;
@@ -83,8 +85,13 @@ mod token;
 /// The error type of the middleware, as in tower.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
+#[cfg(feature = "reqwest")]
+pub use self::reqwest::AuthRefreshMiddleware;
 pub use body::{ReplayBody, ResponseBody};
-pub use detect::{ExpiryDetector, HeadVerdict, ResponseHead, Unauthorized};
+pub use detect::{
+    BearerChallenge, BodyDetectorFn, DetectorFn, ExpiryDetector, ExpiryDetectorExt, HeadVerdict,
+    JsonBodyRule, Or, ResponseHead, StatusDetector, Unauthorized, body_detector_fn, detector_fn,
+};
 pub use error::{InvalidTokenValue, ReauthorizationRequired, RefreshFailed, RefreshTimedOut};
 pub use future::ResponseFuture;
 pub use handle::{RefreshStats, TokenHandle, TokenHandleBuilder, TokenStatus};

@@ -29,6 +29,9 @@ pub enum SkipReason {
     /// The token had just been issued; refreshing it again would not help
     /// (see `TokenHandleBuilder::min_token_age`).
     TokenTooFresh,
+    /// The request body is a stream that cannot be cloned (reqwest), so the
+    /// request was sent once.
+    BodyNotCloneable,
 }
 
 /// Marker put in the extensions of an expired-token response that is
@@ -88,7 +91,7 @@ where
     ReqB::Error: Into<BoxError>,
     ResB: Body + Send + 'static,
     ResB::Data: Buf + Send,
-    ResB::Error: Send,
+    ResB::Error: Send + Sync + 'static,
 {
     /// No usable token when the request came in: wait for one, then send.
     pub(crate) async fn wait_then_send(

@@ -97,7 +97,7 @@ where
     ReqB::Error: Into<BoxError>,
     ResB: Body + Send + 'static,
     ResB::Data: Buf + Send,
-    ResB::Error: Send,
+    ResB::Error: Send + Sync + 'static,
 {
     type Response = Response<ResponseBody<ResB>>;
     type Error = BoxError;
@@ -150,7 +150,7 @@ where
     ReqB::Error: Into<BoxError>,
     ResB: Body + Send + 'static,
     ResB::Data: Buf + Send,
-    ResB::Error: Send,
+    ResB::Error: Send + Sync + 'static,
 {
     let manager = &handle.manager;
     let injector = &manager.config.injector;

@@ -1,41 +1,155 @@
-//! Temporary: response body without peeking (replaced by the real one).
-#![allow(dead_code)]
+//! [`ResponseBody`]: the response body handed back to the caller, with the
+//! prefix a detector peeked at put back in front.
+
+use std::any::Any;
+use std::collections::VecDeque;
+use std::fmt;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, Bytes, BytesMut};
 use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
 use pin_project_lite::pin_project;
 
 pin_project! {
-    /// The response body, possibly with a peeked prefix put back in front.
-    pub struct ResponseBody<B> {
-        #[pin]
-        inner: B,
+    #[project = InnerProj]
+    enum Inner<B> {
+        // NOTE: the hot path: the upstream's body, polled in place.
+        Plain { #[pin] body: B },
+        // A body that was peeked at: boxed so it could be polled before
+        // being handed over (only on the slow path).
+        Peeked { body: Pin<Box<B>> },
     }
 }
 
-impl<B> std::fmt::Debug for ResponseBody<B> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResponseBody").finish_non_exhaustive()
+pin_project! {
+    /// The body of a response from [`AuthRefresh`](crate::AuthRefresh).
+    ///
+    /// Byte for byte the upstream's body: when a detector had to look at
+    /// the body, the frames it read are yielded first, then the rest of the
+    /// upstream's body (or the error it ended with).
+    pub struct ResponseBody<B> {
+        buffered: VecDeque<Frame<Bytes>>,
+        buffered_len: u64,
+        // NOTE: the upstream's error met while peeking, handed to the caller
+        // after the buffered frames. Boxed as `Any` so that the type needs
+        // no `B: Body` bound; it is always a `B::Error`.
+        error: Option<Box<dyn Any + Send + Sync>>,
+        inner_done: bool,
+        #[pin]
+        inner: Inner<B>,
+    }
+}
+
+impl<B> fmt::Debug for ResponseBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseBody")
+            .field("buffered_bytes", &self.buffered_len)
+            .field("inner_done", &self.inner_done)
+            .finish_non_exhaustive()
     }
 }
 
 impl<B> ResponseBody<B> {
-    pub(crate) fn new(inner: B) -> Self {
-        Self { inner }
+    /// The upstream's body, passed through.
+    pub(crate) fn new(body: B) -> Self {
+        Self {
+            buffered: VecDeque::new(),
+            buffered_len: 0,
+            error: None,
+            inner_done: false,
+            inner: Inner::Plain { body },
+        }
     }
 }
 
+/// A response body after [`peek`].
 pub(crate) struct Peeked<B> {
+    /// The whole body, to hand to the caller.
     pub(crate) body: ResponseBody<B>,
+    /// The whole body's bytes, when it ended within the limit.
     pub(crate) complete: Option<Bytes>,
 }
 
-pub(crate) async fn peek<B: Body>(body: B, _limit: usize) -> Peeked<B> {
+fn to_bytes<D: Buf>(mut data: D) -> Bytes {
+    data.copy_to_bytes(data.remaining())
+}
+
+/// Reads `body` until it ends or more than `limit` bytes were read (at most
+/// one frame past the limit is held), and gives back the body to hand on
+/// plus, when it ended within the limit, all of its bytes.
+pub(crate) async fn peek<B>(body: B, limit: usize) -> Peeked<B>
+where
+    B: Body,
+    B::Data: Buf,
+    B::Error: Send + Sync + 'static,
+{
+    let mut inner = Box::pin(body);
+    let mut buffered = VecDeque::new();
+    let mut chunks: Vec<Bytes> = Vec::new();
+    let mut total: u64 = 0;
+    let mut error = None;
+    let mut inner_done = inner.is_end_stream();
+    let too_long = inner.size_hint().lower() > limit as u64;
+
+    let mut complete = !too_long;
+    if !inner_done && !too_long {
+        loop {
+            match inner.as_mut().frame().await {
+                None => {
+                    inner_done = true;
+                    break;
+                }
+                Some(Ok(frame)) => {
+                    let frame = frame.map_data(to_bytes);
+                    if let Some(data) = frame.data_ref() {
+                        total += data.len() as u64;
+                        chunks.push(data.clone());
+                    }
+                    buffered.push_back(frame);
+                    if total > limit as u64 {
+                        complete = false;
+                        break;
+                    }
+                    if inner.is_end_stream() {
+                        inner_done = true;
+                        break;
+                    }
+                }
+                Some(Err(err)) => {
+                    error = Some(Box::new(err) as Box<dyn Any + Send + Sync>);
+                    complete = false;
+                    break;
+                }
+            }
+        }
+    }
+
+    let complete = (complete && inner_done).then(|| concat(chunks));
     Peeked {
-        body: ResponseBody::new(body),
-        complete: None,
+        body: ResponseBody {
+            buffered,
+            buffered_len: total,
+            error,
+            inner_done,
+            inner: Inner::Peeked { body: inner },
+        },
+        complete,
+    }
+}
+
+fn concat(mut chunks: Vec<Bytes>) -> Bytes {
+    match chunks.len() {
+        0 => Bytes::new(),
+        1 => chunks.pop().unwrap_or_default(),
+        _ => {
+            let mut all = BytesMut::with_capacity(chunks.iter().map(Bytes::len).sum());
+            for chunk in chunks {
+                all.extend_from_slice(&chunk);
+            }
+            all.freeze()
+        }
     }
 }
 
@@ -43,22 +157,191 @@ impl<B> Body for ResponseBody<B>
 where
     B: Body,
     B::Data: Buf,
+    B::Error: 'static,
 {
     type Data = Bytes;
     type Error = B::Error;
+
     fn poll_frame(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        self.project()
-            .inner
-            .poll_frame(cx)
-            .map(|f| f.map(|f| f.map(|f| f.map_data(|mut d| d.copy_to_bytes(d.remaining())))))
+        let this = self.project();
+        if let Some(frame) = this.buffered.pop_front() {
+            if let Some(data) = frame.data_ref() {
+                *this.buffered_len -= data.len() as u64;
+            }
+            return Poll::Ready(Some(Ok(frame)));
+        }
+        if let Some(err) = this.error.take() {
+            *this.inner_done = true;
+            return match err.downcast::<B::Error>() {
+                Ok(err) => Poll::Ready(Some(Err(*err))),
+                Err(_) => Poll::Ready(None),
+            };
+        }
+        if *this.inner_done {
+            return Poll::Ready(None);
+        }
+        let polled = match this.inner.project() {
+            InnerProj::Plain { body } => body.poll_frame(cx),
+            InnerProj::Peeked { body } => body.as_mut().poll_frame(cx),
+        };
+        match polled {
+            Poll::Ready(None) => {
+                *this.inner_done = true;
+                Poll::Ready(None)
+            }
+            Poll::Ready(Some(frame)) => Poll::Ready(Some(frame.map(|f| f.map_data(to_bytes)))),
+            Poll::Pending => Poll::Pending,
+        }
     }
+
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.buffered.is_empty()
+            && self.error.is_none()
+            && (self.inner_done
+                || match &self.inner {
+                    Inner::Plain { body } => body.is_end_stream(),
+                    Inner::Peeked { body } => body.is_end_stream(),
+                })
     }
+
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        if self.inner_done {
+            return SizeHint::with_exact(self.buffered_len);
+        }
+        let inner = match &self.inner {
+            Inner::Plain { body } => body.size_hint(),
+            Inner::Peeked { body } => body.size_hint(),
+        };
+        let mut hint = SizeHint::new();
+        hint.set_lower(inner.lower().saturating_add(self.buffered_len));
+        if let Some(upper) = inner.upper() {
+            hint.set_upper(upper.saturating_add(self.buffered_len));
+        }
+        hint
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use http::HeaderMap;
+    use http_body_util::{Full, StreamBody};
+
+    use super::*;
+
+    type Frames = Vec<Result<Frame<Bytes>, std::io::Error>>;
+
+    fn stream(
+        frames: Frames,
+    ) -> StreamBody<futures::stream::Iter<<Frames as IntoIterator>::IntoIter>> {
+        StreamBody::new(futures::stream::iter(frames))
+    }
+
+    fn chunks(parts: &[&str]) -> Frames {
+        parts
+            .iter()
+            .map(|p| Ok(Frame::data(Bytes::from(p.to_string()))))
+            .collect()
+    }
+
+    async fn read_all<B>(body: B) -> (Vec<u8>, Option<HeaderMap>, Option<String>)
+    where
+        B: Body<Data = Bytes> + Unpin,
+        B::Error: fmt::Display,
+    {
+        let mut body = body;
+        let mut bytes = Vec::new();
+        let mut trailers = None;
+        while let Some(frame) = body.frame().await {
+            match frame {
+                Ok(frame) => match frame.into_data() {
+                    Ok(data) => bytes.extend_from_slice(&data),
+                    Err(frame) => trailers = frame.into_trailers().ok(),
+                },
+                Err(err) => return (bytes, trailers, Some(err.to_string())),
+            }
+        }
+        (bytes, trailers, None)
+    }
+
+    #[tokio::test]
+    async fn a_short_body_is_complete_and_handed_back_whole() {
+        let peeked = peek(Full::new(Bytes::from_static(b"{\"code\":40003}")), 64).await;
+        assert_eq!(peeked.complete.as_deref(), Some(&b"{\"code\":40003}"[..]));
+        assert_eq!(peeked.body.size_hint().exact(), Some(14));
+        let body: ResponseBody<Full<Bytes>> = peeked.body;
+        let (bytes, _, _) = read_all(Box::pin(body)).await;
+        assert_eq!(bytes, b"{\"code\":40003}");
+    }
+
+    #[tokio::test]
+    async fn a_long_streamed_body_is_not_complete_and_arrives_byte_for_byte() {
+        let parts: Vec<String> = (0..100).map(|i| format!("chunk-{i:03};")).collect();
+        let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
+        let peeked = peek(stream(chunks(&refs)), 35).await;
+        assert!(peeked.complete.is_none());
+        assert!(
+            peeked.body.buffered_len <= 35 + 10,
+            "at most one frame past the limit"
+        );
+        let (bytes, _, err) = read_all(Box::pin(peeked.body)).await;
+        assert_eq!(err, None);
+        assert_eq!(bytes, parts.concat().as_bytes());
+    }
+
+    #[tokio::test]
+    async fn the_limit_is_inclusive() {
+        let peeked = peek(stream(chunks(&["12345", "67890"])), 10).await;
+        assert_eq!(peeked.complete.as_deref(), Some(&b"1234567890"[..]));
+        let peeked = peek(stream(chunks(&["12345", "678901"])), 10).await;
+        assert!(peeked.complete.is_none());
+        let (bytes, _, _) = read_all(Box::pin(peeked.body)).await;
+        assert_eq!(bytes, b"12345678901");
+    }
+
+    #[tokio::test]
+    async fn a_known_long_body_is_not_read() {
+        let peeked = peek(Full::new(Bytes::from(vec![b'x'; 100])), 10).await;
+        assert!(peeked.complete.is_none());
+        assert_eq!(peeked.body.buffered_len, 0);
+        let (bytes, _, _) = read_all(Box::pin(peeked.body)).await;
+        assert_eq!(bytes.len(), 100);
+    }
+
+    #[tokio::test]
+    async fn an_error_reaches_the_caller_after_the_prefix() {
+        let mut frames = chunks(&["abc", "def"]);
+        frames.push(Err(std::io::Error::other("connection reset")));
+        frames.push(Ok(Frame::data(Bytes::from_static(b"never"))));
+        let peeked = peek(stream(frames), 1024).await;
+        assert!(peeked.complete.is_none());
+        let (bytes, _, err) = read_all(Box::pin(peeked.body)).await;
+        assert_eq!(bytes, b"abcdef");
+        assert_eq!(err.as_deref(), Some("connection reset"));
+    }
+
+    #[tokio::test]
+    async fn trailers_are_kept() {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", "0".parse().unwrap());
+        let mut frames = chunks(&["body"]);
+        frames.push(Ok(Frame::trailers(trailers.clone())));
+        let peeked = peek(stream(frames), 1024).await;
+        assert_eq!(peeked.complete.as_deref(), Some(&b"body"[..]));
+        let (bytes, got, _) = read_all(Box::pin(peeked.body)).await;
+        assert_eq!(bytes, b"body");
+        assert_eq!(got, Some(trailers));
+    }
+
+    #[tokio::test]
+    async fn an_empty_body_is_complete() {
+        let peeked = peek(http_body_util::Empty::<Bytes>::new(), 10).await;
+        assert_eq!(peeked.complete.as_deref(), Some(&b""[..]));
+        assert!(peeked.body.is_end_stream());
+        let _: Result<(), Infallible> = Ok(());
     }
 }

@@ -7,6 +7,19 @@
 
 use http::{HeaderMap, StatusCode, Version};
 
+mod challenge;
+mod combinators;
+mod json;
+mod status;
+
+pub use challenge::BearerChallenge;
+pub(crate) use challenge::bearer_error;
+pub use combinators::{
+    BodyDetectorFn, DetectorFn, ExpiryDetectorExt, Or, body_detector_fn, detector_fn,
+};
+pub use json::JsonBodyRule;
+pub use status::{StatusDetector, Unauthorized};
+
 /// The parts of a response a detector decides on.
 #[derive(Debug, Clone, Copy)]
 pub struct ResponseHead<'a> {
@@ -99,24 +112,5 @@ impl<T: ExpiryDetector + ?Sized> ExpiryDetector for Box<T> {
     }
     fn check_body(&self, head: &ResponseHead<'_>, body: &[u8]) -> bool {
         (**self).check_body(head, body)
-    }
-}
-
-/// TEMPORARY default detector until the built-ins land.
-#[derive(Debug, Clone, Default)]
-pub struct Unauthorized;
-impl Unauthorized {
-    /// New.
-    pub fn new() -> Self {
-        Self
-    }
-}
-impl ExpiryDetector for Unauthorized {
-    fn check_head(&self, head: &ResponseHead<'_>) -> HeadVerdict {
-        if head.status() == StatusCode::UNAUTHORIZED {
-            HeadVerdict::Expired
-        } else {
-            HeadVerdict::NotExpired
-        }
     }
 }

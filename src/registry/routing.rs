@@ -237,7 +237,7 @@ where
     ReqB::Error: Into<BoxError>,
     ResB: Body + Send + 'static,
     ResB::Data: Buf + Send,
-    ResB::Error: Send,
+    ResB::Error: Send + Sync + 'static,
 {
     type Response = Response<ResponseBody<ResB>>;
     type Error = BoxError;

@@ -1,0 +1,193 @@
+//! [`AuthRefreshMiddleware`]: the same token, detector and injector for a
+//! `reqwest-middleware` client (feature `reqwest`).
+
+use std::fmt;
+use std::sync::Arc;
+
+use ::reqwest::{Request, Response};
+use http::{Extensions, HeaderValue};
+use reqwest_middleware::{Middleware, Next};
+
+use crate::body::peek;
+use crate::detect::{ExpiryDetector, HeadVerdict, ResponseHead};
+use crate::layer::LayerConfig;
+use crate::manager::{Acquired, Counters, Rejection, TokenManager};
+use crate::{AuthRefreshLayer, BoxError, RetrySkipped, SkipReason, TokenHandle, TokenInjector};
+
+/// A [`reqwest_middleware::Middleware`] that does what
+/// [`AuthRefreshLayer`] does: attaches the current token, recognises an
+/// expired-token answer, refreshes once for all waiting requests, and
+/// retries once.
+///
+/// It shares the [`TokenHandle`] (so a tower stack and a reqwest client can
+/// use one token) and takes its detector and limits from an
+/// [`AuthRefreshLayer`]. A request whose body cannot be cloned (a stream) is
+/// sent once and never retried; its expired answer comes back with a
+/// [`RetrySkipped`] marker in the response's extensions.
+///
+/// ```no_run
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// use tower_auth_refresh::{AuthRefreshLayer, AuthRefreshMiddleware, JsonBodyRule, Token, TokenHandle, Unauthorized, ExpiryDetectorExt, token_source_fn};
+///
+/// let handle = TokenHandle::new(token_source_fn(|_| async {
+///     Ok::<_, std::io::Error>(Token::bearer("fetched"))
+/// }));
+/// let layer = AuthRefreshLayer::new(handle).detector(Unauthorized::new().or(JsonBodyRule::default_rules()));
+/// let client = reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+///     .with(AuthRefreshMiddleware::from_layer(&layer))
+///     .build();
+/// let response = client.get("http://127.0.0.1:8080/api/items").send().await?;
+/// # let _ = response;
+/// # Ok(()) }
+/// ```
+#[derive(Clone)]
+pub struct AuthRefreshMiddleware {
+    handle: TokenHandle,
+    config: Arc<LayerConfig>,
+}
+
+impl fmt::Debug for AuthRefreshMiddleware {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("AuthRefreshMiddleware")
+            .field("handle", &self.handle)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl AuthRefreshMiddleware {
+    /// A middleware with the default detector ([`Unauthorized`](crate::Unauthorized)).
+    pub fn new(handle: TokenHandle) -> Self {
+        Self::from_layer(&AuthRefreshLayer::new(handle))
+    }
+
+    /// A middleware with the handle, detector, peek limit and origin of
+    /// `layer`.
+    pub fn from_layer(layer: &AuthRefreshLayer) -> Self {
+        Self {
+            handle: layer.handle().clone(),
+            config: layer.config().clone(),
+        }
+    }
+
+    /// The handle on the token.
+    pub fn handle(&self) -> &TokenHandle {
+        &self.handle
+    }
+
+    async fn expired(&self, response: Response) -> (bool, Response) {
+        let verdict = self.config.detector.check_head(&ResponseHead::new(
+            response.status(),
+            response.version(),
+            response.headers(),
+        ));
+        match verdict {
+            HeadVerdict::NotExpired => (false, response),
+            HeadVerdict::Expired => (true, response),
+            HeadVerdict::NeedBody => {
+                let (parts, body) = http::Response::<::reqwest::Body>::from(response).into_parts();
+                let peeked = peek(body, self.config.peek_limit).await;
+                let head = ResponseHead::new(parts.status, parts.version, &parts.headers);
+                let expired = peeked
+                    .complete
+                    .as_ref()
+                    .is_some_and(|bytes| self.config.detector.check_body(&head, bytes));
+                let body = ::reqwest::Body::wrap(peeked.body);
+                (
+                    expired,
+                    Response::from(http::Response::from_parts(parts, body)),
+                )
+            }
+        }
+    }
+}
+
+fn apply(injector: &TokenInjector, header: &HeaderValue, request: &mut Request) {
+    if let Some(name) = injector.header_name() {
+        request.headers_mut().insert(name.clone(), header.clone());
+    } else if let Ok(pair) = header.to_str() {
+        let url = request.url_mut();
+        let query = match url.query() {
+            Some(query) if !query.is_empty() => format!("{query}&{pair}"),
+            _ => pair.to_owned(),
+        };
+        url.set_query(Some(&query));
+    }
+}
+
+fn is_present(injector: &TokenInjector, request: &Request) -> bool {
+    if let Some(name) = injector.header_name() {
+        return request.headers().contains_key(name);
+    }
+    let name = injector.query_name().unwrap_or_default();
+    request.url().query_pairs().any(|(key, _)| key == name)
+}
+
+fn to_middleware_error(err: BoxError) -> reqwest_middleware::Error {
+    reqwest_middleware::Error::Middleware(anyhow::Error::from_boxed(err))
+}
+
+fn skipped(manager: &TokenManager, mut response: Response, reason: SkipReason) -> Response {
+    Counters::bump(&manager.counters.skipped_retries);
+    tracing::warn!(
+        reason = ?reason,
+        status = response.status().as_u16(),
+        "token rejected; request not retried"
+    );
+    response.extensions_mut().insert(RetrySkipped { reason });
+    response
+}
+
+#[async_trait::async_trait]
+impl Middleware for AuthRefreshMiddleware {
+    async fn handle(
+        &self,
+        mut request: Request,
+        extensions: &mut Extensions,
+        next: Next<'_>,
+    ) -> reqwest_middleware::Result<Response> {
+        let manager = &self.handle.manager;
+        let injector = &manager.config.injector;
+        let uri: Option<http::Uri> = request.url().as_str().parse().ok();
+        let for_us = uri.is_some_and(|uri| self.config.sends_token_to(&uri));
+        if !for_us || is_present(injector, &request) {
+            return next.run(request, extensions).await;
+        }
+
+        // NOTE: cloned before the token goes on, so the retry carries only
+        // the token current when it is sent.
+        let retry = request.try_clone();
+        let (header, generation) = match manager.acquire() {
+            Acquired::Ready(header, generation) => (header, generation),
+            Acquired::Wait => manager
+                .wait_for_token()
+                .await
+                .map_err(to_middleware_error)?,
+        };
+        apply(injector, &header, &mut request);
+        let response = next.clone().run(request, extensions).await?;
+        let (expired, response) = self.expired(response).await;
+        if !expired {
+            return Ok(response);
+        }
+
+        let wait = match manager.on_rejected(generation) {
+            Rejection::TooFresh => {
+                return Ok(skipped(manager, response, SkipReason::TokenTooFresh));
+            }
+            Rejection::Retry(wait) => wait,
+        };
+        let Some(mut retry) = retry else {
+            // The refresh runs on (it is a task of its own) for the requests
+            // that follow.
+            drop(wait);
+            return Ok(skipped(manager, response, SkipReason::BodyNotCloneable));
+        };
+        let (header, generation) = wait.await.map_err(to_middleware_error)?;
+        drop(response);
+        apply(injector, &header, &mut retry);
+        Counters::bump(&manager.counters.retries);
+        tracing::debug!(generation, "retrying request with refreshed token");
+        next.run(retry, extensions).await
+    }
+}
