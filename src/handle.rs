@@ -104,6 +104,14 @@ impl TokenHandle {
         self.manager.current().map(|c| c.token.clone())
     }
 
+    /// A token that may be sent now: the current one while it is usable,
+    /// otherwise the result of the one refresh for everybody (adopting a
+    /// valid token from the store, when there is one, before calling the
+    /// token source). What a request does before it is sent.
+    pub async fn valid_token(&self) -> Result<Arc<Token>, BoxError> {
+        Ok(self.manager.wait_for_current().await?.token.clone())
+    }
+
     /// Fetches a new token now (joining a refresh already in flight), even
     /// inside a back-off window, and returns it.
     pub async fn refresh_now(&self) -> Result<Arc<Token>, BoxError> {

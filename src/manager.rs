@@ -257,15 +257,18 @@ impl TokenManager {
 
     /// Waits until a usable token is installed, refreshing if needed.
     pub(crate) async fn wait_for_token(&self) -> Result<(HeaderValue, u64), BoxError> {
+        let current = self.wait_for_current().await?;
+        Ok((current.header.clone(), current.generation))
+    }
+
+    /// The current token while it is usable, else the refreshed one.
+    pub(crate) async fn wait_for_current(&self) -> Result<Arc<Current>, BoxError> {
         let (seen, reason) = match self.current.load_full() {
-            Some(current) if current.is_usable() => {
-                return Ok((current.header.clone(), current.generation));
-            }
+            Some(current) if current.is_usable() => return Ok(current),
             Some(current) => (current.generation, RefreshReason::Expired),
             None => (0, RefreshReason::Initial),
         };
-        let current = self.run(Some(seen), reason).await?;
-        Ok((current.header.clone(), current.generation))
+        self.run(Some(seen), reason).await
     }
 
     /// Called when the upstream rejected the token of `generation`.

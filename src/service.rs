@@ -127,7 +127,7 @@ where
     S: Service<Request<ReplayBody<ReqB>>, Response = Response<ResB>>,
     ReqB: Body,
 {
-    let request = request.map(|body| ReplayBody::new(body, 0).0);
+    let request = request.map(ReplayBody::passthrough);
     ResponseFuture::passthrough(inner.call(request))
 }
 

@@ -115,7 +115,7 @@ impl<F> fmt::Debug for TokenSourceFn<F> {
 ///     if cx.reason == RefreshReason::Initial {
 ///         tracing::info!("first token");
 ///     }
-///     Ok(Token::bearer("from-closure").with_expires_in(Duration::from_secs(600)))
+///     Ok::<_, std::io::Error>(Token::bearer("from-closure").with_expires_in(Duration::from_secs(600)))
 /// });
 /// # let _ = source;
 /// ```

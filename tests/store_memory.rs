@@ -24,7 +24,7 @@ async fn a_stored_valid_token_is_used_without_a_token_call() {
     let handle = TokenHandle::builder(issuer.source())
         .store(store, "api")
         .build();
-    let token = handle.refresh_now().await.unwrap();
+    let token = handle.valid_token().await.unwrap();
     assert_eq!(token.access_token().expose_secret(), "from-last-run");
     assert_eq!(issuer.calls(), 0);
     assert_eq!(handle.stats().adopted, 1);

@@ -1,60 +1,345 @@
-//! Temporary: passthrough-only replay body (replaced by the real one).
-#![allow(dead_code)]
+//! [`ReplayBody`]: the request body streamed to the first attempt while a
+//! copy of its chunks is kept, so the request can be sent once more.
+//!
+//! NOTE: the invariants of the replay buffer (after linkerd's `ReplayBody`).
+//! - The caller's body is read once, by whichever attempt is current. Every
+//!   data chunk it yields is handed on *and* pushed into the shared buffer as
+//!   a refcounted `Bytes` clone: no copy of the payload is made.
+//! - The buffer holds at most `max` bytes (and a bounded number of frames).
+//!   A chunk that would pass the cap empties the buffer and marks the body
+//!   `capped`: from then on it streams through and cannot be replayed.
+//! - A body whose size hint is already larger than the cap is never
+//!   buffered (passthrough), and an empty body needs no buffer at all.
+//! - A replay starts a new attempt. It yields the buffered chunks first, then
+//!   reads on from the caller's body where the earlier attempt stopped (the
+//!   upstream may answer before it has read the whole request). An earlier
+//!   attempt's body that is polled after that fails: it has been superseded.
+
+use std::fmt;
 use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::task::{Context, Poll};
 
 use bytes::{Buf, Bytes};
+use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use crate::BoxError;
 
+/// Every buffered frame costs at least this much of the cap, so a body sent
+/// in tiny chunks cannot hold an unbounded number of them.
+const MIN_FRAME_COST: usize = 64;
+
 pin_project! {
-    /// A request body that can be replayed once.
+    #[project = KindProj]
+    enum Kind<B> {
+        // An empty body: nothing to read, nothing to keep.
+        Empty,
+        // Not kept for a replay (replay off, or larger than the cap).
+        Passthrough { #[pin] body: B },
+        // Streamed and kept in the shared buffer.
+        Tee { reader: Reader<B> },
+    }
+}
+
+pin_project! {
+    /// The request body handed to the inner service by
+    /// [`AuthRefresh`](crate::AuthRefresh).
+    ///
+    /// On the first attempt it streams the caller's body as it arrives and
+    /// keeps a copy of its chunks (refcounted, not copied) up to the layer's
+    /// [`max_replay_bytes`](crate::AuthRefreshLayer::max_replay_bytes). When
+    /// the token is refreshed, the retry gets a `ReplayBody` that yields the
+    /// same bytes and trailers again. Data frames are [`Bytes`]; errors are
+    /// [`BoxError`].
     pub struct ReplayBody<B> {
         #[pin]
-        inner: Option<B>,
+        kind: Kind<B>,
     }
 }
 
-impl<B> std::fmt::Debug for ReplayBody<B> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ReplayBody").finish_non_exhaustive()
+impl<B> fmt::Debug for ReplayBody<B> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match &self.kind {
+            Kind::Empty => "empty",
+            Kind::Passthrough { .. } => "passthrough",
+            Kind::Tee { .. } => "replayable",
+        };
+        f.debug_struct("ReplayBody")
+            .field("kind", &kind)
+            .finish_non_exhaustive()
     }
 }
 
+/// Why a request body cannot be sent again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum NotReplayable {
+    /// Replay is turned off and the body is not empty.
     Disabled,
+    /// The body is (or turned out to be) larger than the cap.
     TooLarge,
+    /// Reading the body failed.
     Failed,
 }
 
+/// The handle kept by the request's future to start a replay.
 pub(crate) struct Replay<B> {
-    empty: bool,
-    _b: std::marker::PhantomData<fn() -> B>,
+    kind: ReplayKind<B>,
+}
+
+enum ReplayKind<B> {
+    Empty,
+    Never(NotReplayable),
+    Tee(Arc<Shared<B>>),
+}
+
+/// What every attempt of one request shares.
+struct Shared<B> {
+    state: Mutex<State<B>>,
+    /// The caller's body's size hint before anything was read.
+    hint: SizeHint,
+    max_bytes: usize,
+}
+
+struct State<B> {
+    /// The caller's body, read by the current attempt.
+    body: Pin<Box<B>>,
+    buffered: Vec<Bytes>,
+    /// Bytes counted against the cap (each frame counts `MIN_FRAME_COST` at least).
+    cost: usize,
+    trailers: Option<HeaderMap>,
+    ended: bool,
+    capped: bool,
+    failed: bool,
+    /// The attempt allowed to read; earlier ones are superseded.
+    attempt: u32,
+}
+
+/// One attempt's view of the shared body.
+struct Reader<B> {
+    shared: Arc<Shared<B>>,
+    attempt: u32,
+    /// Buffered frames this attempt has yielded.
+    cursor: usize,
+    /// Bytes this attempt has yielded.
+    yielded: u64,
+    trailers_sent: bool,
 }
 
 impl<B: Body> ReplayBody<B> {
-    pub(crate) fn new(body: B, _max: usize) -> (ReplayBody<B>, Replay<B>) {
-        let empty = body.is_end_stream();
+    /// Wraps `body`, keeping up to `max_bytes` of it for one replay
+    /// (`0`: no replay).
+    pub(crate) fn new(body: B, max_bytes: usize) -> (ReplayBody<B>, Replay<B>) {
+        if body.is_end_stream() {
+            return (
+                ReplayBody { kind: Kind::Empty },
+                Replay {
+                    kind: ReplayKind::Empty,
+                },
+            );
+        }
+        let hint = body.size_hint();
+        let never = if max_bytes == 0 {
+            Some(NotReplayable::Disabled)
+        } else if hint.lower() > max_bytes as u64 {
+            Some(NotReplayable::TooLarge)
+        } else {
+            None
+        };
+        if let Some(reason) = never {
+            return (
+                ReplayBody {
+                    kind: Kind::Passthrough { body },
+                },
+                Replay {
+                    kind: ReplayKind::Never(reason),
+                },
+            );
+        }
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                body: Box::pin(body),
+                buffered: Vec::new(),
+                cost: 0,
+                trailers: None,
+                ended: false,
+                capped: false,
+                failed: false,
+                attempt: 0,
+            }),
+            hint,
+            max_bytes,
+        });
+        let reader = Reader::new(shared.clone(), 0);
         (
-            ReplayBody { inner: Some(body) },
+            ReplayBody {
+                kind: Kind::Tee { reader },
+            },
             Replay {
-                empty,
-                _b: std::marker::PhantomData,
+                kind: ReplayKind::Tee(shared),
             },
         )
+    }
+
+    /// A body that passes `body` through, kept for no replay.
+    pub(crate) fn passthrough(body: B) -> ReplayBody<B> {
+        ReplayBody {
+            kind: Kind::Passthrough { body },
+        }
     }
 }
 
 impl<B> Replay<B> {
+    /// A body that yields the request's bytes again, from the start.
     pub(crate) fn try_replay(&self) -> Result<ReplayBody<B>, NotReplayable> {
-        if self.empty {
-            Ok(ReplayBody { inner: None })
-        } else {
-            Err(NotReplayable::Disabled)
+        match &self.kind {
+            ReplayKind::Empty => Ok(ReplayBody { kind: Kind::Empty }),
+            ReplayKind::Never(reason) => Err(*reason),
+            ReplayKind::Tee(shared) => {
+                let mut state = shared.lock();
+                if state.failed {
+                    return Err(NotReplayable::Failed);
+                }
+                if state.capped {
+                    return Err(NotReplayable::TooLarge);
+                }
+                state.attempt += 1;
+                let reader = Reader::new(shared.clone(), state.attempt);
+                Ok(ReplayBody {
+                    kind: Kind::Tee { reader },
+                })
+            }
         }
+    }
+}
+
+impl<B> Shared<B> {
+    fn lock(&self) -> MutexGuard<'_, State<B>> {
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+impl<B> Reader<B> {
+    fn new(shared: Arc<Shared<B>>, attempt: u32) -> Self {
+        Self {
+            shared,
+            attempt,
+            cursor: 0,
+            yielded: 0,
+            trailers_sent: false,
+        }
+    }
+}
+
+impl<B> Reader<B>
+where
+    B: Body,
+    B::Data: Buf,
+    B::Error: Into<BoxError>,
+{
+    fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let shared = self.shared.clone();
+        let mut state = shared.lock();
+        if state.attempt != self.attempt {
+            return Poll::Ready(Some(Err(
+                "request body superseded by a replay of the request".into(),
+            )));
+        }
+        if !state.capped {
+            if let Some(chunk) = state.buffered.get(self.cursor) {
+                self.cursor += 1;
+                self.yielded += chunk.len() as u64;
+                return Poll::Ready(Some(Ok(Frame::data(chunk.clone()))));
+            }
+        }
+        if state.ended {
+            if !self.trailers_sent {
+                self.trailers_sent = true;
+                if let Some(trailers) = &state.trailers {
+                    return Poll::Ready(Some(Ok(Frame::trailers(trailers.clone()))));
+                }
+            }
+            return Poll::Ready(None);
+        }
+        if state.failed {
+            return Poll::Ready(Some(Err("request body failed earlier".into())));
+        }
+        let frame = match state.body.as_mut().poll_frame(cx) {
+            Poll::Pending => return Poll::Pending,
+            Poll::Ready(None) => {
+                state.ended = true;
+                return Poll::Ready(None);
+            }
+            Poll::Ready(Some(Err(err))) => {
+                state.failed = true;
+                return Poll::Ready(Some(Err(err.into())));
+            }
+            Poll::Ready(Some(Ok(frame))) => frame,
+        };
+        let frame = match frame.into_data() {
+            Ok(mut data) => {
+                let chunk = data.copy_to_bytes(data.remaining());
+                state.keep(&chunk, shared.max_bytes);
+                self.cursor = state.buffered.len();
+                self.yielded += chunk.len() as u64;
+                Frame::data(chunk)
+            }
+            Err(frame) => match frame.into_trailers() {
+                Ok(trailers) => {
+                    state.trailers = Some(trailers.clone());
+                    self.trailers_sent = true;
+                    Frame::trailers(trailers)
+                }
+                // Neither data nor trailers: not something http-body 1 yields.
+                Err(_) => return Poll::Ready(Some(Err("unknown request body frame".into()))),
+            },
+        };
+        Poll::Ready(Some(Ok(frame)))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let state = self.shared.lock();
+        if state.attempt != self.attempt {
+            return false;
+        }
+        let buffered_left = !state.capped && self.cursor < state.buffered.len();
+        let trailers_left = !self.trailers_sent && state.trailers.is_some();
+        if state.ended {
+            return !buffered_left && !trailers_left;
+        }
+        !buffered_left && !trailers_left && state.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let hint = &self.shared.hint;
+        let mut left = SizeHint::new();
+        left.set_lower(hint.lower().saturating_sub(self.yielded));
+        if let Some(upper) = hint.upper() {
+            left.set_upper(upper.saturating_sub(self.yielded));
+        }
+        left
+    }
+}
+
+impl<B> State<B> {
+    /// Keeps `chunk` for a replay, or gives up keeping anything once the
+    /// body is over the cap.
+    fn keep(&mut self, chunk: &Bytes, max_bytes: usize) {
+        if self.capped {
+            return;
+        }
+        let cost = self.cost + chunk.len().max(MIN_FRAME_COST);
+        if cost > max_bytes.max(MIN_FRAME_COST) {
+            self.capped = true;
+            self.buffered = Vec::new();
+            self.cost = 0;
+            return;
+        }
+        self.cost = cost;
+        self.buffered.push(chunk.clone());
     }
 }
 
@@ -71,22 +356,168 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.project().inner.as_pin_mut() {
-            None => Poll::Ready(None),
-            Some(inner) => inner.poll_frame(cx).map(|f| {
-                f.map(|f| {
-                    f.map(|f| f.map_data(|mut d| d.copy_to_bytes(d.remaining())))
+        match self.project().kind.project() {
+            KindProj::Empty => Poll::Ready(None),
+            KindProj::Passthrough { body } => body.poll_frame(cx).map(|frame| {
+                frame.map(|frame| {
+                    frame
+                        .map(|frame| {
+                            frame.map_data(|mut data| data.copy_to_bytes(data.remaining()))
+                        })
                         .map_err(Into::into)
                 })
             }),
+            KindProj::Tee { reader } => reader.poll_frame(cx),
         }
     }
+
     fn is_end_stream(&self) -> bool {
-        self.inner.as_ref().is_none_or(|b| b.is_end_stream())
+        match &self.kind {
+            Kind::Empty => true,
+            Kind::Passthrough { body } => body.is_end_stream(),
+            Kind::Tee { reader } => reader.is_end_stream(),
+        }
     }
+
     fn size_hint(&self) -> SizeHint {
-        self.inner
-            .as_ref()
-            .map_or(SizeHint::with_exact(0), |b| b.size_hint())
+        match &self.kind {
+            Kind::Empty => SizeHint::with_exact(0),
+            Kind::Passthrough { body } => body.size_hint(),
+            Kind::Tee { reader } => reader.size_hint(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use futures::stream;
+    use http_body_util::{BodyExt, Full, StreamBody};
+
+    use super::*;
+
+    type Frames = Vec<Result<Frame<Bytes>, std::io::Error>>;
+
+    fn streamed(frames: Frames) -> StreamBody<stream::Iter<<Frames as IntoIterator>::IntoIter>> {
+        StreamBody::new(stream::iter(frames))
+    }
+
+    fn data(parts: &[&str]) -> Frames {
+        parts
+            .iter()
+            .map(|p| Ok(Frame::data(Bytes::from(p.to_string()))))
+            .collect()
+    }
+
+    async fn read<B>(body: B) -> Result<(Vec<u8>, Option<HeaderMap>), BoxError>
+    where
+        B: Body<Data = Bytes, Error = BoxError>,
+    {
+        let collected = body.collect().await?;
+        let trailers = collected.trailers().cloned();
+        Ok((collected.to_bytes().to_vec(), trailers))
+    }
+
+    #[tokio::test]
+    async fn a_replay_yields_the_same_bytes_and_trailers() {
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-checksum", "abc".parse().unwrap());
+        let mut frames = data(&["hello ", "wide ", "world"]);
+        frames.push(Ok(Frame::trailers(trailers.clone())));
+        let (first, replay) = ReplayBody::new(streamed(frames), 1024);
+        let (bytes, seen) = read(first).await.unwrap();
+        assert_eq!(bytes, b"hello wide world");
+        assert_eq!(seen.as_ref(), Some(&trailers));
+
+        let again = replay.try_replay().unwrap();
+        let (bytes, seen) = read(again).await.unwrap();
+        assert_eq!(bytes, b"hello wide world");
+        assert_eq!(seen.as_ref(), Some(&trailers));
+    }
+
+    #[tokio::test]
+    async fn a_replay_reads_on_where_the_first_attempt_stopped() {
+        let (mut first, replay) = ReplayBody::new(streamed(data(&["a", "b", "c"])), 1024);
+        let frame = first.frame().await.unwrap().unwrap();
+        assert_eq!(frame.into_data().unwrap(), "a");
+        let again = replay.try_replay().unwrap();
+        assert!(
+            first.frame().await.unwrap().is_err(),
+            "the superseded attempt no longer reads"
+        );
+        let (bytes, _) = read(again).await.unwrap();
+        assert_eq!(bytes, b"abc");
+    }
+
+    #[tokio::test]
+    async fn a_body_over_the_cap_streams_through_and_is_not_replayable() {
+        let (first, replay) = ReplayBody::new(streamed(data(&["0123456789"; 20])), 100);
+        let (bytes, _) = read(first).await.unwrap();
+        assert_eq!(bytes.len(), 200, "the first attempt still gets everything");
+        assert_eq!(replay.try_replay().unwrap_err(), NotReplayable::TooLarge);
+    }
+
+    #[tokio::test]
+    async fn a_size_hint_over_the_cap_is_not_buffered_at_all() {
+        let (first, replay) = ReplayBody::new(Full::new(Bytes::from(vec![7u8; 300])), 100);
+        assert!(matches!(first.kind, Kind::Passthrough { .. }));
+        assert_eq!(replay.try_replay().unwrap_err(), NotReplayable::TooLarge);
+        assert_eq!(first.size_hint().exact(), Some(300));
+    }
+
+    #[tokio::test]
+    async fn an_exact_size_body_keeps_its_size_hint_on_replay() {
+        let (first, replay) = ReplayBody::new(Full::new(Bytes::from_static(b"{\"a\":1}")), 1024);
+        assert_eq!(first.size_hint().exact(), Some(7));
+        read(first).await.unwrap();
+        let again = replay.try_replay().unwrap();
+        assert_eq!(again.size_hint().exact(), Some(7));
+        assert!(!again.is_end_stream());
+        let (bytes, _) = read(again).await.unwrap();
+        assert_eq!(bytes, b"{\"a\":1}");
+    }
+
+    #[tokio::test]
+    async fn an_empty_body_replays_without_a_buffer() {
+        let (first, replay) = ReplayBody::new(Full::<Bytes>::default(), 0);
+        assert!(first.is_end_stream());
+        let again = replay.try_replay().unwrap();
+        assert!(again.is_end_stream());
+        assert_eq!(again.size_hint().exact(), Some(0));
+    }
+
+    #[tokio::test]
+    async fn replay_off_passes_the_body_through() {
+        let (first, replay) = ReplayBody::new(Full::new(Bytes::from_static(b"x")), 0);
+        assert_eq!(read(first).await.unwrap().0, b"x");
+        assert_eq!(replay.try_replay().unwrap_err(), NotReplayable::Disabled);
+    }
+
+    #[tokio::test]
+    async fn a_body_that_fails_is_not_replayable() {
+        let mut frames = data(&["part"]);
+        frames.push(Err(std::io::Error::other("client went away")));
+        let (first, replay) = ReplayBody::new(streamed(frames), 1024);
+        assert!(read(first).await.is_err());
+        assert_eq!(replay.try_replay().unwrap_err(), NotReplayable::Failed);
+    }
+
+    #[tokio::test]
+    async fn tiny_frames_count_against_the_cap() {
+        let frames: Frames = (0..100)
+            .map(|_| Ok::<_, std::io::Error>(Frame::data(Bytes::from_static(b"x"))))
+            .collect();
+        let (first, replay) = ReplayBody::new(streamed(frames), 1024);
+        read(first).await.unwrap();
+        assert_eq!(
+            replay.try_replay().unwrap_err(),
+            NotReplayable::TooLarge,
+            "100 frames of one byte cost more than 1 KiB of bookkeeping"
+        );
+    }
+
+    #[test]
+    fn the_body_is_send_and_unpin_for_hyper() {
+        fn assert_send_unpin<T: Send + Unpin + 'static>() {}
+        assert_send_unpin::<ReplayBody<Full<Bytes>>>();
     }
 }
