@@ -473,9 +473,12 @@ impl TokenManager {
                     .config
                     .refresh_ahead
                     .map(|ahead| jittered(ahead.min(lifetime / 2)));
+                let wait_at = now + lifetime.saturating_sub(wait_margin);
+                // A refresh-ahead point after the wait point would never fire
+                // before readers start waiting: bring it forward.
                 (
-                    ahead.map(|ahead| now + lifetime.saturating_sub(ahead)),
-                    Some(now + lifetime.saturating_sub(wait_margin)),
+                    ahead.map(|ahead| (now + lifetime.saturating_sub(ahead)).min(wait_at)),
+                    Some(wait_at),
                 )
             }
         };

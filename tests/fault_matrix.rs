@@ -143,7 +143,9 @@ impl Endpoint {
                 };
                 let request = http::Request::post(url)
                     .header("content-type", "application/x-www-form-urlencoded")
-                    .body(Full::new(Bytes::from_static(b"grant_type=client_credentials")))?;
+                    .body(Full::new(Bytes::from_static(
+                        b"grant_type=client_credentials",
+                    )))?;
                 let response = http.request(request).await?;
                 let status = response.status();
                 let body = response.into_body().collect().await?.to_bytes();
@@ -273,7 +275,11 @@ async fn cell(fault: Fault, n: usize) {
     let outcomes = wave(&service, &upstream, n).await;
     let still_open = handle.status().backoff_remaining.is_some();
     if still_open {
-        assert_eq!(endpoint.calls(), 1, "{fault:?} × {n}: no call inside the window");
+        assert_eq!(
+            endpoint.calls(),
+            1,
+            "{fault:?} × {n}: no call inside the window"
+        );
         assert_typed(&outcomes, fault, true);
     } else {
         assert!(endpoint.calls() <= 2, "at most one call per window");
@@ -283,7 +289,11 @@ async fn cell(fault: Fault, n: usize) {
     sleep_out_the_window(&handle).await;
     let before = endpoint.calls();
     let outcomes = wave(&service, &upstream, n).await;
-    assert_eq!(endpoint.calls(), before + 1, "{fault:?} × {n}: one call per window");
+    assert_eq!(
+        endpoint.calls(),
+        before + 1,
+        "{fault:?} × {n}: one call per window"
+    );
     assert_typed(&outcomes, fault, false);
     let second_window = handle
         .status()
@@ -301,7 +311,11 @@ async fn cell(fault: Fault, n: usize) {
     sleep_out_the_window(&handle).await;
     let before = endpoint.calls();
     let outcomes = wave(&service, &upstream, n).await;
-    assert_eq!(endpoint.calls(), before + 1, "{fault:?} × {n}: one fetch to recover");
+    assert_eq!(
+        endpoint.calls(),
+        before + 1,
+        "{fault:?} × {n}: one fetch to recover"
+    );
     for outcome in outcomes {
         assert_eq!(outcome.expect("recovered"), StatusCode::OK);
     }
