@@ -124,3 +124,57 @@ async fn tracing_and_debug_never_show_a_token() {
     }
     let _ = std::io::stdout().flush();
 }
+
+#[path = "../examples/demo/scenario.rs"]
+mod demo;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_demo_scenario_at_trace_level_never_shows_a_token() {
+    let captured = Captured::default();
+    let writer = captured.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_max_level(tracing::Level::TRACE)
+        .with_writer(move || writer.clone())
+        .with_ansi(false)
+        .finish();
+    // The demo's tasks run on the runtime's threads: the subscriber must be global.
+    tracing::subscriber::set_global_default(subscriber).expect("first global subscriber");
+
+    let settings = demo::Settings {
+        token_lifetime: Duration::from_millis(400),
+        tasks: 20,
+        requests_per_task: 10,
+        pace: Duration::from_millis(150),
+        report_every: Duration::from_secs(60),
+    };
+    let outcome = demo::run(settings, |_| {}, |_| {}).await.unwrap();
+    assert_eq!(outcome.failed, 0);
+    assert!(outcome.issued >= 2, "the run crossed at least one expiry");
+    assert_eq!(outcome.tokens.len(), outcome.issued);
+
+    let logs = String::from_utf8(captured.0.lock().unwrap().clone()).unwrap();
+    assert!(
+        logs.contains("token_refresh") && logs.contains("retrying request"),
+        "refreshes and retries are traced"
+    );
+    let handle = &outcome.handle;
+    let seen = [
+        logs,
+        format!("{handle:?} {:?} {:?}", handle.status(), handle.stats()),
+        format!("{:?}", handle.token()),
+        serde_json::to_string(&handle.status()).unwrap(),
+    ];
+    for token in &outcome.tokens {
+        assert!(token.len() >= 8);
+        for text in &seen {
+            for window in token.as_bytes().windows(8) {
+                let piece = std::str::from_utf8(window).unwrap();
+                // The common prefix "demo-token-…" is not secret; the random tail is.
+                if "demo-token-".contains(piece) {
+                    continue;
+                }
+                assert!(!text.contains(piece), "{piece:?} of a token was shown");
+            }
+        }
+    }
+}

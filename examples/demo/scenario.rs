@@ -1,17 +1,9 @@
-//! The main demo: an embedded token endpoint issuing 2-second tokens, an
-//! embedded upstream API that rejects expired tokens in two ways (401 on
-//! `/v1/*`, HTTP 200 `{"code":40003,"msg":"token过期"}` on `/v2/*`), and
-//! 1,000 requests from 100 tasks through `AuthRefreshLayer` over a
-//! hyper-util client.
-//!
-//! ```text
-//! cargo run --example demo
-//! ```
-//!
-//! The token endpoint does not say when its tokens expire, so every refresh
-//! here is driven by the upstream's answers: detection, single-flight
-//! refresh and replay. The last line is machine-readable:
-//! `summary requests=… ok=… failed=… refreshes=… retries=… waited=…`.
+//! The demo's scenario, shared by `examples/demo/main.rs` and the tests:
+//! an embedded token endpoint, an embedded upstream API that rejects
+//! expired tokens in two ways (401 on `/v1/*`, HTTP 200
+//! `{"code":40003,"msg":"token过期"}` on `/v2/*`), and many requests from
+//! concurrent tasks through `AuthRefreshLayer` over a hyper-util client.
+#![allow(dead_code)]
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -30,20 +22,69 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_auth_refresh::{
-    AuthRefreshLayer, BoxError, ExpiryDetectorExt, JsonBodyRule, RefreshContext, Token,
-    TokenHandle, Unauthorized, token_source_fn,
+    AuthRefreshLayer, BoxError, ExpiryDetectorExt, JsonBodyRule, RefreshContext, RefreshStats,
+    Token, TokenHandle, Unauthorized, token_source_fn,
 };
 
-const TOKEN_LIFETIME: Duration = Duration::from_secs(2);
-const TASKS: usize = 100;
-const REQUESTS_PER_TASK: usize = 10;
-const PACE: Duration = Duration::from_millis(1000);
+/// How big a run is.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub token_lifetime: Duration,
+    pub tasks: usize,
+    pub requests_per_task: usize,
+    /// Pause between two requests of one task.
+    pub pace: Duration,
+    /// How often `progress` is called.
+    pub report_every: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            token_lifetime: Duration::from_secs(2),
+            tasks: 100,
+            requests_per_task: 10,
+            pace: Duration::from_millis(1000),
+            report_every: Duration::from_secs(2),
+        }
+    }
+}
+
+/// Where the embedded servers listen.
+#[derive(Debug, Clone, Copy)]
+pub struct Addresses {
+    pub token_endpoint: SocketAddr,
+    pub api: SocketAddr,
+}
+
+/// A progress line's figures.
+#[derive(Debug, Clone, Copy)]
+pub struct Progress {
+    pub elapsed: Duration,
+    pub ok: u64,
+    pub generation: u64,
+    pub refreshes: u64,
+}
+
+/// What a run did.
+#[derive(Debug)]
+pub struct Outcome {
+    pub elapsed: Duration,
+    pub ok: u64,
+    pub failed: u64,
+    pub issued: usize,
+    pub stats: RefreshStats,
+    /// Every token the endpoint issued (for the secrets test).
+    pub tokens: Vec<String>,
+    /// The handle, for its status and `Debug`.
+    pub handle: TokenHandle,
+}
 
 /// Tokens the token endpoint has issued, with their issue time.
-#[derive(Default)]
 struct Issued {
     tokens: Mutex<HashMap<String, Instant>>,
     count: AtomicUsize,
+    lifetime: Duration,
 }
 
 impl Issued {
@@ -51,7 +92,7 @@ impl Issued {
         let tokens = self.tokens.lock().unwrap_or_else(|e| e.into_inner());
         tokens
             .get(token)
-            .is_some_and(|at| at.elapsed() < TOKEN_LIFETIME)
+            .is_some_and(|at| at.elapsed() < self.lifetime)
     }
 }
 
@@ -106,9 +147,18 @@ async fn serve(router: axum::Router) -> Result<SocketAddr, BoxError> {
     Ok(addr)
 }
 
-#[tokio::main]
-async fn main() -> Result<(), BoxError> {
-    let issued = Arc::new(Issued::default());
+/// Starts the servers, calls `started` with their addresses, sends the
+/// requests, calls `progress` every `settings.report_every`.
+pub async fn run(
+    settings: Settings,
+    started: impl FnOnce(Addresses),
+    progress: impl Fn(Progress),
+) -> Result<Outcome, BoxError> {
+    let issued = Arc::new(Issued {
+        tokens: Mutex::default(),
+        count: AtomicUsize::new(0),
+        lifetime: settings.token_lifetime,
+    });
     let token_addr = serve(
         axum::Router::new()
             .route("/token", post(issue_token))
@@ -122,10 +172,10 @@ async fn main() -> Result<(), BoxError> {
             .with_state(issued.clone()),
     )
     .await?;
-    println!(
-        "token endpoint  http://{token_addr}/token  (tokens live {TOKEN_LIFETIME:?}, expiry not announced)"
-    );
-    println!("upstream API    http://{api_addr}  (/v1: 401 when expired, /v2: 200 + code 40003)");
+    started(Addresses {
+        token_endpoint: token_addr,
+        api: api_addr,
+    });
 
     // The token source: a plain POST to the token endpoint, over its own client.
     let token_client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
@@ -150,7 +200,7 @@ async fn main() -> Result<(), BoxError> {
         }
     });
     let handle = TokenHandle::builder(source)
-        .min_token_age(Duration::from_millis(500))
+        .min_token_age(settings.token_lifetime / 4)
         .build();
     let layer = AuthRefreshLayer::new(handle.clone())
         .detector(Unauthorized::new().or(JsonBodyRule::default_rules()));
@@ -158,21 +208,18 @@ async fn main() -> Result<(), BoxError> {
         .layer(layer)
         .service(Client::builder(TokioExecutor::new()).build_http());
 
-    println!(
-        "sending {} requests from {TASKS} tasks …",
-        TASKS * REQUESTS_PER_TASK
-    );
     let started = Instant::now();
     let ok = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::with_capacity(TASKS);
-    for task in 0..TASKS {
+    let mut tasks = Vec::with_capacity(settings.tasks);
+    for task in 0..settings.tasks {
         let client = client.clone();
         let (ok, failed) = (ok.clone(), failed.clone());
         tasks.push(tokio::spawn(async move {
             // Spread the tasks over the first pace interval.
-            tokio::time::sleep(PACE.mul_f64(task as f64 / TASKS as f64)).await;
-            for i in 0..REQUESTS_PER_TASK {
+            let offset = settings.pace.mul_f64(task as f64 / settings.tasks as f64);
+            tokio::time::sleep(offset).await;
+            for i in 0..settings.requests_per_task {
                 let request = match (task + i) % 3 {
                     0 => http::Request::get(format!("http://{api_addr}/v2/profile"))
                         .body(Full::default()),
@@ -196,56 +243,39 @@ async fn main() -> Result<(), BoxError> {
                     Ok(_) | Err(_) => false,
                 };
                 if good { &ok } else { &failed }.fetch_add(1, Ordering::Relaxed);
-                tokio::time::sleep(PACE).await;
+                tokio::time::sleep(settings.pace).await;
             }
         }));
     }
-    let mut ticker = tokio::time::interval(Duration::from_secs(2));
+    let mut ticker = tokio::time::interval(settings.report_every);
     ticker.tick().await;
     let all = futures::future::join_all(tasks);
     tokio::pin!(all);
     loop {
         tokio::select! {
             _ = &mut all => break,
-            _ = ticker.tick() => {
-                let s = handle.status();
-                println!(
-                    "  t={:>4.1}s  ok={:<4} token generation {}  refreshes so far {}",
-                    started.elapsed().as_secs_f64(), ok.load(Ordering::Relaxed), s.generation, handle.stats().refreshes,
-                );
-            }
+            _ = ticker.tick() => progress(Progress {
+                elapsed: started.elapsed(),
+                ok: ok.load(Ordering::Relaxed),
+                generation: handle.status().generation,
+                refreshes: handle.stats().refreshes,
+            }),
         }
     }
-    let elapsed = started.elapsed();
-    let stats = handle.stats();
-    let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
-    let issued_count = issued.count.load(Ordering::SeqCst);
-    println!();
-    println!("finished in {:.1} s", elapsed.as_secs_f64());
-    println!("  requests answered ok      {ok}");
-    println!("  requests failed           {failed}");
-    println!(
-        "  tokens issued by endpoint {issued_count}  (~{:.1} token lifetimes elapsed)",
-        elapsed.as_secs_f64() / TOKEN_LIFETIME.as_secs_f64()
-    );
-    println!(
-        "  refreshes by the layer    {}  (one per expiry, shared by every waiting request)",
-        stats.refreshes
-    );
-    println!(
-        "  requests replayed         {}  (rejected by 401 or code 40003, sent again with the new token)",
-        stats.retries
-    );
-    println!("  requests that waited      {}", stats.waited);
-    println!(
-        "summary requests={} ok={ok} failed={failed} refreshes={} retries={} waited={}",
-        ok + failed,
-        stats.refreshes,
-        stats.retries,
-        stats.waited
-    );
-    if failed > 0 {
-        std::process::exit(1);
-    }
-    Ok(())
+    let tokens = issued
+        .tokens
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .keys()
+        .cloned()
+        .collect();
+    Ok(Outcome {
+        elapsed: started.elapsed(),
+        ok: ok.load(Ordering::Relaxed),
+        failed: failed.load(Ordering::Relaxed),
+        issued: issued.count.load(Ordering::SeqCst),
+        stats: handle.stats(),
+        tokens,
+        handle,
+    })
 }
