@@ -96,14 +96,15 @@ where
     /// No usable token when the request came in: wait for one, then send.
     pub(crate) async fn wait_then_send(
         mut self,
-        mut ready: S,
         mut request: Request<ReplayBody<ReqB>>,
     ) -> Result<Response<ResponseBody<ResB>>, BoxError> {
         Counters::bump(&self.manager.counters.waited);
         let (header, generation) = self.manager.wait_for_token().await?;
         self.generation = generation;
         self.manager.config.injector.apply(&header, &mut request);
-        let response = ready.call(request).await.map_err(Into::into)?;
+        // `inner` was made ready before the wait; it is called once here and
+        // made ready again before a retry.
+        let response = self.inner.call(request).await.map_err(Into::into)?;
         match self.verdict(&response) {
             HeadVerdict::NotExpired => Ok(response.map(ResponseBody::new)),
             verdict => self.recover(response, verdict).await,

@@ -114,7 +114,7 @@ where
         if !self.config.sends_token_to(request.uri()) {
             return passthrough(inner, request);
         }
-        dispatch(inner, &self.inner, &self.handle, &self.config, request)
+        dispatch(inner, &self.handle, &self.config, request)
     }
 }
 
@@ -136,7 +136,6 @@ where
 /// for the retry).
 pub(crate) fn dispatch<S, ReqB, ResB>(
     mut inner: S,
-    spare: &S,
     handle: &TokenHandle,
     config: &Arc<LayerConfig>,
     request: Request<ReqB>,
@@ -164,19 +163,32 @@ where
     let (parts, body) = request.into_parts();
     let (body, replay) = ReplayBody::new(body, config.max_replay_bytes);
     let mut request = Request::from_parts(parts, body);
-    let ctx = RetryCtx {
-        manager: manager.clone(),
-        config: config.clone(),
-        inner: spare.clone(),
-        head,
-        replay,
-        generation: 0,
-    };
     match manager.acquire() {
         Acquired::Ready(header, generation) => {
             injector.apply(&header, &mut request);
-            ResponseFuture::first(inner.call(request), RetryCtx { generation, ..ctx })
+            let fut = inner.call(request);
+            // NOTE: the service that was made ready and called is kept for
+            // the retry, which makes it ready again before calling it.
+            let ctx = RetryCtx {
+                manager: manager.clone(),
+                config: config.clone(),
+                inner,
+                head,
+                replay,
+                generation,
+            };
+            ResponseFuture::first(fut, ctx)
         }
-        Acquired::Wait => ResponseFuture::slow(Box::pin(ctx.wait_then_send(inner, request))),
+        Acquired::Wait => {
+            let ctx = RetryCtx {
+                manager: manager.clone(),
+                config: config.clone(),
+                inner,
+                head,
+                replay,
+                generation: 0,
+            };
+            ResponseFuture::slow(Box::pin(ctx.wait_then_send(request)))
+        }
     }
 }

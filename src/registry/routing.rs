@@ -251,7 +251,7 @@ where
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
         match self.routes.resolve(&request) {
-            Some(route) => dispatch(inner, &self.inner, &route.handle, &route.config, request),
+            Some(route) => dispatch(inner, &route.handle, &route.config, request),
             None => passthrough(inner, request),
         }
     }
