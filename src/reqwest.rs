@@ -4,7 +4,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use ::reqwest::{Request, Response};
+use ::reqwest::{Request, Response, ResponseBuilderExt};
 use http::{Extensions, HeaderValue};
 use reqwest_middleware::{Middleware, Next};
 
@@ -85,7 +85,14 @@ impl AuthRefreshMiddleware {
             HeadVerdict::NotExpired => (false, response),
             HeadVerdict::Expired => (true, response),
             HeadVerdict::NeedBody => {
-                let (parts, body) = http::Response::<::reqwest::Body>::from(response).into_parts();
+                // NOTE: the conversion to `http::Response` drops the response's
+                // URL; it is carried over in the extensions reqwest reads back.
+                let url = response.url().clone();
+                let (mut parts, body) =
+                    http::Response::<::reqwest::Body>::from(response).into_parts();
+                if let Ok(with_url) = http::Response::builder().url(url).body(()) {
+                    parts.extensions.extend(with_url.into_parts().0.extensions);
+                }
                 let peeked = peek(body, self.config.peek_limit).await;
                 let head = ResponseHead::new(parts.status, parts.version, &parts.headers);
                 let expired = peeked
