@@ -223,7 +223,9 @@ async fn self_test() -> Result<(), BoxError> {
     };
     let expect = |path: &str, (status, body): (StatusCode, Bytes), upstream: &str, serial: u64| {
         let answer: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
-        println!("GET {path:<14} -> {status} {answer}");
+        if serial == 1 {
+            println!("GET {path:<15} -> {status} {answer}");
+        }
         let ok = status == StatusCode::OK
             && answer["upstream"] == upstream
             && answer["token_serial"] == serial;
@@ -254,10 +256,14 @@ async fn self_test() -> Result<(), BoxError> {
         };
         expect(path, task.await??, upstream, 2)?;
     }
+    println!("20 requests at once  -> 20 x 200 OK, each upstream's token #2");
 
     let (status, body) = call("/auth/status").await?;
     let report: serde_json::Value = serde_json::from_slice(&body)?;
-    println!("GET /auth/status -> {status} {report}");
+    println!(
+        "GET /auth/status -> {status}\n{}",
+        serde_json::to_string_pretty(&report)?
+    );
     for name in ["a", "b"] {
         let entry = &report[name];
         if entry["status"]["generation"] != 2 || entry["status"]["valid"] != true {
