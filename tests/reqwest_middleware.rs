@@ -235,3 +235,27 @@ async fn a_middleware_bound_to_an_origin_sends_no_token_elsewhere() {
     let response = client.get(api.url("/x")).send().await.unwrap();
     assert_eq!(response.text().await.unwrap(), "ok tok-1 ");
 }
+
+#[tokio::test]
+async fn a_failed_refresh_is_a_typed_error_and_no_request_goes_out() {
+    let upstream = Upstream::start().await;
+    let handle = TokenHandle::new(tower_auth_refresh::token_source_fn(|_| async {
+        Err::<Token, _>(std::io::Error::other("token endpoint down"))
+    }));
+    let client = client(AuthRefreshMiddleware::new(handle));
+
+    let err = client
+        .get(upstream.url("/orders"))
+        .send()
+        .await
+        .unwrap_err();
+    let reqwest_middleware::Error::Middleware(err) = err else {
+        panic!("expected a middleware error, got {err:?}");
+    };
+    assert!(
+        err.downcast_ref::<tower_auth_refresh::RefreshFailed>()
+            .is_some(),
+        "{err:?}"
+    );
+    assert!(upstream.seen().is_empty(), "never sent without a token");
+}
