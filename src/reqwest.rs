@@ -4,7 +4,7 @@
 use std::fmt;
 use std::sync::Arc;
 
-use ::reqwest::{Request, Response};
+use ::reqwest::{Request, Response, ResponseBuilderExt};
 use http::{Extensions, HeaderValue};
 use reqwest_middleware::{Middleware, Next};
 
@@ -12,7 +12,10 @@ use crate::body::peek;
 use crate::detect::{ExpiryDetector, HeadVerdict, ResponseHead};
 use crate::layer::LayerConfig;
 use crate::manager::{Acquired, Counters, Rejection, TokenManager};
-use crate::{AuthRefreshLayer, BoxError, RetrySkipped, SkipReason, TokenHandle, TokenInjector};
+use crate::{
+    AuthRefreshLayer, BoxError, ReauthorizationRequired, RefreshFailed, RefreshTimedOut,
+    RetrySkipped, SkipReason, StoreError, TokenHandle, TokenInjector,
+};
 
 /// A [`reqwest_middleware::Middleware`] that does what
 /// [`AuthRefreshLayer`] does: attaches the current token, recognises an
@@ -23,7 +26,10 @@ use crate::{AuthRefreshLayer, BoxError, RetrySkipped, SkipReason, TokenHandle, T
 /// use one token) and takes its detector and limits from an
 /// [`AuthRefreshLayer`]. A request whose body cannot be cloned (a stream) is
 /// sent once and never retried; its expired answer comes back with a
-/// [`RetrySkipped`] marker in the response's extensions.
+/// [`RetrySkipped`] marker in the response's extensions. When no token can be
+/// had, the request is not sent: the error is a
+/// [`reqwest_middleware::Error::Middleware`] whose `anyhow::Error` downcasts
+/// to [`RefreshFailed`], [`RefreshTimedOut`] or [`ReauthorizationRequired`].
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -85,7 +91,14 @@ impl AuthRefreshMiddleware {
             HeadVerdict::NotExpired => (false, response),
             HeadVerdict::Expired => (true, response),
             HeadVerdict::NeedBody => {
-                let (parts, body) = http::Response::<::reqwest::Body>::from(response).into_parts();
+                // NOTE: the conversion to `http::Response` drops the response's
+                // URL; it is carried over in the extensions reqwest reads back.
+                let url = response.url().clone();
+                let (mut parts, body) =
+                    http::Response::<::reqwest::Body>::from(response).into_parts();
+                if let Ok(with_url) = http::Response::builder().url(url).body(()) {
+                    parts.extensions.extend(with_url.into_parts().0.extensions);
+                }
                 let peeked = peek(body, self.config.peek_limit).await;
                 let head = ResponseHead::new(parts.status, parts.version, &parts.headers);
                 let expired = peeked
@@ -123,8 +136,21 @@ fn is_present(injector: &TokenInjector, request: &Request) -> bool {
     request.url().query_pairs().any(|(key, _)| key == name)
 }
 
+/// Wraps the crate's own errors as themselves, so that
+/// `anyhow::Error::downcast_ref::<RefreshFailed>()` and friends work on the
+/// caller's side (a boxed error would hide the type).
 fn to_middleware_error(err: BoxError) -> reqwest_middleware::Error {
-    reqwest_middleware::Error::Middleware(anyhow::Error::from_boxed(err))
+    fn typed<E: std::error::Error + Send + Sync + 'static>(
+        err: BoxError,
+    ) -> Result<anyhow::Error, BoxError> {
+        err.downcast::<E>().map(|err| anyhow::Error::new(*err))
+    }
+    let err = typed::<RefreshFailed>(err)
+        .or_else(typed::<RefreshTimedOut>)
+        .or_else(typed::<ReauthorizationRequired>)
+        .or_else(typed::<StoreError>)
+        .unwrap_or_else(anyhow::Error::from_boxed);
+    reqwest_middleware::Error::Middleware(err)
 }
 
 fn skipped(manager: &TokenManager, mut response: Response, reason: SkipReason) -> Response {
@@ -159,10 +185,13 @@ impl Middleware for AuthRefreshMiddleware {
         let retry = request.try_clone();
         let (header, generation) = match manager.acquire() {
             Acquired::Ready(header, generation) => (header, generation),
-            Acquired::Wait => manager
-                .wait_for_token()
-                .await
-                .map_err(to_middleware_error)?,
+            Acquired::Wait => {
+                Counters::bump(&manager.counters.waited);
+                manager
+                    .wait_for_token()
+                    .await
+                    .map_err(to_middleware_error)?
+            }
         };
         apply(injector, &header, &mut request);
         let response = next.clone().run(request, extensions).await?;

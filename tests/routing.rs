@@ -165,3 +165,23 @@ async fn a_single_layer_bound_to_an_origin_does_not_follow_a_redirect_with_its_t
     assert_eq!(a.seen()[0].authorization.as_deref(), Some("Bearer tok-1"));
     assert_eq!(elsewhere.seen()[0].authorization, None);
 }
+
+#[tokio::test]
+async fn a_keyed_request_redirected_elsewhere_does_not_carry_the_keyed_token() {
+    let s = setup().await;
+    let service = ServiceBuilder::new()
+        .layer(FollowRedirectLayer::new())
+        .layer(s.layer.clone())
+        .service(client());
+    // Key "b" is bound to no origin; the first hop gets b's token wherever it
+    // goes, the redirected hop is routed by its own origin.
+    let target = s.elsewhere.url("/landing");
+    let mut request = get(&s.a.url(&format!("/redirect?to={target}")));
+    request.extensions_mut().insert(UpstreamKey::new("b"));
+    let response = service.oneshot(request).await.unwrap();
+    assert_eq!(response.status(), 401, "the other origin saw no token");
+    assert_eq!(s.a.seen()[0].authorization.as_deref(), Some("Bearer b-1"));
+    let landing = s.elsewhere.seen();
+    assert_eq!(landing.len(), 1);
+    assert_eq!(landing[0].authorization, None);
+}

@@ -22,6 +22,9 @@ use crate::{
 /// [`TokenRegistry::flush_usage`], never on each request.
 pub const LAST_USED_METADATA_KEY: &str = "last_used_ms";
 
+/// The last-used time is kept to this resolution (milliseconds).
+const LAST_USED_RESOLUTION_MS: u64 = 1000;
+
 /// The tenant a request belongs to: put it in the request's extensions and
 /// the [`AuthRoutingLayer`](crate::AuthRoutingLayer) sends it with that
 /// tenant's token.
@@ -59,8 +62,8 @@ type Configure = dyn Fn(TokenHandleBuilder) -> TokenHandleBuilder + Send + Sync;
 ///
 /// Every tenant's handle shares the registry's settings and whatever the
 /// token-source factory captures (typically one token-endpoint client). The
-/// time each tenant was last used is tracked in memory (an atomic store per
-/// request) and written to the store with the token's metadata when the
+/// time each tenant was last used is tracked in memory (an atomic read per
+/// request, a write at most once a second) and written to the store with the token's metadata when the
 /// token is refreshed, so bulk jobs
 /// ([`refresh_all`](Self::refresh_all), [`remove_idle`](Self::remove_idle))
 /// can tell active tenants from idle ones.
@@ -252,7 +255,13 @@ impl TokenRegistry {
     /// The handle of `tenant` for a request: also notes that it was used now.
     pub(crate) fn use_tenant(&self, tenant: &str) -> Arc<Entry> {
         let entry = self.entry(tenant);
-        entry.last_used_ms.store(now_ms(), Ordering::Relaxed);
+        // NOTE: a read, and a write at most once a second per tenant, so busy
+        // tenants do not make every core write the same cache line.
+        let now = now_ms();
+        if now.saturating_sub(entry.last_used_ms.load(Ordering::Relaxed)) >= LAST_USED_RESOLUTION_MS
+        {
+            entry.last_used_ms.store(now, Ordering::Relaxed);
+        }
         entry
     }
 

@@ -1,0 +1,261 @@
+//! `AuthRefreshMiddleware` in a reqwest-middleware client, against a real
+//! upstream on 127.0.0.1: an expired token is replaced, a rejected one is
+//! refreshed once and the request retried with its body, a streaming body is
+//! sent once and never retried.
+#![cfg(feature = "reqwest")]
+
+mod common;
+
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use common::{Issuer, Upstream};
+use http_body::Frame;
+use http_body_util::StreamBody;
+use reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
+use tower_auth_refresh::{
+    AuthRefreshLayer, AuthRefreshMiddleware, JsonBodyRule, Origin, RefreshReason, RetrySkipped,
+    SkipReason, Token, TokenHandle,
+};
+
+fn handle(issuer: &Issuer) -> TokenHandle {
+    TokenHandle::builder(issuer.source())
+        .min_token_age(Duration::ZERO)
+        .build()
+}
+
+fn client(middleware: AuthRefreshMiddleware) -> ClientWithMiddleware {
+    ClientBuilder::new(reqwest::Client::new())
+        .with(middleware)
+        .build()
+}
+
+fn authorizations(upstream: &Upstream, path: &str) -> Vec<Option<String>> {
+    upstream
+        .seen()
+        .into_iter()
+        .filter(|seen| seen.path == path)
+        .map(|seen| seen.authorization)
+        .collect()
+}
+
+#[tokio::test]
+async fn a_token_past_its_expiry_is_replaced_before_the_request_goes_out() {
+    let upstream = Upstream::start().await;
+    let issuer = Issuer::new(&upstream);
+    let handle = handle(&issuer);
+    handle
+        .set_token(
+            Token::bearer("stale").with_expires_at(SystemTime::now() - Duration::from_secs(1)),
+        )
+        .unwrap();
+    let client = client(AuthRefreshMiddleware::new(handle.clone()));
+
+    let response = client.get(upstream.url("/orders")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), "ok tok-1 ");
+    assert_eq!(
+        authorizations(&upstream, "/orders"),
+        vec![Some("Bearer tok-1".to_owned())],
+        "the expired token never went out"
+    );
+    assert_eq!(issuer.calls(), 1);
+    assert_eq!(
+        *issuer.reasons.lock().unwrap(),
+        vec![RefreshReason::Expired]
+    );
+}
+
+#[tokio::test]
+async fn a_rejected_token_is_refreshed_once_and_each_request_retried_with_its_body() {
+    let upstream = Upstream::start().await;
+    let issuer = Issuer::new(&upstream);
+    let handle = handle(&issuer);
+    let client = client(AuthRefreshMiddleware::new(handle.clone()));
+    let first = client.get(upstream.url("/warm")).send().await.unwrap();
+    assert_eq!(first.text().await.unwrap(), "ok tok-1 ");
+
+    upstream.revoke_all();
+    let mut tasks = Vec::new();
+    for i in 0..10 {
+        let client = client.clone();
+        let url = upstream.url("/orders");
+        tasks.push(tokio::spawn(async move {
+            let response = client
+                .post(url)
+                .body(format!("order {i}"))
+                .send()
+                .await
+                .unwrap();
+            (response.status(), response.text().await.unwrap(), i)
+        }));
+    }
+    for task in tasks {
+        let (status, text, i) = task.await.unwrap();
+        assert_eq!(status, 200);
+        assert_eq!(
+            text,
+            format!("ok tok-2 order {i}"),
+            "replayed with its body"
+        );
+    }
+
+    assert_eq!(
+        issuer.calls(),
+        2,
+        "one refresh for the ten rejected requests"
+    );
+    let seen: Vec<_> = upstream
+        .seen()
+        .into_iter()
+        .filter(|s| s.path == "/orders")
+        .collect();
+    let rejected = seen.iter().filter(|s| !s.accepted).count();
+    assert!(rejected >= 1);
+    assert!(
+        seen.iter()
+            .filter(|s| !s.accepted)
+            .all(|s| s.authorization.as_deref() == Some("Bearer tok-1"))
+    );
+    assert!(
+        seen.iter()
+            .filter(|s| s.accepted)
+            .all(|s| s.authorization.as_deref() == Some("Bearer tok-2"))
+    );
+    assert_eq!(seen.len(), 10 + rejected);
+    assert_eq!(handle.stats().retries, rejected as u64);
+}
+
+#[tokio::test]
+async fn a_peeked_response_handed_back_keeps_its_url() {
+    let upstream = Upstream::start().await;
+    // The upstream knows none of these tokens, and the default minimum token
+    // age keeps a just-issued token from being refreshed again: the peeked
+    // answer itself comes back.
+    let issuer = Issuer::detached();
+    let layer = AuthRefreshLayer::new(TokenHandle::new(issuer.source()))
+        .detector(JsonBodyRule::default_rules());
+    let client = client(AuthRefreshMiddleware::from_layer(&layer));
+    let url = upstream.url("/json/items?page=2");
+
+    let response = client.get(&url).send().await.unwrap();
+    assert_eq!(
+        response
+            .extensions()
+            .get::<RetrySkipped>()
+            .map(|m| m.reason),
+        Some(SkipReason::TokenTooFresh)
+    );
+    assert_eq!(response.url().as_str(), url, "the URL survives the peek");
+    assert_eq!(
+        response.text().await.unwrap(),
+        r#"{"code":40003,"msg":"token过期","data":null}"#,
+        "the body survives the peek"
+    );
+    assert_eq!(issuer.calls(), 1);
+}
+
+#[tokio::test]
+async fn a_business_code_in_a_200_is_detected_and_the_request_retried() {
+    let upstream = Upstream::start().await;
+    let issuer = Issuer::new(&upstream);
+    let layer = AuthRefreshLayer::new(handle(&issuer)).detector(JsonBodyRule::default_rules());
+    let client = client(AuthRefreshMiddleware::from_layer(&layer));
+    let url = upstream.url("/json/items?page=2");
+    client.get(&url).send().await.unwrap();
+
+    upstream.revoke_all();
+    let response = client.get(&url).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.text().await.unwrap(), "ok tok-2 ");
+    assert_eq!(
+        authorizations(&upstream, "/json/items"),
+        ["tok-1", "tok-1", "tok-2"].map(|t| Some(format!("Bearer {t}")))
+    );
+    assert_eq!(issuer.calls(), 2);
+}
+
+#[tokio::test]
+async fn a_streaming_body_is_sent_once_and_never_retried() {
+    let upstream = Upstream::start().await;
+    let issuer = Issuer::new(&upstream);
+    let handle = handle(&issuer);
+    let client = client(AuthRefreshMiddleware::new(handle.clone()));
+    client.get(upstream.url("/warm")).send().await.unwrap();
+
+    upstream.revoke_all();
+    let chunks = ["part one, ", "part two"]
+        .map(|chunk| Ok::<_, std::io::Error>(Frame::data(Bytes::from_static(chunk.as_bytes()))));
+    let body = reqwest::Body::wrap(StreamBody::new(futures::stream::iter(chunks)));
+    let response = client
+        .post(upstream.url("/upload"))
+        .body(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401, "the upstream's answer, unchanged");
+    assert_eq!(
+        response
+            .extensions()
+            .get::<RetrySkipped>()
+            .map(|m| m.reason),
+        Some(SkipReason::BodyNotCloneable)
+    );
+
+    let uploads: Vec<_> = upstream
+        .seen()
+        .into_iter()
+        .filter(|s| s.path == "/upload")
+        .collect();
+    assert_eq!(uploads.len(), 1, "sent once");
+    assert_eq!(uploads[0].body, "part one, part two");
+
+    // The refresh still happened for the requests that follow.
+    let next = client.get(upstream.url("/orders")).send().await.unwrap();
+    assert_eq!(next.text().await.unwrap(), "ok tok-2 ");
+    assert_eq!(issuer.calls(), 2);
+    let stats = handle.stats();
+    assert_eq!((stats.retries, stats.skipped_retries), (0, 1));
+}
+
+#[tokio::test]
+async fn a_middleware_bound_to_an_origin_sends_no_token_elsewhere() {
+    let api = Upstream::start().await;
+    let elsewhere = Upstream::start().await;
+    let issuer = Issuer::new(&api);
+    let layer =
+        AuthRefreshLayer::new(handle(&issuer)).origin(Origin::parse(&api.url("/")).unwrap());
+    let client = client(AuthRefreshMiddleware::from_layer(&layer));
+
+    let response = client.get(elsewhere.url("/x")).send().await.unwrap();
+    assert_eq!(response.status(), 401);
+    assert_eq!(authorizations(&elsewhere, "/x"), vec![None]);
+    assert_eq!(issuer.calls(), 0);
+
+    let response = client.get(api.url("/x")).send().await.unwrap();
+    assert_eq!(response.text().await.unwrap(), "ok tok-1 ");
+}
+
+#[tokio::test]
+async fn a_failed_refresh_is_a_typed_error_and_no_request_goes_out() {
+    let upstream = Upstream::start().await;
+    let handle = TokenHandle::new(tower_auth_refresh::token_source_fn(|_| async {
+        Err::<Token, _>(std::io::Error::other("token endpoint down"))
+    }));
+    let client = client(AuthRefreshMiddleware::new(handle));
+
+    let err = client
+        .get(upstream.url("/orders"))
+        .send()
+        .await
+        .unwrap_err();
+    let reqwest_middleware::Error::Middleware(err) = err else {
+        panic!("expected a middleware error, got {err:?}");
+    };
+    assert!(
+        err.downcast_ref::<tower_auth_refresh::RefreshFailed>()
+            .is_some(),
+        "{err:?}"
+    );
+    assert!(upstream.seen().is_empty(), "never sent without a token");
+}
