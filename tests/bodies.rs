@@ -151,10 +151,7 @@ fn pattern(len: usize) -> Vec<u8> {
 }
 
 fn chunked(bytes: &[u8], size: usize) -> Vec<Bytes> {
-    bytes
-        .chunks(size)
-        .map(Bytes::copy_from_slice)
-        .collect()
+    bytes.chunks(size).map(Bytes::copy_from_slice).collect()
 }
 
 /// A streamed response body (no content-length).
