@@ -181,21 +181,20 @@ async fn handle(State(log): State<Arc<Log>>, request: Request) -> Response {
     };
 
     // `/early?read=N`: a rejected token is answered after N body bytes (0:
-    // none), the rest of the body is read in the background; an accepted
-    // token releases the caller's second half once its first N bytes came.
-    let read_before_answer = match query.strip_prefix("read=") {
-        Some(n) if path == "/early" && !accepted => Some(n.parse::<usize>().unwrap()),
-        _ => None,
-    };
+    // none), the rest of the body is read in the background (or, with
+    // `&close`, dropped, so that the server closes the connection); an
+    // accepted token releases the caller's second half once its first N
+    // bytes came.
+    let close = query.ends_with("&close");
+    let early_read = query
+        .strip_prefix("read=")
+        .map(|n| n.trim_end_matches("&close").parse::<usize>().unwrap());
+    let read_before_answer = early_read.filter(|_| path == "/early" && !accepted);
     let (bytes, trailers, body_error) = match read_before_answer {
         Some(0) => (Vec::new(), None, None),
         Some(n) => read_body(&mut body, Some(n)).await,
         None if path == "/early" => {
-            let half = query
-                .strip_prefix("read=")
-                .unwrap()
-                .parse::<usize>()
-                .unwrap();
+            let half = early_read.unwrap();
             let (mut head, _, err) = read_body(&mut body, Some(half)).await;
             assert!(err.is_none(), "{err:?}");
             log.second_half.notify_one();
@@ -205,7 +204,9 @@ async fn handle(State(log): State<Arc<Log>>, request: Request) -> Response {
         }
         None => read_body(&mut body, None).await,
     };
-    if read_before_answer.is_some() {
+    if read_before_answer.is_some() && close {
+        drop(body);
+    } else if read_before_answer.is_some() {
         let log = log.clone();
         tokio::spawn(async move {
             let (bytes, _, error) = read_body(&mut body, None).await;
@@ -604,7 +605,10 @@ fn first_then_second(
     )
 }
 
-async fn early_response(read_before_answer: usize) {
+/// The upstream answers `tok-1` after `read_before_answer` bytes of a
+/// 3000-byte body whose last 2000 bytes come only once the retry is under
+/// way; the layer keeps at most `max_replay_bytes`.
+async fn early_response(read_before_answer: usize, max_replay_bytes: usize) {
     let upstream = Recorder::start().await;
     let (handle, issuer) = handle_with_tok1().await;
     let sent = pattern(3000);
@@ -612,7 +616,7 @@ async fn early_response(read_before_answer: usize) {
     let inner_calls = Arc::new(AtomicUsize::new(0));
     let counter = inner_calls.clone();
     let service = ServiceBuilder::new()
-        .layer(AuthRefreshLayer::new(handle.clone()))
+        .layer(AuthRefreshLayer::new(handle.clone()).max_replay_bytes(max_replay_bytes))
         .map_request(move |request: http::Request<_>| {
             counter.fetch_add(1, Ordering::SeqCst);
             request
@@ -661,14 +665,60 @@ async fn early_response(read_before_answer: usize) {
 
 #[tokio::test]
 async fn an_answer_before_any_of_the_body_was_read_is_retried_with_the_whole_body() {
-    tokio::time::timeout(LIMIT, early_response(0))
+    tokio::time::timeout(LIMIT, early_response(0, 1 << 20))
         .await
         .unwrap();
 }
 
 #[tokio::test]
 async fn an_answer_after_part_of_the_body_is_retried_with_the_whole_body() {
-    tokio::time::timeout(LIMIT, early_response(1000))
+    tokio::time::timeout(LIMIT, early_response(1000, 1 << 20))
+        .await
+        .unwrap();
+}
+
+/// The upstream answers after the part of the body that was sent, drops the
+/// rest and closes the connection (what hyper does with an unread body):
+/// the retry still carries the whole body.
+#[tokio::test]
+async fn an_early_answer_that_closes_the_connection_is_retried_with_the_whole_body() {
+    tokio::time::timeout(LIMIT, async {
+        let upstream = Recorder::start().await;
+        let (handle, issuer) = handle_with_tok1().await;
+        let sent = pattern(3000);
+        let (first, second) = sent.split_at(1000);
+        let body = first_then_second(
+            Bytes::copy_from_slice(first),
+            Bytes::copy_from_slice(second),
+            upstream.log.second_half.clone(),
+        );
+        let response = service(AuthRefreshLayer::new(handle.clone()))
+            .oneshot(
+                http::Request::post(upstream.url("/early?read=1000&close"))
+                    .body(body)
+                    .unwrap(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let (received, _) = collect(response.into_body()).await;
+        let attempts = upstream.attempts();
+        assert_eq!(attempts.len(), 2);
+        assert!(attempts[0].body == first);
+        assert!(attempts[1].body == sent, "the retry carries the whole body");
+        assert!(received == attempts[1].sent);
+        assert_eq!(issuer.calls(), 2);
+    })
+    .await
+    .unwrap();
+}
+
+/// The first attempt was answered before the body passed the cap, so the
+/// body could still be replayed: the retry streams on past the cap and
+/// carries every byte.
+#[tokio::test]
+async fn an_early_answer_before_the_cap_was_reached_is_retried_with_the_whole_body() {
+    tokio::time::timeout(LIMIT, early_response(1000, 2000))
         .await
         .unwrap();
 }
