@@ -14,11 +14,16 @@
 //!   reads on from the caller's body where the earlier attempt stopped (the
 //!   upstream may answer before it has read the whole request). An earlier
 //!   attempt's body that is polled after that fails: it has been superseded.
+//!   An earlier attempt left waiting on the caller's body is woken when the
+//!   replay starts, so it fails at once and releases its connection instead
+//!   of waiting for bytes that now go to the replay.
+//! - Trailers are the last frame: once the caller's body yields them it has
+//!   ended, and every replay yields them after the buffered chunks.
 
 use std::fmt;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, Waker};
 
 use bytes::{Buf, Bytes};
 use http::HeaderMap;
@@ -114,6 +119,8 @@ struct State<B> {
     failed: bool,
     /// The attempt allowed to read; earlier ones are superseded.
     attempt: u32,
+    /// The reader waiting on the caller's body, woken when it is superseded.
+    waiting: Option<Waker>,
 }
 
 /// One attempt's view of the shared body.
@@ -167,6 +174,7 @@ impl<B: Body> ReplayBody<B> {
                 capped: false,
                 failed: false,
                 attempt: 0,
+                waiting: None,
             }),
             hint,
             max_bytes,
@@ -205,6 +213,9 @@ impl<B> Replay<B> {
                     return Err(NotReplayable::TooLarge);
                 }
                 state.attempt += 1;
+                if let Some(waker) = state.waiting.take() {
+                    waker.wake();
+                }
                 let reader = Reader::new(shared.clone(), state.attempt);
                 Ok(ReplayBody {
                     kind: Kind::Tee { reader },
@@ -268,9 +279,18 @@ where
             return Poll::Ready(Some(Err("request body failed earlier".into())));
         }
         let frame = match state.body.as_mut().poll_frame(cx) {
-            Poll::Pending => return Poll::Pending,
+            Poll::Pending => {
+                state.waiting = Some(cx.waker().clone());
+                return Poll::Pending;
+            }
             Poll::Ready(None) => {
                 state.ended = true;
+                if !self.trailers_sent {
+                    self.trailers_sent = true;
+                    if let Some(trailers) = &state.trailers {
+                        return Poll::Ready(Some(Ok(Frame::trailers(trailers.clone()))));
+                    }
+                }
                 return Poll::Ready(None);
             }
             Poll::Ready(Some(Err(err))) => {
@@ -289,7 +309,9 @@ where
             }
             Err(frame) => match frame.into_trailers() {
                 Ok(trailers) => {
+                    // Trailers end the body: a replay must not wait for more.
                     state.trailers = Some(trailers.clone());
+                    state.ended = true;
                     self.trailers_sent = true;
                     Frame::trailers(trailers)
                 }
@@ -432,6 +454,54 @@ mod tests {
         let (bytes, seen) = read(again).await.unwrap();
         assert_eq!(bytes, b"hello wide world");
         assert_eq!(seen.as_ref(), Some(&trailers));
+    }
+
+    #[tokio::test]
+    async fn trailers_are_replayed_when_the_first_attempt_stopped_at_them() {
+        // hyper stops polling a request body once it has its trailers.
+        let mut trailers = HeaderMap::new();
+        trailers.insert("x-checksum", "abc".parse().unwrap());
+        let mut frames = data(&["body"]);
+        frames.push(Ok(Frame::trailers(trailers.clone())));
+        let (mut first, replay) = ReplayBody::new(streamed(frames), 1024);
+        assert!(first.frame().await.unwrap().unwrap().is_data());
+        assert!(first.frame().await.unwrap().unwrap().is_trailers());
+        assert!(first.is_end_stream());
+        let (bytes, seen) = read(replay.try_replay().unwrap()).await.unwrap();
+        assert_eq!(bytes, b"body");
+        assert_eq!(seen.as_ref(), Some(&trailers));
+    }
+
+    #[tokio::test]
+    async fn a_superseded_attempt_waiting_for_the_body_is_woken_and_fails() {
+        let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Frame<Bytes>, std::io::Error>>();
+        tx.unbounded_send(Ok(Frame::data(Bytes::from_static(b"a"))))
+            .unwrap();
+        let (mut first, replay) = ReplayBody::new(StreamBody::new(rx), 1024);
+        assert_eq!(
+            first.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "a"
+        );
+        let waiting = tokio::spawn(async move { first.frame().await.map(|f| f.is_err()) });
+        tokio::task::yield_now().await;
+        let mut again = replay.try_replay().unwrap();
+        assert_eq!(
+            tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+                .await
+                .expect("the superseded attempt was woken")
+                .unwrap(),
+            Some(true),
+            "and it fails"
+        );
+        assert_eq!(
+            again.frame().await.unwrap().unwrap().into_data().unwrap(),
+            "a"
+        );
+        tx.unbounded_send(Ok(Frame::data(Bytes::from_static(b"b"))))
+            .unwrap();
+        drop(tx);
+        let (bytes, _) = read(again).await.unwrap();
+        assert_eq!(bytes, b"b");
     }
 
     #[tokio::test]
