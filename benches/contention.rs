@@ -17,9 +17,14 @@ use std::sync::{Arc, Barrier, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwap;
+use bytes::Bytes;
 use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
-use http::HeaderMap;
+use futures::FutureExt;
 use http::header::{AUTHORIZATION, HeaderValue};
+use http::{HeaderMap, Request, Response};
+use http_body_util::Full;
+use tower::{Layer, Service, ServiceExt};
+use tower_auth_refresh::{AuthRefreshLayer, Token, TokenHandle, token_source_fn};
 
 const THREADS: [usize; 4] = [1, 2, 4, 8];
 const TASKS: [usize; 2] = [64, 1024];
@@ -290,5 +295,116 @@ fn refcount(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, read_on_threads, read_on_tasks, refcount);
+/// An inner service that answers at once and keeps the request's
+/// `Authorization` header alive until the answer is dropped, as a client
+/// would.
+#[derive(Clone, Copy)]
+struct Answer;
+
+impl<B> Service<Request<B>> for Answer {
+    type Response = Response<Full<Bytes>>;
+    type Error = std::convert::Infallible;
+    type Future = std::future::Ready<Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        black_box(request.headers().get(AUTHORIZATION));
+        std::future::ready(Ok(Response::new(Full::default())))
+    }
+}
+
+/// Runs `iters` requests through a clone of `service` on each of `threads`
+/// threads at once; the wall time.
+fn requests_on_threads<S>(threads: usize, iters: u64, service: &S) -> Duration
+where
+    S: Service<Request<Full<Bytes>>> + Clone + Send + 'static,
+    S::Error: std::fmt::Debug,
+{
+    let barrier = Arc::new(Barrier::new(threads + 1));
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let barrier = barrier.clone();
+            let mut service = service.clone();
+            std::thread::spawn(move || {
+                barrier.wait();
+                for _ in 0..iters {
+                    let request = Request::get("http://api.test/v1/items")
+                        .body(Full::default())
+                        .unwrap();
+                    let response = service
+                        .ready()
+                        .now_or_never()
+                        .expect("ready")
+                        .unwrap()
+                        .call(request)
+                        .now_or_never()
+                        .expect("answered")
+                        .unwrap();
+                    black_box(response);
+                }
+            })
+        })
+        .collect();
+    barrier.wait();
+    let start = Instant::now();
+    for handle in handles {
+        handle.join().unwrap();
+    }
+    start.elapsed()
+}
+
+/// The whole layer, one shared token, 1 and 2 threads: does the real request
+/// path scale like the floor (tower-http's static header)?
+fn layer_on_threads(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = runtime.enter();
+    let token = || Token::bearer("a".repeat(900)).with_expires_in(Duration::from_secs(3600));
+    let handle = TokenHandle::builder(token_source_fn(move |_| async move {
+        Ok::<_, std::convert::Infallible>(token())
+    }))
+    .initial_token(token())
+    .build();
+    let ours = AuthRefreshLayer::new(handle).layer(Answer);
+    let floor = tower_http::auth::AddAuthorizationLayer::bearer(&"a".repeat(900))
+        .as_sensitive(true)
+        .layer(Answer);
+
+    let mut group = c.benchmark_group("contention/layer");
+    group.throughput(Throughput::Elements(1));
+    for threads in [1, 2] {
+        group.bench_with_input(
+            BenchmarkId::new("ours", threads),
+            &threads,
+            |b, &threads| {
+                b.iter_custom(|iters| requests_on_threads(threads, iters, &ours));
+            },
+        );
+        group.bench_with_input(
+            BenchmarkId::new("tower_http_bearer", threads),
+            &threads,
+            |b, &threads| {
+                b.iter_custom(|iters| requests_on_threads(threads, iters, &floor));
+            },
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    read_on_threads,
+    read_on_tasks,
+    refcount,
+    layer_on_threads
+);
 criterion_main!(benches);

@@ -105,6 +105,16 @@ w("|---|---|---|")
 for cell in ["arc_swap_ours", "std_rwlock", "std_mutex", "tokio_rwlock", "tokio_watch"]:
     w(f"| {cell} | {fmt(median(g, f'{cell}/64'))} | {fmt(median(g, f'{cell}/1024'))} |")
 w("")
+g = "contention_layer"
+w("The whole layer (one shared token, a no-op inner service) on 1 and 2 threads, against tower-http's "
+  "static header on the same threads (ns per request per thread):\n")
+w("| variant | 1 thread | 2 threads | 2-thread scaling |")
+w("|---|---|---|---|")
+for v in ["ours", "tower_http_bearer"]:
+    one, two = median(g, f"{v}/1"), median(g, f"{v}/2")
+    scale = "n/a" if None in (one, two) else f"{2 * one / two:.2f}×"
+    w(f"| {v} | {fmt(one)} | {fmt(two)} | {scale} |")
+w("")
 g = "contention_refcount"
 w("Cost of the header's shared reference count (ns per insert per thread):\n")
 w("| variant | 1 thread | 2 threads |")

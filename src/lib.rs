@@ -70,6 +70,7 @@ mod error;
 mod fleet;
 mod future;
 mod handle;
+mod header_cache;
 mod inject;
 mod layer;
 mod manager;

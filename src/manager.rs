@@ -27,6 +27,7 @@ use tracing::Instrument;
 
 use crate::error::{RefreshError, RefreshFailed, RefreshTimedOut};
 use crate::fleet::{FleetStore, Obtained};
+use crate::header_cache;
 use crate::{BoxError, RefreshContext, RefreshReason, Token, TokenInjector, TokenSource};
 
 /// Settings of a [`TokenManager`], set through
@@ -72,6 +73,8 @@ const UNTIMED: u8 = 4;
 pub(crate) struct Current {
     pub(crate) token: Arc<Token>,
     pub(crate) header: HeaderValue,
+    /// Unique in the process: keys the per-thread copies of `header`.
+    id: u64,
     pub(crate) generation: u64,
     /// The store's version of this token; 0 when it is not from a store.
     pub(crate) store_version: u64,
@@ -232,7 +235,10 @@ impl TokenManager {
             }
             _ => return Acquired::Wait,
         }
-        Acquired::Ready(current.header.clone(), current.generation)
+        Acquired::Ready(
+            header_cache::local_copy(current.id, &current.header),
+            current.generation,
+        )
     }
 
     fn start_proactive(&self, current: &Arc<Current>) {
@@ -485,6 +491,7 @@ impl TokenManager {
         let current = Arc::new(Current {
             token: Arc::new(token),
             header,
+            id: header_cache::next_id(),
             generation: state.next_generation,
             store_version: store_version.unwrap_or(0),
             installed_at: now,
