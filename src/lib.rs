@@ -73,6 +73,8 @@ mod handle;
 mod inject;
 mod layer;
 mod manager;
+#[cfg(feature = "oauth2")]
+pub mod oauth2;
 mod registry;
 #[cfg(feature = "reqwest")]
 mod reqwest;
