@@ -121,7 +121,7 @@ impl RetryPolicy {
 #[derive(Debug, Clone)]
 pub(crate) enum ResponseFormat {
     Standard,
-    Envelope(Envelope),
+    Envelope(Box<Envelope>),
 }
 
 /// A token endpoint: its URL, the HTTP service that reaches it, the client

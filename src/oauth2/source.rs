@@ -323,7 +323,7 @@ impl OAuth2SourceBuilder {
 
     /// Reads responses as a vendor envelope instead of RFC 6749 JSON.
     pub fn envelope(mut self, envelope: Envelope) -> Self {
-        self.format = ResponseFormat::Envelope(envelope);
+        self.format = ResponseFormat::Envelope(Box::new(envelope));
         self
     }
 
