@@ -42,6 +42,7 @@ impl Received {
 }
 
 type Handler = dyn Fn(&Received, usize) -> Response + Send + Sync;
+type ServerState = (Arc<Handler>, Arc<Mutex<Vec<Received>>>);
 
 #[derive(Clone)]
 struct TokenServer {
@@ -91,7 +92,7 @@ impl TokenServer {
 }
 
 async fn token(
-    State((handler, received)): State<(Arc<Handler>, Arc<Mutex<Vec<Received>>>)>,
+    State((handler, received)): State<ServerState>,
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
