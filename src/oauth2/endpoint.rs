@@ -55,20 +55,41 @@ where
     )
 }
 
-/// The default client: a hyper-util client over plain HTTP, with its own
-/// connection pool, separate from any client the application wraps.
-pub(crate) fn default_service() -> HttpService {
+/// The default client: a hyper-util client with its own connection pool,
+/// separate from any client the application wraps. Plain HTTP, or HTTP and
+/// HTTPS (rustls, webpki roots) with the `oauth2-rustls` feature.
+pub(crate) fn default_service() -> Result<HttpService, String> {
     use hyper_util::client::legacy::Client;
     use hyper_util::client::legacy::connect::HttpConnector;
     use hyper_util::rt::TokioExecutor;
 
     let mut connector = HttpConnector::new();
     connector.set_connect_timeout(Some(Duration::from_secs(5)));
-    let client = Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(30))
-        .build::<_, TokenRequestBody>(connector);
-    boxed_service(client)
+    let mut builder = Client::builder(TokioExecutor::new());
+    builder.pool_idle_timeout(Duration::from_secs(30));
+    #[cfg(feature = "oauth2-rustls")]
+    {
+        connector.enforce_http(false);
+        let https = hyper_rustls::HttpsConnectorBuilder::new()
+            .with_provider_and_webpki_roots(std::sync::Arc::new(
+                rustls::crypto::ring::default_provider(),
+            ))
+            .map_err(|e| format!("TLS set-up failed: {e}"))?
+            .https_or_http()
+            .enable_http1()
+            .wrap_connector(connector);
+        Ok(boxed_service(builder.build::<_, TokenRequestBody>(https)))
+    }
+    #[cfg(not(feature = "oauth2-rustls"))]
+    {
+        Ok(boxed_service(
+            builder.build::<_, TokenRequestBody>(connector),
+        ))
+    }
 }
+
+/// `true` when the default client can reach `https` URLs.
+pub(crate) const DEFAULT_SUPPORTS_HTTPS: bool = cfg!(feature = "oauth2-rustls");
 
 /// How failed token requests are retried: a 5xx, a 429, or a connection
 /// that could not be opened is retried up to `max_retries` times, waiting

@@ -14,8 +14,8 @@ use tower_service::Service;
 
 use super::client_auth::ClientAuth;
 use super::endpoint::{
-    DEFAULT_MAX_RESPONSE_BYTES, HttpService, ResponseFormat, RetryPolicy, TokenEndpoint,
-    TokenRequestBody, boxed_service, default_service,
+    DEFAULT_MAX_RESPONSE_BYTES, DEFAULT_SUPPORTS_HTTPS, HttpService, ResponseFormat, RetryPolicy,
+    TokenEndpoint, TokenRequestBody, boxed_service, default_service,
 };
 use super::envelope::Envelope;
 use super::error::{InvalidTokenUrl, TokenEndpointError};
@@ -328,7 +328,8 @@ impl OAuth2SourceBuilder {
     }
 
     /// The HTTP service that calls the token endpoint (default: a hyper-util
-    /// client over plain HTTP). Give a client with TLS for an `https` URL.
+    /// client over plain HTTP, and HTTPS with the `oauth2-rustls` feature).
+    /// Without that feature, give a client with TLS for an `https` URL.
     /// It must not be the service the [`AuthRefreshLayer`](crate::AuthRefreshLayer)
     /// wraps, nor share its concurrency limit.
     pub fn http_service<S, B>(mut self, service: S) -> Self
@@ -381,7 +382,8 @@ impl OAuth2SourceBuilder {
     }
 
     /// Builds the source. Fails if the URL is not an absolute `http(s)`
-    /// URL, or is `https` with the default (plain HTTP) client.
+    /// URL, or is `https` while the default client has no TLS (feature
+    /// `oauth2-rustls` off) and no other service was given.
     pub fn build(self) -> Result<OAuth2Source, InvalidTokenUrl> {
         let url: Uri = self
             .token_url
@@ -395,12 +397,13 @@ impl OAuth2SourceBuilder {
         }
         let http = match self.http {
             Some(http) => http,
-            None if scheme == "https" => {
+            None if scheme == "https" && !DEFAULT_SUPPORTS_HTTPS => {
                 return Err(InvalidTokenUrl::new(
-                    "https needs an HTTP service with TLS: pass one to `http_service`",
+                    "https needs the `oauth2-rustls` feature or an HTTP service with TLS \
+                     passed to `http_service`",
                 ));
             }
-            None => default_service(),
+            None => default_service().map_err(InvalidTokenUrl::new)?,
         };
         Ok(OAuth2Source {
             inner: Arc::new(Inner {
@@ -420,5 +423,40 @@ impl OAuth2SourceBuilder {
                 reauthorize: self.reauthorize,
             }),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn build(url: &str) -> Result<OAuth2Source, InvalidTokenUrl> {
+        OAuth2Source::builder(url, ClientAuth::basic("id", "secret-XYZ")).build()
+    }
+
+    #[test]
+    fn token_urls_are_checked() {
+        assert!(build("http://127.0.0.1:1/token").is_ok());
+        assert!(build("/token").is_err());
+        assert!(build("ftp://host/token").is_err());
+        assert!(build("not a url").is_err());
+        assert_eq!(
+            build("https://auth.example/token").is_ok(),
+            cfg!(feature = "oauth2-rustls")
+        );
+    }
+
+    #[test]
+    fn debug_shows_no_secret() {
+        let source = OAuth2Source::builder(
+            "http://127.0.0.1:1/token",
+            ClientAuth::post("id", "secret-XYZ"),
+        )
+        .initial_grant(Grant::password("alice", "pw-XYZ"))
+        .build()
+        .unwrap();
+        let shown = format!("{source:?}");
+        assert!(shown.contains("client_secret_post"), "{shown}");
+        assert!(!shown.contains("XYZ"), "{shown}");
     }
 }
