@@ -741,3 +741,46 @@ async fn the_token_call_does_not_wait_behind_a_saturated_client() {
     }
     assert_eq!(server.received().len(), 1, "one token call for all");
 }
+
+#[tokio::test]
+async fn a_spent_refresh_token_is_not_presented_even_if_its_replacement_was_never_installed() {
+    // The first refresh rotates rt-0 → rt-1 but hands back an access token
+    // that cannot be put in a header, so the manager keeps the old token.
+    let server = TokenServer::start(|request, n| {
+        let access = if n == 1 {
+            "bad\ntoken".to_owned()
+        } else {
+            format!("at-{n}")
+        };
+        let presented = request
+            .form
+            .get("refresh_token")
+            .cloned()
+            .unwrap_or_default();
+        if presented != format!("rt-{}", n - 1) {
+            return oauth_error(StatusCode::BAD_REQUEST, "invalid_grant");
+        }
+        ok(serde_json::json!({"access_token": access, "refresh_token": format!("rt-{n}")}))
+    })
+    .await;
+    let handle = TokenHandle::builder(server.builder().build().unwrap())
+        .initial_token(Token::bearer("at-0").with_refresh_token("rt-0"))
+        .build();
+
+    let err = handle.refresh_now().await.unwrap_err();
+    assert!(err.downcast_ref::<RefreshFailed>().is_some(), "{err}");
+    assert_eq!(
+        refresh_of(&handle.token().unwrap()).as_deref(),
+        Some("rt-0"),
+        "the manager still holds the spent refresh token"
+    );
+
+    let token = handle.refresh_now().await.unwrap();
+    assert_eq!(token.access_token().expose_secret(), "at-2");
+    let presented: Vec<String> = server
+        .received()
+        .iter()
+        .map(|r| r.form["refresh_token"].clone())
+        .collect();
+    assert_eq!(presented, ["rt-0", "rt-1"], "rt-0 was presented once");
+}

@@ -2,14 +2,14 @@
 
 use std::fmt;
 use std::future::Future;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::BoxFuture;
 use http::{Request, Response, Uri};
 use http_body::Body;
-use secrecy::ExposeSecret;
+use secrecy::{ExposeSecret, SecretString};
 use tower_service::Service;
 
 use super::client_auth::ClientAuth;
@@ -77,6 +77,9 @@ struct Inner {
     scope: Option<String>,
     redirect_uri: Option<String>,
     reauthorize: Option<Box<ReauthorizeHook>>,
+    /// The last rotation: the refresh token spent, and the token that came
+    /// back for it.
+    rotated: Mutex<Option<(SecretString, Arc<Token>)>>,
 }
 
 impl fmt::Debug for OAuth2Source {
@@ -169,8 +172,42 @@ impl Inner {
             .await
     }
 
+    /// NOTE: a refresh token is spent once the server has rotated it. If the
+    /// token that replaced it never got installed (the manager refused it),
+    /// `previous` still carries the spent one; the replacement is used
+    /// instead, so a spent refresh token is never presented again.
+    fn unspent(&self, previous: Arc<Token>) -> Arc<Token> {
+        let rotated = self
+            .rotated
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match (&*rotated, previous.refresh_token()) {
+            (Some((spent, replacement)), Some(presented))
+                if spent.expose_secret() == presented.expose_secret() =>
+            {
+                tracing::debug!("refresh token already rotated; using its replacement");
+                replacement.clone()
+            }
+            _ => previous,
+        }
+    }
+
+    fn remember_rotation(&self, spent: &SecretString, token: &Token) {
+        let rotated = token
+            .refresh_token()
+            .is_some_and(|new| new.expose_secret() != spent.expose_secret());
+        if rotated {
+            *self
+                .rotated
+                .lock()
+                .unwrap_or_else(|poisoned| poisoned.into_inner()) =
+                Some((spent.clone(), Arc::new(token.clone())));
+        }
+    }
+
     async fn obtain(&self, previous: Option<Arc<Token>>) -> Result<Token, BoxError> {
         let mut reauth = None;
+        let previous = previous.map(|p| self.unspent(p));
         if let Some(previous) = previous.as_deref() {
             if let Some(refresh_token) = previous.refresh_token() {
                 if previous.has_usable_refresh_token() {
@@ -179,7 +216,11 @@ impl Inner {
                         .request(GrantRequest::Refresh(refresh_token), None)
                         .await
                     {
-                        Ok(token) => return Ok(keep_refresh_token(token, previous)),
+                        Ok(token) => {
+                            let token = keep_refresh_token(token, previous);
+                            self.remember_rotation(refresh_token, &token);
+                            return Ok(token);
+                        }
                         Err(err) if err.is_invalid_grant() => {
                             tracing::warn!(error = %err, "refresh token rejected");
                             reauth = Some(
@@ -421,6 +462,7 @@ impl OAuth2SourceBuilder {
                 scope: self.scope,
                 redirect_uri: self.redirect_uri,
                 reauthorize: self.reauthorize,
+                rotated: Mutex::new(None),
             }),
         })
     }
