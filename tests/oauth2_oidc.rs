@@ -31,7 +31,7 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tower::{BoxError, Layer, ServiceExt, service_fn};
 use tower_auth_refresh::oauth2::{
-    ClientAuth, Grant, OAuth2Source, OAuth2SourceBuilder, TokenEndpointError,
+    AuthorizationCode, ClientAuth, Grant, OAuth2Source, OAuth2SourceBuilder, TokenEndpointError,
 };
 use tower_auth_refresh::{
     AuthRefreshLayer, ReauthorizationRequired, RefreshFailed, Token, TokenHandle,
@@ -524,4 +524,46 @@ async fn an_access_token_known_to_be_expired_is_refreshed_before_sending() {
     assert_eq!(stats.refreshes, 1);
     assert_eq!(stats.retries, 0);
     assert_eq!(stats.waited, 1);
+}
+
+#[tokio::test]
+async fn a_rejected_refresh_token_is_replaced_through_the_reauthorization_hook() {
+    let provider = Arc::new(Provider::start().await);
+    let hook_calls = Arc::new(Mutex::new(Vec::new()));
+    let (for_hook, calls) = (provider.clone(), hook_calls.clone());
+    let (builder, sent) = recorded(
+        OAuth2Source::builder(provider.token_url(), ClientAuth::basic("app", "app-secret"))
+            .redirect_uri(REDIRECT_URI)
+            .on_reauthorization(move |why: ReauthorizationRequired| {
+                calls.lock().unwrap().push(why.reason().to_owned());
+                let provider = for_hook.clone();
+                async move {
+                    Some(AuthorizationCode::new(
+                        provider.authorization_code("app").await,
+                    ))
+                }
+            }),
+    );
+    let handle = TokenHandle::builder(builder.build().unwrap())
+        .initial_token(Token::bearer("stale").with_refresh_token("never-issued"))
+        .build();
+
+    let token = handle.refresh_now().await.unwrap();
+    assert_eq!(
+        *hook_calls.lock().unwrap(),
+        ["the refresh token was rejected"]
+    );
+    let introspection = provider
+        .introspect(token.access_token().expose_secret())
+        .await;
+    assert_eq!(introspection["active"], true, "{introspection}");
+    assert_eq!(introspection["sub"], "alice");
+    let grant_types: Vec<String> = sent
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|s| s.param("grant_type").unwrap().to_owned())
+        .collect();
+    assert_eq!(grant_types, ["refresh_token", "authorization_code"]);
+    assert!(token.refresh_token().is_some());
 }
