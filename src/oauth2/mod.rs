@@ -7,7 +7,7 @@
 //! `client_secret_post`; RFC 6749 §5.1/§5.2 responses or a vendor
 //! [`Envelope`].
 //!
-//! ```no_run
+//! ```
 //! use tower::Layer;
 //! use tower_auth_refresh::{AuthRefreshLayer, TokenHandle};
 //! use tower_auth_refresh::oauth2::{ClientAuth, Grant, OAuth2Source};
