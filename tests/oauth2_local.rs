@@ -784,3 +784,23 @@ async fn a_spent_refresh_token_is_not_presented_even_if_its_replacement_was_neve
         .collect();
     assert_eq!(presented, ["rt-0", "rt-1"], "rt-0 was presented once");
 }
+
+#[tokio::test]
+async fn a_vendor_error_status_with_an_envelope_keeps_its_business_code() {
+    let server = TokenServer::start(|_, _| {
+        json(
+            StatusCode::UNAUTHORIZED,
+            serde_json::json!({"code": 40002, "msg": "账号已禁用"}),
+        )
+    })
+    .await;
+    let err = TokenHandle::new(vendor(&server))
+        .refresh_now()
+        .await
+        .unwrap_err();
+    assert_eq!(
+        endpoint_error(&err).to_string(),
+        "token endpoint returned business code 40002: 账号已禁用"
+    );
+    assert_eq!(server.received().len(), 1, "a 4xx is not retried");
+}

@@ -305,7 +305,7 @@ impl TokenEndpoint {
                 return TokenEndpointError::OAuth(err);
             }
             if let ResponseFormat::Envelope(envelope) = &self.format {
-                if let Some(err) = envelope.business_error(&map) {
+                if let Some(err) = envelope.business_error(&serde_json::Value::Object(map)) {
                     return err;
                 }
             }

@@ -117,9 +117,8 @@ impl Envelope {
 
     /// The business error in `map`, if the code is configured and not the
     /// success value.
-    pub(crate) fn business_error(&self, map: &Map<String, Value>) -> Option<TokenEndpointError> {
+    pub(crate) fn business_error(&self, root: &Value) -> Option<TokenEndpointError> {
         let (pointer, ok) = self.code.as_ref()?;
-        let root = Value::Object(map.clone());
         let code = root.pointer(pointer)?;
         if same_code(code, ok) {
             return None;
@@ -141,10 +140,10 @@ impl Envelope {
 
     /// Turns a successful (HTTP 2xx) envelope into a [`Token`].
     pub(crate) fn parse(&self, map: Map<String, Value>) -> Result<Token, TokenEndpointError> {
-        if let Some(err) = self.business_error(&map) {
+        let root = Value::Object(map);
+        if let Some(err) = self.business_error(&root) {
             return Err(err);
         }
-        let root = Value::Object(map);
         if let Some((pointer, _)) = &self.code {
             if root.pointer(pointer).is_none() {
                 return Err(missing("code", pointer));
