@@ -54,7 +54,9 @@
 //! * [`AuthRefreshLayer`]: the middleware, with its [`ExpiryDetector`] and
 //!   [`TokenInjector`];
 //! * [`ReplayBody`] / [`ResponseBody`]: the request body kept for one replay,
-//!   and the response body handed back byte for byte after a detector peeked.
+//!   and the response body handed back byte for byte after a detector peeked;
+//! * `oauth2` (feature `oauth2`, on by default): OAuth2 grants and the token
+//!   endpoint client, as a [`TokenSource`].
 #![forbid(unsafe_code)]
 #![warn(
     missing_docs,
@@ -74,6 +76,8 @@ mod header_cache;
 mod inject;
 mod layer;
 mod manager;
+#[cfg(feature = "oauth2")]
+pub mod oauth2;
 mod registry;
 #[cfg(feature = "reqwest")]
 mod reqwest;
