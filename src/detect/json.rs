@@ -5,6 +5,7 @@ use http::header::CONTENT_TYPE;
 use http::{HeaderMap, StatusCode};
 use serde_json::Value;
 
+use super::json_fields::{first_member, wanted_members};
 use super::{ExpiryDetector, HeadVerdict, ResponseHead};
 
 /// Expired when a JSON response body carries a code or a message that says
@@ -184,8 +185,21 @@ impl ExpiryDetector for JsonBodyRule {
         if !starts_like_json {
             return false;
         }
-        match serde_json::from_slice::<Value>(body) {
-            Ok(json) => self.matches(&json),
+        let mut wanted = Vec::with_capacity(self.codes.len() + self.keywords.len());
+        for (pointer, _) in self.codes.iter().chain(&self.keywords) {
+            match first_member(pointer) {
+                Some(member) => wanted.push(member),
+                // A pointer to the whole document: read all of it.
+                None => {
+                    return serde_json::from_slice::<Value>(body)
+                        .is_ok_and(|json| self.matches(&json));
+                }
+            }
+        }
+        match wanted_members(body, &wanted) {
+            Ok(Some(object)) => self.matches(&object),
+            // An array at the top: pointers may index into it.
+            Ok(None) => serde_json::from_slice::<Value>(body).is_ok_and(|json| self.matches(&json)),
             Err(_) => false,
         }
     }

@@ -10,6 +10,7 @@ use http::{HeaderMap, StatusCode, Version};
 mod challenge;
 mod combinators;
 mod json;
+mod json_fields;
 mod status;
 
 pub use challenge::BearerChallenge;
