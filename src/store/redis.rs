@@ -264,18 +264,31 @@ impl RedisStore {
     }
 
     /// Runs `op` on a connection within the connect + response timeouts.
+    ///
+    /// NOTE: after Redis restarts, the first command on the old connection
+    /// fails and makes the manager reconnect; `op` is retried once on the
+    /// new connection, so a Redis that is back is used at once.
     async fn run<T, F, Fut>(&self, op: F) -> Result<T, StoreError>
     where
-        F: FnOnce(ConnectionManager) -> Fut,
+        F: Fn(ConnectionManager) -> Fut,
         Fut: Future<Output = redis::RedisResult<T>>,
     {
         let limit = self.inner.connect_timeout + self.inner.response_timeout;
-        let connection = self.connection().await?;
-        match tokio::time::timeout(limit, op(connection)).await {
-            Ok(result) => result.map_err(unavailable),
-            Err(_) => Err(StoreError::Unavailable(
-                format!("redis did not answer within {limit:?}").into(),
-            )),
+        let attempt = || async {
+            let connection = self.connection().await?;
+            match tokio::time::timeout(limit, op(connection)).await {
+                Ok(result) => Ok(result),
+                Err(_) => Err(StoreError::Unavailable(
+                    format!("redis did not answer within {limit:?}").into(),
+                )),
+            }
+        };
+        match attempt().await? {
+            Err(err) if err.is_unrecoverable_error() => {
+                tracing::debug!(error = %err, "redis connection lost; retrying once");
+                attempt().await?.map_err(unavailable)
+            }
+            result => result.map_err(unavailable),
         }
     }
 
@@ -306,15 +319,15 @@ impl RedisStore {
     ) -> StoreError {
         let aside = format!("{}corrupt:{key}:{}", self.inner.prefix, unix_millis());
         let token_key = self.token_key(key);
+        let (version, token) = (seen.0.unwrap_or_default(), seen.1.unwrap_or_default());
         let moved = self
             .run(|mut c| {
-                let script = &self.inner.put_aside;
-                let mut invocation = script.prepare_invoke();
+                let mut invocation = self.inner.put_aside.prepare_invoke();
                 invocation
                     .key(&token_key)
                     .key(&aside)
-                    .arg(seen.0.unwrap_or_default())
-                    .arg(seen.1.unwrap_or_default());
+                    .arg(&version)
+                    .arg(&token);
                 async move { invocation.invoke_async::<i64>(&mut c).await }
             })
             .await;
@@ -386,11 +399,11 @@ fn unexpected(value: &Value) -> StoreError {
 impl TokenStore for RedisStore {
     fn load<'a>(&'a self, key: &'a str) -> BoxFuture<'a, Result<Option<StoredToken>, StoreError>> {
         Box::pin(async move {
-            let token_key = self.token_key(key);
+            let token_key = &self.token_key(key);
             let read = self
                 .run(|mut c| async move {
                     redis::cmd("HMGET")
-                        .arg(&token_key)
+                        .arg(token_key)
                         .arg("version")
                         .arg("token")
                         .query_async::<(Option<String>, Option<String>)>(&mut c)
@@ -534,12 +547,12 @@ impl TokenStore for RedisStore {
         Box::pin(async move {
             let owner = new_owner();
             let ttl_ms = u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1);
-            let lease_key = self.lease_key(key);
+            let lease_key = &self.lease_key(key);
             let owner_ref = &owner;
             let set = self
                 .run(|mut c| async move {
                     redis::cmd("SET")
-                        .arg(&lease_key)
+                        .arg(lease_key)
                         .arg(owner_ref)
                         .arg("NX")
                         .arg("PX")
