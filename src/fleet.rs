@@ -165,10 +165,10 @@ impl FleetStore {
             // NOTE: a manual refresh asks for a new token: what is stored
             // now is the base to refresh from, never an answer. Only a token
             // saved after this read (by another process that refreshed while
-            // this one waited for the lease) is adopted. Without a token of
-            // its own there is nothing to replace: a valid stored token is
-            // taken (a restart makes no token call).
-            Ok(Some(stored)) if reason == RefreshReason::Manual && previous.is_some() => {
+            // this one waited for the lease) is adopted (bulk jobs rely on
+            // it to refresh stored tokens). A restart makes no token call
+            // because its first request asks with `Initial`, not `Manual`.
+            Ok(Some(stored)) if reason == RefreshReason::Manual => {
                 if known.superseded_by(&stored) || known.version == stored.version {
                     known = Known {
                         version: stored.version,

@@ -105,8 +105,7 @@ impl TokenHandle {
     }
 
     /// Fetches a new token now (joining a refresh already in flight), even
-    /// inside a back-off window, and returns it. With a store and no token
-    /// yet, a valid stored token is taken instead of fetching one.
+    /// inside a back-off window, and returns it.
     pub async fn refresh_now(&self) -> Result<Arc<Token>, BoxError> {
         Ok(self.manager.refresh_now().await?.token.clone())
     }

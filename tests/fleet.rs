@@ -16,6 +16,9 @@ use fleet_support::{Done, TempDir, TokenServer, Worker, all_on, wait_for};
 const LIFETIME: Duration = Duration::from_secs(4);
 const WAIT: Duration = Duration::from_secs(60);
 
+/// One fleet at a time: each is up to 8 processes on a small machine.
+static ONE_FLEET: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 async fn worker_binary() {
     tokio::task::spawn_blocking(fleet_support::worker_binary)
         .await
@@ -37,6 +40,7 @@ fn assert_served(done: &[Done]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_processes_on_one_directory_refresh_once_per_expiry() {
+    let _one = ONE_FLEET.lock().await;
     worker_binary().await;
     let server = TokenServer::start(LIFETIME).await;
     let dir = TempDir::new("fleet-file");
@@ -90,6 +94,7 @@ mod redis_fleet {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn eight_processes_refresh_once_per_lifetime_over_five_lifetimes() {
+        let _one = ONE_FLEET.lock().await;
         worker_binary().await;
         let redis = RedisServer::start();
         let server = TokenServer::start(LIFETIME).await;
@@ -122,6 +127,7 @@ mod redis_fleet {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_lease_holder_killed_mid_refresh_is_taken_over_after_the_lease_ttl() {
+        let _one = ONE_FLEET.lock().await;
         worker_binary().await;
         let redis = RedisServer::start();
         let server = TokenServer::start(LIFETIME).await;
@@ -175,6 +181,7 @@ mod redis_fleet {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn redis_stopped_mid_run_requests_go_on_and_the_fleet_converges_when_it_returns() {
+        let _one = ONE_FLEET.lock().await;
         worker_binary().await;
         let mut redis = RedisServer::start();
         let server = TokenServer::start(LIFETIME).await;

@@ -5,9 +5,10 @@ mod common;
 
 use std::time::Duration;
 
-use common::Issuer;
+use common::{Issuer, Upstream, client, get};
 use secrecy::ExposeSecret;
-use tower_auth_refresh::{MemoryStore, Token, TokenHandle, TokenStore};
+use tower::{Layer, ServiceExt};
+use tower_auth_refresh::{AuthRefreshLayer, MemoryStore, Token, TokenHandle, TokenStore};
 
 #[tokio::test]
 async fn a_stored_valid_token_is_used_without_a_token_call() {
@@ -20,14 +21,47 @@ async fn a_stored_valid_token_is_used_without_a_token_call() {
         )
         .await
         .unwrap();
-    let issuer = Issuer::detached();
+    let upstream = Upstream::start().await;
+    upstream.accept("from-last-run");
+    let issuer = Issuer::new(&upstream);
     let handle = TokenHandle::builder(issuer.source())
         .store(store, "api")
         .build();
-    let token = handle.refresh_now().await.unwrap();
-    assert_eq!(token.access_token().expose_secret(), "from-last-run");
+    // The first request of a (re)started process.
+    let response = AuthRefreshLayer::new(handle.clone())
+        .layer(client())
+        .oneshot(get(&upstream.url("/a")))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        upstream.seen()[0].authorization.as_deref(),
+        Some("Bearer from-last-run")
+    );
     assert_eq!(issuer.calls(), 0);
     assert_eq!(handle.stats().adopted, 1);
+}
+
+#[tokio::test]
+async fn refresh_now_refreshes_even_over_a_valid_stored_token() {
+    // Bulk jobs (refresh_all) rely on it.
+    let store = MemoryStore::new();
+    store
+        .save(
+            "api",
+            &Token::bearer("stored").with_expires_in(Duration::from_secs(600)),
+            None,
+        )
+        .await
+        .unwrap();
+    let issuer = Issuer::detached().lifetime(Duration::from_secs(600));
+    let handle = TokenHandle::builder(issuer.source())
+        .store(store.clone(), "api")
+        .build();
+    let token = handle.refresh_now().await.unwrap();
+    assert_eq!(token.access_token().expose_secret(), "tok-1");
+    assert_eq!(issuer.calls(), 1);
+    assert_eq!(store.load("api").await.unwrap().unwrap().version, 2);
 }
 
 #[tokio::test]
@@ -248,8 +282,14 @@ async fn a_token_refreshed_locally_during_an_outage_is_the_base_of_the_next_refr
     let handle = TokenHandle::builder(source)
         .store(store.clone(), "k")
         .build();
-    let adopted = handle.refresh_now().await.unwrap();
-    assert_eq!(adopted.access_token().expose_secret(), "before");
+    let upstream = Upstream::start().await;
+    upstream.accept("before");
+    let response = AuthRefreshLayer::new(handle.clone())
+        .layer(client())
+        .oneshot(get(&upstream.url("/a")))
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200, "the stored token was adopted");
 
     store.down.store(true, std::sync::atomic::Ordering::SeqCst);
     let local = handle.refresh_now().await.unwrap();
