@@ -133,7 +133,7 @@ async fn one_lease_at_a_time_and_an_expired_one_is_taken_over() {
 
     // A holder that never releases (it crashed) blocks only for its ttl.
     let crashed = other
-        .try_lock("k", Duration::from_millis(100))
+        .try_lock("k", Duration::from_millis(1000))
         .await
         .unwrap()
         .expect("free again");
@@ -145,7 +145,7 @@ async fn one_lease_at_a_time_and_an_expired_one_is_taken_over() {
             .is_none()
     );
     let mut taken = None;
-    for _ in 0..100 {
+    for _ in 0..250 {
         tokio::time::sleep(Duration::from_millis(20)).await;
         taken = store.try_lock("k", Duration::from_secs(30)).await.unwrap();
         if taken.is_some() {

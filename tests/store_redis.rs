@@ -144,7 +144,7 @@ async fn a_lease_expires_after_its_ttl() {
     let redis = RedisServer::start();
     let store = store(&redis, "ttl-lease:");
     let _held = store
-        .try_lock("k", Duration::from_millis(200))
+        .try_lock("k", Duration::from_millis(1000))
         .await
         .unwrap()
         .unwrap();
@@ -156,7 +156,7 @@ async fn a_lease_expires_after_its_ttl() {
             .is_none()
     );
     let mut taken = None;
-    for _ in 0..100 {
+    for _ in 0..250 {
         tokio::time::sleep(Duration::from_millis(20)).await;
         taken = store.try_lock("k", Duration::from_secs(5)).await.unwrap();
         if taken.is_some() {
