@@ -4,15 +4,21 @@
 //! NOTE: the protocol, in order.
 //! 1. Re-read the store. A newer, still-valid token there is adopted: some
 //!    other process refreshed already.
-//! 2. Take the key's lease. Without it, poll the store until the holder
-//!    saves (adopt) or the lease expires (take it over).
+//! 2. Take the key's lease. Without it, poll the store (bounded) until the
+//!    holder saves (adopt) or the lease expires (take it over).
 //! 3. With the lease: re-read once more, then call the token source with the
 //!    newest token known (its refresh token may have rotated), save with
 //!    compare-and-swap on the version read, release the lease.
 //! 4. When the source fails (`invalid_grant` …), re-read before giving up:
 //!    another process may have refreshed. Never delete what another wrote.
 //! 5. When the store cannot be reached, warn and refresh locally: serving
-//!    requests beats coordination.
+//!    requests beats coordination. The local token is saved only over the
+//!    version it replaces, so it never overwrites another process's token.
+//!
+//! "Newer" is decided by `Known::superseded_by`: a higher version in the
+//! same line of versions or, for a token that is not from that line (a local
+//! refresh, a store that lost its data), the later expiry.
+//! A corrupt stored entry (put aside by the store) counts as no token.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -68,11 +74,41 @@ impl std::fmt::Debug for FleetStore {
     }
 }
 
-/// `true` when `stored` is newer than what we have and can be used.
-fn is_newer_and_usable(stored: &StoredToken, ours: u64, rejected: Option<&Token>) -> bool {
-    stored.version > ours
-        && !stored.token.is_expired()
-        && rejected.is_none_or(|rejected| rejected != &stored.token)
+/// What this manager knows of the token it is about to replace.
+#[derive(Clone)]
+struct Known {
+    /// The store version it came with; 0 when it did not come from the store.
+    version: u64,
+    token: Option<Arc<Token>>,
+}
+
+impl Known {
+    /// `true` when `stored` replaced the known token: a later save in the
+    /// same line of versions or, when the known token is not from that line
+    /// (a local refresh while the store was out of reach, a store that lost
+    /// its data and counts from 1 again), the token that expires later.
+    fn superseded_by(&self, stored: &StoredToken) -> bool {
+        let Some(ours) = &self.token else {
+            return true;
+        };
+        if stored.token == **ours {
+            return false;
+        }
+        if self.version > 0 && stored.version > self.version {
+            return true;
+        }
+        match (stored.token.expires_at(), ours.expires_at()) {
+            (Some(theirs), Some(ours)) => theirs > ours,
+            _ => true,
+        }
+    }
+
+    /// `true` when `stored` replaced the known token and can be used as is.
+    fn adoptable(&self, stored: &StoredToken, rejected: Option<&Token>) -> bool {
+        self.superseded_by(stored)
+            && !stored.token.is_expired()
+            && rejected.is_none_or(|rejected| rejected != &stored.token)
+    }
 }
 
 impl FleetStore {
@@ -88,8 +124,26 @@ impl FleetStore {
         }
     }
 
+    /// Reads the stored token. A corrupt entry has been put aside by the
+    /// store: it counts as no token, and the protocol goes on (a fresh token
+    /// is fetched under the lease and saved).
     async fn load(&self) -> Result<Option<StoredToken>, StoreError> {
-        self.timed(self.store.load(&self.key)).await
+        match self.timed(self.store.load(&self.key)).await {
+            Err(StoreError::Corrupt {
+                key,
+                reason,
+                kept_at,
+            }) => {
+                tracing::warn!(
+                    key = %key,
+                    reason = %reason,
+                    kept_at = kept_at.as_deref().unwrap_or("-"),
+                    "stored token is corrupt; fetching a fresh one"
+                );
+                Ok(None)
+            }
+            other => other,
+        }
     }
 
     /// Runs the protocol and returns the token to install.
@@ -99,30 +153,40 @@ impl FleetStore {
         previous: Option<Arc<Current>>,
         reason: RefreshReason,
     ) -> Result<Obtained, RefreshError> {
-        let mut ours = previous.as_ref().map_or(0, |c| c.store_version);
+        let mut known = Known {
+            version: previous.as_ref().map_or(0, |c| c.store_version),
+            token: previous.as_ref().map(|c| c.token.clone()),
+        };
         let rejected = previous.as_ref().map(|c| c.token.clone());
         let rejected = rejected.as_deref();
-        let previous_token = previous.as_ref().map(|c| c.token.clone());
 
         // 1. Someone else may have refreshed already.
         let mut newest = match self.load().await {
             // NOTE: a manual refresh asks for a new token: what is stored
             // now is the base to refresh from, never an answer. Only a token
             // saved after this read (by another process that refreshed while
-            // this one waited for the lease) is adopted.
+            // this one waited for the lease) is adopted (bulk jobs rely on
+            // it to refresh stored tokens). A restart makes no token call
+            // because its first request asks with `Initial`, not `Manual`.
             Ok(Some(stored)) if reason == RefreshReason::Manual => {
-                ours = ours.max(stored.version);
+                if known.superseded_by(&stored) || known.version == stored.version {
+                    known = Known {
+                        version: stored.version,
+                        token: Some(Arc::new(stored.token.clone())),
+                    };
+                }
                 Some(stored)
             }
-            Ok(Some(stored)) if is_newer_and_usable(&stored, ours, rejected) => {
+            Ok(Some(stored)) if known.adoptable(&stored, rejected) => {
                 tracing::debug!(version = stored.version, "adopting token from store");
                 return Ok(Obtained::adopted(stored));
             }
             Ok(stored) => stored,
-            Err(err) => return self.local(manager, previous_token, reason, err).await,
+            Err(err) => return self.local(manager, &known, reason, err).await,
         };
 
-        // 2. Take the lease, or wait for its holder.
+        // 2. Take the lease, or wait for its holder (bounded polling: the
+        //    holder saves, or its lease expires and can be taken over).
         let give_up_at = Instant::now() + self.lease_ttl + self.lease_ttl;
         let lease = loop {
             match self
@@ -131,15 +195,15 @@ impl FleetStore {
             {
                 Ok(Some(lease)) => break lease,
                 Ok(None) => {}
-                Err(err) => return self.local(manager, previous_token, reason, err).await,
+                Err(err) => return self.local(manager, &known, reason, err).await,
             }
             if Instant::now() >= give_up_at {
                 let err = StoreError::Unavailable("lease was not released in time".into());
-                return self.local(manager, previous_token, reason, err).await;
+                return self.local(manager, &known, reason, err).await;
             }
             tokio::time::sleep(self.poll_interval).await;
             match self.load().await {
-                Ok(Some(stored)) if is_newer_and_usable(&stored, ours, rejected) => {
+                Ok(Some(stored)) if known.adoptable(&stored, rejected) => {
                     tracing::debug!(
                         version = stored.version,
                         "adopting token refreshed by another process"
@@ -147,13 +211,13 @@ impl FleetStore {
                     return Ok(Obtained::adopted(stored));
                 }
                 Ok(stored) => newest = stored,
-                Err(err) => return self.local(manager, previous_token, reason, err).await,
+                Err(err) => return self.local(manager, &known, reason, err).await,
             }
         };
 
         // 3. We hold the lease: one more look, then refresh and save.
         let result = self
-            .refresh_with_lease(manager, ours, rejected, previous_token, newest, reason)
+            .refresh_with_lease(manager, &known, rejected, newest, reason)
             .await;
         if let Err(err) = self.timed(self.store.unlock(lease)).await {
             tracing::warn!(error = %err, "could not release the token lease; it will expire");
@@ -164,14 +228,13 @@ impl FleetStore {
     async fn refresh_with_lease(
         &self,
         manager: &TokenManager,
-        ours: u64,
+        known: &Known,
         rejected: Option<&Token>,
-        previous_token: Option<Arc<Token>>,
         newest: Option<StoredToken>,
         reason: RefreshReason,
     ) -> Result<Obtained, RefreshError> {
         let newest = match self.load().await {
-            Ok(Some(stored)) if is_newer_and_usable(&stored, ours, rejected) => {
+            Ok(Some(stored)) if known.adoptable(&stored, rejected) => {
                 return Ok(Obtained::adopted(stored));
             }
             Ok(stored) => stored,
@@ -180,13 +243,14 @@ impl FleetStore {
                 newest
             }
         };
-        // The newest token known carries the refresh token that is still good.
-        let (expected, base) = match &newest {
-            Some(stored) if stored.version >= ours => {
-                (stored.version, Some(Arc::new(stored.token.clone())))
+        // The newest token known carries the refresh token that is still
+        // good: the stored one unless ours replaced it (a local refresh).
+        let (expected, base) = match newest {
+            Some(stored) if known.superseded_by(&stored) || known.version == stored.version => {
+                (stored.version, Some(Arc::new(stored.token)))
             }
-            Some(stored) => (stored.version, previous_token),
-            None => (0, previous_token),
+            Some(stored) => (stored.version, known.token.clone()),
+            None => (0, known.token.clone()),
         };
         match manager.call_source(base, reason).await {
             Ok(token) => match self
@@ -204,9 +268,15 @@ impl FleetStore {
                 }
             },
             Err(err) => {
-                // 4. Another process may have refreshed (and rotated) meanwhile.
+                // 4. Another process may have refreshed (and rotated) meanwhile:
+                //    look before declaring the refresh failed. Nothing is
+                //    deleted: what another process wrote stays.
                 if let Ok(Some(stored)) = self.load().await {
-                    if is_newer_and_usable(&stored, ours, rejected) {
+                    if known.adoptable(&stored, rejected) {
+                        tracing::debug!(
+                            version = stored.version,
+                            "refresh failed; adopting the token another process stored"
+                        );
                         return Ok(Obtained::adopted(stored));
                     }
                 }
@@ -219,17 +289,28 @@ impl FleetStore {
     async fn local(
         &self,
         manager: &TokenManager,
-        previous: Option<Arc<Token>>,
+        known: &Known,
         reason: RefreshReason,
         err: StoreError,
     ) -> Result<Obtained, RefreshError> {
         tracing::warn!(error = %err, "token store unavailable; refreshing locally");
-        let token = manager.call_source(previous, reason).await?;
-        // Best effort: let the others see it once the store is back.
-        if let Err(err) = self.timed(self.store.save(&self.key, &token, None)).await {
-            tracing::debug!(error = %err, "token not saved");
+        let token = manager.call_source(known.token.clone(), reason).await?;
+        // Best effort, and only over the version this token replaces: a
+        // token another process saved meanwhile is never overwritten.
+        match self
+            .timed(self.store.save(&self.key, &token, Some(known.version)))
+            .await
+        {
+            Ok(version) => Ok(Obtained {
+                token,
+                store_version: Some(version),
+                adopted: false,
+            }),
+            Err(err) => {
+                tracing::debug!(error = %err, "locally refreshed token not saved");
+                Ok(Obtained::fetched(token))
+            }
         }
-        Ok(Obtained::fetched(token))
     }
 
     /// Saves a token given by the application, without waiting.

@@ -63,6 +63,7 @@ impl TokenHandle {
             config: ManagerConfig::default(),
             initial: None,
             store: None,
+            lease_ttl_set: false,
         }
     }
 
@@ -136,6 +137,9 @@ pub struct TokenHandleBuilder {
     config: ManagerConfig,
     initial: Option<Token>,
     store: Option<FleetStore>,
+    /// `store_timing` gave the lease ttl; otherwise it follows the refresh
+    /// timeout, whatever the order of the builder calls.
+    lease_ttl_set: bool,
 }
 
 impl fmt::Debug for TokenHandleBuilder {
@@ -228,6 +232,7 @@ impl TokenHandleBuilder {
         op_timeout: Duration,
     ) -> Self {
         if let Some(store) = &mut self.store {
+            self.lease_ttl_set = true;
             store.lease_ttl = lease_ttl;
             store.poll_interval = poll_interval;
             store.op_timeout = op_timeout;
@@ -243,7 +248,10 @@ impl TokenHandleBuilder {
 
     /// Builds the handle. An initial token that cannot be made into a
     /// header is dropped (the first request fetches one).
-    pub fn build(self) -> TokenHandle {
+    pub fn build(mut self) -> TokenHandle {
+        if let (Some(store), false) = (&mut self.store, self.lease_ttl_set) {
+            store.lease_ttl = self.config.refresh_timeout + Duration::from_secs(5);
+        }
         TokenHandle {
             manager: TokenManager::new(self.source, self.store, self.config, self.initial),
         }

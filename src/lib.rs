@@ -110,5 +110,7 @@ pub use registry::{
 pub use retry::{RetrySkipped, SkipReason};
 pub use service::AuthRefresh;
 pub use source::{RefreshContext, RefreshReason, TokenSource, TokenSourceFn, token_source_fn};
-pub use store::{Lease, MemoryStore, StoreError, StoredToken, TokenStore};
+pub use store::{FileStore, Lease, MemoryStore, StoreError, StoredToken, TokenStore};
+#[cfg(feature = "redis")]
+pub use store::{RedisStore, RedisStoreBuilder};
 pub use token::Token;

@@ -14,8 +14,14 @@ use tokio::time::Instant;
 
 use crate::Token;
 
+mod file;
 mod memory;
+#[cfg(feature = "redis")]
+mod redis;
 
+#[cfg(feature = "redis")]
+pub use self::redis::{RedisStore, RedisStoreBuilder};
+pub use file::FileStore;
 pub use memory::MemoryStore;
 
 /// A token as stored, with its version.
@@ -52,6 +58,14 @@ pub enum StoreError {
         reason: String,
         /// Where the bad data was moved, if it was.
         kept_at: Option<String>,
+    },
+    /// The key cannot be stored by this store (too long for a file name …).
+    #[error("token store: key {key:?} cannot be stored: {reason}")]
+    InvalidKey {
+        /// The key.
+        key: String,
+        /// Why.
+        reason: String,
     },
     /// The store could not be reached or answered with an error.
     #[error("token store unavailable: {0}")]
@@ -125,7 +139,7 @@ impl Lease {
     }
 }
 
-/// Where tokens are kept. Implementations: [`MemoryStore`], `FileStore`,
+/// Where tokens are kept. Implementations: [`MemoryStore`], [`FileStore`],
 /// `RedisStore` (feature `redis`).
 ///
 /// ```
