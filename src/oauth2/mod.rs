@@ -30,6 +30,8 @@ mod error;
 mod grant;
 mod response;
 mod source;
+#[cfg(test)]
+mod properties;
 
 pub use client_auth::ClientAuth;
 pub use endpoint::{DEFAULT_MAX_RESPONSE_BYTES, RetryPolicy, TokenRequestBody};
