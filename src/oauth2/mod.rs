@@ -28,10 +28,10 @@ mod endpoint;
 mod envelope;
 mod error;
 mod grant;
-mod response;
-mod source;
 #[cfg(test)]
 mod properties;
+mod response;
+mod source;
 
 pub use client_auth::ClientAuth;
 pub use endpoint::{DEFAULT_MAX_RESPONSE_BYTES, RetryPolicy, TokenRequestBody};
