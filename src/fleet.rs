@@ -46,6 +46,15 @@ impl Obtained {
         }
     }
 
+    /// Fetched here and saved as `version`.
+    fn saved(token: Token, version: u64) -> Self {
+        Self {
+            token,
+            store_version: Some(version),
+            adopted: false,
+        }
+    }
+
     fn adopted(stored: StoredToken) -> Self {
         Self {
             token: stored.token,
@@ -257,11 +266,7 @@ impl FleetStore {
                 .timed(self.store.save(&self.key, &token, Some(expected)))
                 .await
             {
-                Ok(version) => Ok(Obtained {
-                    token,
-                    store_version: Some(version),
-                    adopted: false,
-                }),
+                Ok(version) => Ok(Obtained::saved(token, version)),
                 Err(err) => {
                     tracing::warn!(error = %err, "could not save the refreshed token; using it locally");
                     Ok(Obtained::fetched(token))
@@ -301,11 +306,7 @@ impl FleetStore {
             .timed(self.store.save(&self.key, &token, Some(known.version)))
             .await
         {
-            Ok(version) => Ok(Obtained {
-                token,
-                store_version: Some(version),
-                adopted: false,
-            }),
+            Ok(version) => Ok(Obtained::saved(token, version)),
             Err(err) => {
                 tracing::debug!(error = %err, "locally refreshed token not saved");
                 Ok(Obtained::fetched(token))

@@ -12,9 +12,10 @@ use crate::body::peek;
 use crate::detect::{ExpiryDetector, HeadVerdict, ResponseHead};
 use crate::layer::LayerConfig;
 use crate::manager::{Acquired, Counters, Rejection, TokenManager};
+use crate::retry::mark_skipped;
 use crate::{
     AuthRefreshLayer, BoxError, ReauthorizationRequired, RefreshFailed, RefreshTimedOut,
-    RetrySkipped, SkipReason, StoreError, TokenHandle, TokenInjector,
+    SkipReason, StoreError, TokenHandle, TokenInjector,
 };
 
 /// A [`reqwest_middleware::Middleware`] that does what
@@ -26,7 +27,7 @@ use crate::{
 /// use one token) and takes its detector and limits from an
 /// [`AuthRefreshLayer`]. A request whose body cannot be cloned (a stream) is
 /// sent once and never retried; its expired answer comes back with a
-/// [`RetrySkipped`] marker in the response's extensions. When no token can be
+/// [`RetrySkipped`](crate::RetrySkipped) marker in the response's extensions. When no token can be
 /// had, the request is not sent: the error is a
 /// [`reqwest_middleware::Error::Middleware`] whose `anyhow::Error` downcasts
 /// to [`RefreshFailed`], [`RefreshTimedOut`] or [`ReauthorizationRequired`].
@@ -154,13 +155,8 @@ fn to_middleware_error(err: BoxError) -> reqwest_middleware::Error {
 }
 
 fn skipped(manager: &TokenManager, mut response: Response, reason: SkipReason) -> Response {
-    Counters::bump(&manager.counters.skipped_retries);
-    tracing::warn!(
-        reason = ?reason,
-        status = response.status().as_u16(),
-        "token rejected; request not retried"
-    );
-    response.extensions_mut().insert(RetrySkipped { reason });
+    let status = response.status();
+    mark_skipped(manager, status, response.extensions_mut(), reason);
     response
 }
 

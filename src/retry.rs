@@ -167,13 +167,25 @@ where
     }
 
     fn skip<B>(&self, mut response: Response<B>, reason: SkipReason) -> Response<B> {
-        Counters::bump(&self.manager.counters.skipped_retries);
-        tracing::warn!(
-            reason = ?reason,
-            status = response.status().as_u16(),
-            "token rejected; request not retried"
-        );
-        response.extensions_mut().insert(RetrySkipped { reason });
+        let status = response.status();
+        mark_skipped(&self.manager, status, response.extensions_mut(), reason);
         response
     }
+}
+
+/// Counts and logs a retry that was not made, and marks the response's
+/// extensions with the reason.
+pub(crate) fn mark_skipped(
+    manager: &TokenManager,
+    status: http::StatusCode,
+    extensions: &mut http::Extensions,
+    reason: SkipReason,
+) {
+    Counters::bump(&manager.counters.skipped_retries);
+    tracing::warn!(
+        reason = ?reason,
+        status = status.as_u16(),
+        "token rejected; request not retried"
+    );
+    extensions.insert(RetrySkipped { reason });
 }

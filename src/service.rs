@@ -135,7 +135,7 @@ where
 /// `handle`, keeping what a retry needs (`spare` is a clone of the service
 /// for the retry).
 pub(crate) fn dispatch<S, ReqB, ResB>(
-    mut inner: S,
+    inner: S,
     handle: &TokenHandle,
     config: &Arc<LayerConfig>,
     request: Request<ReqB>,
@@ -163,32 +163,24 @@ where
     let (parts, body) = request.into_parts();
     let (body, replay) = ReplayBody::new(body, config.max_replay_bytes);
     let mut request = Request::from_parts(parts, body);
-    match manager.acquire() {
+    let acquired = manager.acquire();
+    let mut ctx = RetryCtx {
+        manager: manager.clone(),
+        config: config.clone(),
+        inner,
+        head,
+        replay,
+        generation: 0,
+    };
+    match acquired {
         Acquired::Ready(header, generation) => {
             injector.apply(&header, &mut request);
-            let fut = inner.call(request);
-            // NOTE: the service that was made ready and called is kept for
-            // the retry, which makes it ready again before calling it.
-            let ctx = RetryCtx {
-                manager: manager.clone(),
-                config: config.clone(),
-                inner,
-                head,
-                replay,
-                generation,
-            };
+            ctx.generation = generation;
+            // NOTE: the service that was made ready is called here and kept
+            // for the retry, which makes it ready again before calling it.
+            let fut = ctx.inner.call(request);
             ResponseFuture::first(fut, ctx)
         }
-        Acquired::Wait => {
-            let ctx = RetryCtx {
-                manager: manager.clone(),
-                config: config.clone(),
-                inner,
-                head,
-                replay,
-                generation: 0,
-            };
-            ResponseFuture::slow(Box::pin(ctx.wait_then_send(request)))
-        }
+        Acquired::Wait => ResponseFuture::slow(Box::pin(ctx.wait_then_send(request))),
     }
 }
