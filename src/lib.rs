@@ -57,6 +57,7 @@
 //!   and the response body handed back byte for byte after a detector peeked;
 //! * `oauth2` (feature `oauth2`, on by default): OAuth2 grants and the token
 //!   endpoint client, as a [`TokenSource`].
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 #![warn(
     missing_docs,
@@ -77,6 +78,7 @@ mod inject;
 mod layer;
 mod manager;
 #[cfg(feature = "oauth2")]
+#[cfg_attr(docsrs, doc(cfg(feature = "oauth2")))]
 pub mod oauth2;
 mod registry;
 #[cfg(feature = "reqwest")]
@@ -87,10 +89,18 @@ mod source;
 mod store;
 mod token;
 
+// NOTE: the README's Rust snippets are compiled as doctests. Some use parts
+// behind features (RedisStore, AuthRefreshMiddleware), so they are checked
+// with every feature on, as the README's test command does.
+#[cfg(all(doctest, feature = "oauth2", feature = "redis", feature = "reqwest"))]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;
+
 /// The error type of the middleware, as in tower.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 #[cfg(feature = "reqwest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
 pub use self::reqwest::AuthRefreshMiddleware;
 pub use body::{ReplayBody, ResponseBody};
 pub use detect::{
@@ -112,5 +122,6 @@ pub use service::AuthRefresh;
 pub use source::{RefreshContext, RefreshReason, TokenSource, TokenSourceFn, token_source_fn};
 pub use store::{FileStore, Lease, MemoryStore, StoreError, StoredToken, TokenStore};
 #[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use store::{RedisStore, RedisStoreBuilder};
 pub use token::Token;
