@@ -1,6 +1,6 @@
 //! Tower middleware that keeps HTTP clients authenticated.
 //!
-//! [`AuthRefreshLayer`] wraps any tower HTTP [`Service`](tower_service::Service):
+//! [`AuthRefreshLayer`] wraps any tower HTTP [`Service`](https://docs.rs/tower-service/0.3/tower_service/trait.Service.html):
 //! it puts the current token on every request (read without a lock), recognises
 //! an expired-token answer with an [`ExpiryDetector`] (a 401, an RFC 6750
 //! `invalid_token` challenge, a JSON business code such as
@@ -46,17 +46,48 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The parts, each in its own module:
+//! # The parts
 //!
-//! * [`Token`] and [`TokenSource`]: what a token is and how a new one is obtained;
-//! * [`TokenHandle`]: the shared manager (single-flight refresh, proactive
-//!   refresh, back-off, status and stats, optional [`TokenStore`] for a fleet);
-//! * [`AuthRefreshLayer`]: the middleware, with its [`ExpiryDetector`] and
-//!   [`TokenInjector`];
-//! * [`ReplayBody`] / [`ResponseBody`]: the request body kept for one replay,
-//!   and the response body handed back byte for byte after a detector peeked;
-//! * `oauth2` (feature `oauth2`, on by default): OAuth2 grants and the token
-//!   endpoint client, as a [`TokenSource`].
+//! * A token and how to get one: [`Token`] (secrets never in `Debug` or
+//!   logs), [`TokenSource`] ([`token_source_fn`] adapts an async closure;
+//!   [`RefreshContext`] and [`RefreshReason`] say why it is called), and the
+//!   [`oauth2`] module (feature `oauth2`): OAuth2 grants and vendor envelopes
+//!   as a [`TokenSource`].
+//! * The shared manager: [`TokenHandle`], built with [`TokenHandleBuilder`]
+//!   (single-flight refresh, refresh ahead of expiry, back-off, the
+//!   [`TokenInjector`] that puts the token on a request, an optional store),
+//!   with [`TokenStatus`] and [`RefreshStats`] to watch it.
+//! * The middleware: [`AuthRefreshLayer`] / [`AuthRefresh`] and its
+//!   [`ResponseFuture`]; which answers mean "expired" is an
+//!   [`ExpiryDetector`] ([`Unauthorized`], [`BearerChallenge`],
+//!   [`StatusDetector`], [`JsonBodyRule`], [`detector_fn`],
+//!   [`body_detector_fn`]), combined with [`ExpiryDetectorExt::or`]. Bodies:
+//!   [`ReplayBody`] (the request body, kept for one replay) and
+//!   [`ResponseBody`] (handed back byte for byte after a detector peeked). A
+//!   retry that could not happen leaves a [`RetrySkipped`] marker.
+//! * Where tokens outlive the process, and how a fleet refreshes once: the
+//!   [`TokenStore`] trait with [`MemoryStore`], [`FileStore`] and `RedisStore`
+//!   (feature `redis`), their [`StoredToken`], [`Lease`] and [`StoreError`].
+//! * Many tokens: [`AuthRoutingLayer`] / [`AuthRouting`] pick a token per
+//!   upstream [`Origin`], [`UpstreamKey`] or [`Tenant`]; a
+//!   [`TokenRegistry`] holds one token per tenant over a store, with bulk
+//!   jobs ([`TokenRegistry::refresh_all`] with [`RefreshAll`], and
+//!   [`TokenRegistry::remove_idle`]) that return a [`MaintenanceReport`].
+//! * reqwest: `AuthRefreshMiddleware` (feature `reqwest`), the same handle,
+//!   detector and injector in a `reqwest-middleware` client.
+//! * Errors: every failure is a [`BoxError`] that downcasts to
+//!   [`RefreshFailed`], [`RefreshTimedOut`], [`ReauthorizationRequired`] or
+//!   [`StoreError`].
+//! * [`prelude`]: the traits and types most programs use, in one `use`.
+//!
+//! # Cargo features
+//!
+//! | feature | default | what it adds |
+//! |---|---|---|
+//! | `oauth2` | yes | the [`oauth2`] module: OAuth2 grants and the token-endpoint client (hyper-util over plain HTTP) |
+//! | `oauth2-rustls` | no | HTTPS to the token endpoint in that client: rustls (ring) with the webpki roots |
+//! | `reqwest` | no | `AuthRefreshMiddleware` for reqwest 0.13 + reqwest-middleware 0.5 |
+//! | `redis` | no | `RedisStore`: tokens in Redis, shared by a fleet of processes |
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 #![warn(
@@ -80,6 +111,7 @@ mod manager;
 #[cfg(feature = "oauth2")]
 #[cfg_attr(docsrs, doc(cfg(feature = "oauth2")))]
 pub mod oauth2;
+pub mod prelude;
 mod registry;
 #[cfg(feature = "reqwest")]
 mod reqwest;
