@@ -65,15 +65,17 @@
 //!   [`ReplayBody`] (the request body, kept for one replay) and
 //!   [`ResponseBody`] (handed back byte for byte after a detector peeked). A
 //!   retry that could not happen leaves a [`RetrySkipped`] marker.
+//!   [`HyperClient`] names a layered hyper-util client (and shows how to box
+//!   it in a `BoxCloneService`).
 //! * Where tokens outlive the process, and how a fleet refreshes once: the
-//!   [`TokenStore`] trait with [`MemoryStore`], [`FileStore`] and `RedisStore`
+//!   [`TokenStore`] trait with [`MemoryStore`], [`FileStore`] and [`RedisStore`]
 //!   (feature `redis`), their [`StoredToken`], [`Lease`] and [`StoreError`].
 //! * Many tokens: [`AuthRoutingLayer`] / [`AuthRouting`] pick a token per
 //!   upstream [`Origin`], [`UpstreamKey`] or [`Tenant`]; a
 //!   [`TokenRegistry`] holds one token per tenant over a store, with bulk
 //!   jobs ([`TokenRegistry::refresh_all`] with [`RefreshAll`], and
 //!   [`TokenRegistry::remove_idle`]) that return a [`MaintenanceReport`].
-//! * reqwest: `AuthRefreshMiddleware` (feature `reqwest`), the same handle,
+//! * reqwest: [`AuthRefreshMiddleware`] (feature `reqwest`), the same handle,
 //!   detector and injector in a `reqwest-middleware` client.
 //! * Errors: every failure is a [`BoxError`] that downcasts to
 //!   [`RefreshFailed`], [`RefreshTimedOut`], [`ReauthorizationRequired`] or
@@ -85,9 +87,44 @@
 //! | feature | default | what it adds |
 //! |---|---|---|
 //! | `oauth2` | yes | the [`oauth2`] module: OAuth2 grants and the token-endpoint client (hyper-util over plain HTTP) |
+//! | `hyper-client` | yes (with `oauth2`) | [`HyperClient`]: a hyper-util client wrapped in the layer, built by [`AuthRefreshLayer::hyper_client`] |
 //! | `oauth2-rustls` | no | HTTPS to the token endpoint in that client: rustls (ring) with the webpki roots |
-//! | `reqwest` | no | `AuthRefreshMiddleware` for reqwest 0.13 + reqwest-middleware 0.5 |
-//! | `redis` | no | `RedisStore`: tokens in Redis, shared by a fleet of processes |
+//! | `reqwest` | no | [`AuthRefreshMiddleware`] for reqwest 0.13 + reqwest-middleware 0.5 |
+//! | `redis` | no | [`RedisStore`]: tokens in Redis, shared by a fleet of processes |
+// NOTE: link targets of the parts behind features: the items when the
+// feature is on, their docs.rs pages when it is off.
+#![doc = ""]
+#![cfg_attr(feature = "oauth2", doc = "[`oauth2`]: crate::oauth2")]
+#![cfg_attr(
+    not(feature = "oauth2"),
+    doc = "[`oauth2`]: https://docs.rs/tower-auth-refresh/latest/tower_auth_refresh/oauth2/index.html"
+)]
+#![cfg_attr(feature = "hyper-client", doc = "[`HyperClient`]: crate::HyperClient")]
+#![cfg_attr(
+    not(feature = "hyper-client"),
+    doc = "[`HyperClient`]: https://docs.rs/tower-auth-refresh/latest/tower_auth_refresh/type.HyperClient.html"
+)]
+#![cfg_attr(
+    feature = "hyper-client",
+    doc = "[`AuthRefreshLayer::hyper_client`]: crate::AuthRefreshLayer::hyper_client"
+)]
+#![cfg_attr(
+    not(feature = "hyper-client"),
+    doc = "[`AuthRefreshLayer::hyper_client`]: https://docs.rs/tower-auth-refresh/latest/tower_auth_refresh/struct.AuthRefreshLayer.html#method.hyper_client"
+)]
+#![cfg_attr(
+    feature = "reqwest",
+    doc = "[`AuthRefreshMiddleware`]: crate::AuthRefreshMiddleware"
+)]
+#![cfg_attr(
+    not(feature = "reqwest"),
+    doc = "[`AuthRefreshMiddleware`]: https://docs.rs/tower-auth-refresh/latest/tower_auth_refresh/struct.AuthRefreshMiddleware.html"
+)]
+#![cfg_attr(feature = "redis", doc = "[`RedisStore`]: crate::RedisStore")]
+#![cfg_attr(
+    not(feature = "redis"),
+    doc = "[`RedisStore`]: https://docs.rs/tower-auth-refresh/latest/tower_auth_refresh/struct.RedisStore.html"
+)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 #![warn(
@@ -99,6 +136,8 @@
 #![deny(clippy::await_holding_lock)]
 
 mod body;
+#[cfg(feature = "hyper-client")]
+mod client;
 mod detect;
 mod error;
 mod fleet;
@@ -135,6 +174,9 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 #[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
 pub use self::reqwest::AuthRefreshMiddleware;
 pub use body::{ReplayBody, ResponseBody};
+#[cfg(feature = "hyper-client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "hyper-client")))]
+pub use client::{HyperClient, HyperResponse};
 pub use detect::{
     BearerChallenge, BodyDetectorFn, DetectorFn, ExpiryDetector, ExpiryDetectorExt, HeadVerdict,
     JsonBodyRule, Or, ResponseHead, StatusDetector, Unauthorized, body_detector_fn, detector_fn,
