@@ -90,6 +90,7 @@
 //! | `hyper-client` | yes (with `oauth2`) | [`HyperClient`]: a hyper-util client wrapped in the layer, built by [`AuthRefreshLayer::hyper_client`] |
 //! | `oauth2-rustls` | no | HTTPS to the token endpoint in that client: rustls (ring) with the webpki roots |
 //! | `reqwest` | no | [`AuthRefreshMiddleware`] for reqwest 0.13 + reqwest-middleware 0.5 |
+//! | `metrics` | no | refreshes (by reason and outcome) and their duration, retries, skipped retries, waits and the current token's time to expiry, reported through the [`metrics`](https://docs.rs/metrics) facade; names in the README |
 //! | `redis` | no | [`RedisStore`]: tokens in Redis, shared by a fleet of processes |
 // NOTE: link targets of the parts behind features: the items when the
 // feature is on, their docs.rs pages when it is off.
@@ -144,6 +145,7 @@ mod future;
 mod inject;
 mod layer;
 mod lifecycle;
+mod metrics;
 #[cfg(feature = "oauth2")]
 #[cfg_attr(docsrs, doc(cfg(feature = "oauth2")))]
 pub mod oauth2;

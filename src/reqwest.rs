@@ -11,7 +11,7 @@ use reqwest_middleware::{Middleware, Next};
 use crate::body::peek;
 use crate::detect::{ExpiryDetector, HeadVerdict, ResponseHead};
 use crate::layer::LayerConfig;
-use crate::lifecycle::{Acquired, Counters, Rejection, TokenManager};
+use crate::lifecycle::{Acquired, Rejection, TokenManager};
 use crate::retry::mark_skipped;
 use crate::{
     AuthRefreshLayer, BoxError, ReauthorizationRequired, RefreshFailed, RefreshTimedOut,
@@ -182,7 +182,7 @@ impl Middleware for AuthRefreshMiddleware {
         let (header, generation) = match manager.acquire() {
             Acquired::Ready(header, generation) => (header, generation),
             Acquired::Wait => {
-                Counters::bump(&manager.counters.waited);
+                manager.count_wait();
                 manager
                     .wait_for_token()
                     .await
@@ -211,7 +211,7 @@ impl Middleware for AuthRefreshMiddleware {
         let (header, generation) = wait.await.map_err(to_middleware_error)?;
         drop(response);
         apply(injector, &header, &mut retry);
-        Counters::bump(&manager.counters.retries);
+        manager.count_retry();
         tracing::debug!(generation, "retrying request with refreshed token");
         next.run(retry, extensions).await
     }

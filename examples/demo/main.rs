@@ -68,7 +68,10 @@ async fn main() -> Result<(), BoxError> {
         "  requests replayed         {}  (rejected by 401 or code 40003, sent again with the new token)",
         stats.retries
     );
-    println!("  requests that waited      {}", stats.waited);
+    println!(
+        "  requests that waited      {} for the first token, {} for an expired token's refresh",
+        stats.waited_first_token, stats.waited
+    );
     println!(
         "summary requests={} ok={} failed={} refreshes={} retries={} waited={}",
         outcome.ok + outcome.failed,

@@ -39,6 +39,8 @@ pub(crate) struct ManagerConfig {
     pub(crate) backoff_min: Duration,
     pub(crate) backoff_max: Duration,
     pub(crate) min_token_age: Duration,
+    /// The `token` label of this handle's metrics.
+    pub(crate) name: Arc<str>,
 }
 
 impl Default for ManagerConfig {
@@ -51,6 +53,7 @@ impl Default for ManagerConfig {
             backoff_min: Duration::from_millis(500),
             backoff_max: Duration::from_secs(60),
             min_token_age: Duration::from_secs(5),
+            name: Arc::from("default"),
         }
     }
 }
@@ -100,6 +103,7 @@ pub(crate) struct Counters {
     pub(crate) retries: AtomicU64,
     pub(crate) skipped_retries: AtomicU64,
     pub(crate) waited: AtomicU64,
+    pub(crate) waited_first_token: AtomicU64,
     pub(crate) adopted: AtomicU64,
 }
 
@@ -326,6 +330,7 @@ impl TokenManager {
                 .map(|current| (current, adopted))
                 .map_err(|err| RefreshError::Failed(RefreshFailed::new(Arc::new(err))))
         });
+        self.report_refresh(reason, &installed, took);
         match installed {
             Ok((current, adopted)) => {
                 if adopted {
@@ -389,6 +394,7 @@ impl TokenManager {
         }
         state.timer = current.arm_timer();
         self.current.store(Some(current.clone()));
+        self.report_expiry(&current);
         Ok(current)
     }
 

@@ -14,6 +14,7 @@
 //!   and what a refresh obtained.
 //! - `header_cache.rs`: per-thread copies of the current header.
 
+mod counting;
 mod current;
 mod fetch;
 mod fleet;
@@ -21,6 +22,6 @@ mod handle;
 mod header_cache;
 mod manager;
 
-pub(crate) use manager::{Acquired, Counters, Rejection, TokenManager};
+pub(crate) use manager::{Acquired, Rejection, TokenManager};
 
 pub use handle::{RefreshStats, TokenHandle, TokenHandleBuilder, TokenStatus};
