@@ -189,9 +189,18 @@ impl Current {
             .map(|at| at.saturating_duration_since(Instant::now()))
     }
 
-    /// `true` while the token may be sent.
+    /// `true` while the token may be sent: what [`Current::use_now`] answers
+    /// a request, without claiming a refresh.
+    // NOTE: a timed token is expired for requests when its timer says so,
+    // not when the clock passes `wait_at` (the timer fires a moment later);
+    // reading the clock here made `status().valid` say "expired" while
+    // requests still went out with the token.
     pub(crate) fn is_valid(&self) -> bool {
-        self.is_usable() && self.freshness_by_clock(Instant::now()) != EXPIRED
+        match self.freshness.load(Ordering::Acquire) {
+            EXPIRED => false,
+            UNTIMED => self.freshness_by_clock(Instant::now()) != EXPIRED,
+            _ => true,
+        }
     }
 
     /// `true` when the token is inside its refresh-ahead window or expired.
@@ -255,4 +264,29 @@ async fn freshness_timer(current: Weak<Current>) {
 /// Shortens `ahead` by up to 10 %, so replicas do not refresh in lockstep.
 fn jittered(ahead: Duration) -> Duration {
     ahead.mul_f64(1.0 - fastrand::f64() * 0.1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn valid_says_what_a_request_would_do_until_the_timer_fires() {
+        let token = Token::bearer("t").with_expires_in(Duration::from_secs(10));
+        let header = HeaderValue::from_static("Bearer t");
+        let timing = Timing {
+            refresh_ahead: None,
+            min_validity: Duration::from_secs(1),
+        };
+        // No timer armed: the moment between the clock passing `wait_at`
+        // and the timer flipping the state, held still.
+        let current = Current::new(token, header, 1, 0, timing);
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert!(matches!(current.use_now(), Use::Send));
+        assert!(current.is_valid(), "a request still sends it");
+
+        current.freshness.store(EXPIRED, Ordering::Release);
+        assert!(matches!(current.use_now(), Use::Wait));
+        assert!(!current.is_valid());
+    }
 }
