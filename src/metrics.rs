@@ -93,34 +93,32 @@ mod report {
     /// (refreshes, waits, retries; never the plain request path), and a
     /// recorder installed late still gets them.
     fn describe() {
-        {
-            describe_counter!(
-                REFRESHES,
-                Unit::Count,
-                "Token refreshes, by reason and outcome."
-            );
-            describe_histogram!(
-                REFRESH_DURATION,
-                Unit::Seconds,
-                "How long token refreshes took, by reason and outcome."
-            );
-            describe_counter!(RETRIES, Unit::Count, "Requests sent again after a refresh.");
-            describe_counter!(
-                RETRIES_SKIPPED,
-                Unit::Count,
-                "Rejected requests that were not retried, by reason."
-            );
-            describe_counter!(
-                WAITS,
-                Unit::Count,
-                "Requests that waited for a token before being sent, by cause."
-            );
-            describe_gauge!(
-                EXPIRES_IN,
-                Unit::Seconds,
-                "Seconds until the current token expires."
-            );
-        }
+        describe_counter!(
+            REFRESHES,
+            Unit::Count,
+            "Token refreshes, by reason and outcome."
+        );
+        describe_histogram!(
+            REFRESH_DURATION,
+            Unit::Seconds,
+            "How long token refreshes took, by reason and outcome."
+        );
+        describe_counter!(RETRIES, Unit::Count, "Requests sent again after a refresh.");
+        describe_counter!(
+            RETRIES_SKIPPED,
+            Unit::Count,
+            "Rejected requests that were not retried, by reason."
+        );
+        describe_counter!(
+            WAITS,
+            Unit::Count,
+            "Requests that waited for a token before being sent, by cause."
+        );
+        describe_gauge!(
+            EXPIRES_IN,
+            Unit::Seconds,
+            "Seconds until the current token expires."
+        );
     }
 
     pub(super) fn refresh_finished(
