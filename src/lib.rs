@@ -68,9 +68,13 @@
 
 mod body;
 mod detect;
+#[cfg(feature = "dpop")]
+pub mod dpop;
 mod error;
 mod future;
 mod inject;
+#[cfg(feature = "oauth2")]
+mod jose;
 mod layer;
 mod lifecycle;
 #[cfg(feature = "oauth2")]

@@ -111,6 +111,8 @@ impl OAuth2Source {
             scope: None,
             redirect_uri: None,
             reauthorize: None,
+            #[cfg(feature = "dpop")]
+            dpop: None,
         }
     }
 
@@ -321,6 +323,8 @@ pub struct OAuth2SourceBuilder {
     scope: Option<String>,
     redirect_uri: Option<String>,
     reauthorize: Option<Box<ReauthorizeHook>>,
+    #[cfg(feature = "dpop")]
+    dpop: Option<crate::dpop::DpopKey>,
 }
 
 impl fmt::Debug for OAuth2SourceBuilder {
@@ -422,6 +426,17 @@ impl OAuth2SourceBuilder {
         self
     }
 
+    /// DPoP (RFC 9449, feature `dpop`): every token request carries a proof
+    /// signed with `key`; a `use_dpop_nonce` challenge is answered once with
+    /// a fresh proof and the server's nonce; the tokens that come back must
+    /// be of type `DPoP`. Give the same key (a clone) to the requests that
+    /// use the tokens.
+    #[cfg(feature = "dpop")]
+    pub fn dpop(mut self, key: crate::dpop::DpopKey) -> Self {
+        self.dpop = Some(key);
+        self
+    }
+
     /// Builds the source. Fails if the URL is not an absolute `http(s)`
     /// URL, or is `https` while the default client has no TLS (feature
     /// `oauth2-rustls` off) and no other service was given.
@@ -457,6 +472,8 @@ impl OAuth2SourceBuilder {
                     timeout: self.timeout,
                     max_response_bytes: self.max_response_bytes,
                     extra_params: Arc::new(self.extra_params),
+                    #[cfg(feature = "dpop")]
+                    dpop: self.dpop,
                 },
                 initial: self.initial,
                 scope: self.scope,
