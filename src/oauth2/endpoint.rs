@@ -175,7 +175,7 @@ impl fmt::Debug for TokenEndpoint {
     }
 }
 
-enum Attempt {
+pub(crate) enum Attempt {
     Answer(StatusCode, HeaderMap, Bytes),
     Transport(BoxError),
 }
@@ -252,7 +252,7 @@ impl TokenEndpoint {
     /// One attempt as the retry policy counts it. With DPoP, a
     /// `use_dpop_nonce` challenge is answered here, once, with a fresh proof
     /// carrying the new nonce: that is not a retry of the policy.
-    async fn send(&self, body: Bytes) -> Result<Attempt, TokenEndpointError> {
+    pub(crate) async fn send(&self, body: Bytes) -> Result<Attempt, TokenEndpointError> {
         let attempt = self.send_once(body.clone()).await?;
         #[cfg(feature = "dpop")]
         if let (Some(dpop), Attempt::Answer(status, headers, bytes)) = (&self.dpop, &attempt) {
@@ -366,7 +366,12 @@ impl TokenEndpoint {
         Ok(token)
     }
 
-    fn parse_failure(&self, status: StatusCode, bytes: &[u8], attempts: u32) -> TokenEndpointError {
+    pub(crate) fn parse_failure(
+        &self,
+        status: StatusCode,
+        bytes: &[u8],
+        attempts: u32,
+    ) -> TokenEndpointError {
         if let Ok(map) = json_object(bytes) {
             if let Some(err) = parse_error(status, &map) {
                 return TokenEndpointError::OAuth(err);

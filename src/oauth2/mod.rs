@@ -32,6 +32,7 @@ mod pkce;
 #[cfg(test)]
 mod properties;
 mod response;
+mod revocation;
 mod source;
 
 pub use crate::jose::{KeyError, SigningKey};
@@ -41,4 +42,5 @@ pub use envelope::{Envelope, ExpiryFormat};
 pub use error::{InvalidTokenUrl, OAuthError, TokenEndpointError};
 pub use grant::{AuthorizationCode, Grant};
 pub use pkce::Pkce;
+pub use revocation::RevocationNotConfigured;
 pub use source::{OAuth2Source, OAuth2SourceBuilder};
