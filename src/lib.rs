@@ -88,6 +88,11 @@ mod source;
 mod store;
 mod token;
 
+// The README's examples, compiled and run as doctests.
+#[cfg(all(doctest, feature = "dpop"))]
+#[doc = include_str!("../README.md")]
+mod readme_doctests {}
+
 /// The error type of the middleware, as in tower.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
