@@ -24,10 +24,12 @@
 
 mod key;
 mod nonce;
+mod resource;
 
 pub use key::DpopKey;
 pub(crate) use key::is_use_dpop_nonce;
 pub use nonce::NonceCache;
+pub(crate) use resource::{is_nonce_challenge, stamp};
 
 /// The `DPoP` request header that carries a proof.
 pub const DPOP: http::HeaderName = http::HeaderName::from_static("dpop");
