@@ -20,12 +20,12 @@ use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use oidc_support::{Provider, REDIRECT_URI, plain_client};
 use secrecy::ExposeSecret;
-use tower::{BoxError, service_fn};
-use tower_auth_refresh::TokenHandle;
+use tower::{BoxError, Layer, ServiceExt, service_fn};
 use tower_auth_refresh::dpop::DpopKey;
 use tower_auth_refresh::oauth2::{
     AuthorizationCode, ClientAuth, Grant, OAuth2Source, OAuth2SourceBuilder, Pkce, SigningKey,
 };
+use tower_auth_refresh::{AuthRefreshLayer, ReplayBody, TokenHandle};
 
 const ES256_KEY: &str = include_str!("keys/es256-test-only.pem");
 const RS256_KEY: &str = include_str!("keys/rsa-2048-test-only.pem");
@@ -140,6 +140,60 @@ async fn server_dpop_stats(provider: &Provider) -> (u64, u64, u64) {
         json["jtis"].as_u64().unwrap(),
         json["rejected"].as_u64().unwrap(),
     )
+}
+
+/// How a resource request was answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Answer {
+    Ok,
+    NonceChallenge,
+    InvalidToken,
+    Other(u16),
+}
+
+type Answers = Arc<Mutex<Vec<Answer>>>;
+
+/// A hyper-util client that records how each resource request was answered.
+fn recording_client() -> (
+    impl tower::Service<
+        Request<ReplayBody<Full<Bytes>>>,
+        Response = Response<hyper::body::Incoming>,
+        Error = BoxError,
+        Future = impl Send,
+    > + Clone
+    + Send
+    + 'static,
+    Answers,
+) {
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<ReplayBody<Full<Bytes>>>();
+    let answers: Answers = Arc::default();
+    let log = answers.clone();
+    let service = service_fn(move |request: Request<ReplayBody<Full<Bytes>>>| {
+        let client = client.clone();
+        let log = log.clone();
+        async move {
+            let response = client.request(request).await?;
+            let challenge = response
+                .headers()
+                .get("www-authenticate")
+                .map(|v| v.to_str().unwrap_or_default().to_owned())
+                .unwrap_or_default();
+            let answer = match response.status().as_u16() {
+                200 => Answer::Ok,
+                401 if challenge.contains("use_dpop_nonce") => Answer::NonceChallenge,
+                401 if challenge.contains("invalid_token") => Answer::InvalidToken,
+                other => Answer::Other(other),
+            };
+            log.lock().unwrap().push(answer);
+            Ok::<_, BoxError>(response)
+        }
+    });
+    (service, answers)
+}
+
+fn take_answers(answers: &Answers) -> Vec<Answer> {
+    std::mem::take(&mut *answers.lock().unwrap())
 }
 
 /// Asserts the shape every DPoP token request must have, whatever happened.
@@ -427,6 +481,74 @@ async fn authorization_code_with_pkce_and_dpop_jkt_then_revocation() {
     let live_refresh = second.refresh_token().unwrap().expose_secret().to_owned();
     assert_ne!(live_refresh, refresh, "rotated");
     assert_eq!(provider.introspect(&live_refresh).await["active"], true);
+
+    // The provider's userinfo endpoint is a DPoP resource too: the layer
+    // sends `Authorization: DPoP` with a proof bound to the token, and the
+    // nonce learned at the token endpoint (same origin) is reused.
+    let (userinfo_client, userinfo_log) = recording_client();
+    let api = AuthRefreshLayer::new(handle.clone())
+        .dpop(dpop.clone())
+        .layer(userinfo_client);
+    let me = || {
+        Request::get(provider.url("/me"))
+            .body(Full::default())
+            .unwrap()
+    };
+    let response = api.clone().oneshot(me()).await.unwrap();
+    assert_eq!(response.status(), 200);
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    let userinfo: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(userinfo["sub"], "alice");
+    assert_eq!(take_answers(&userinfo_log), [Answer::Ok]);
+
+    // Four minutes on: the nonce has rotated out (a nonce is accepted until
+    // the fourth 60 s step after it was handed out), the token (300 s) is
+    // still good. One challenge, one more attempt, no refresh.
+    let stats = handle.stats();
+    provider.advance_clock(240).await;
+    assert_eq!(api.clone().oneshot(me()).await.unwrap().status(), 200);
+    assert_eq!(
+        take_answers(&userinfo_log),
+        [Answer::NonceChallenge, Answer::Ok]
+    );
+    assert_eq!(handle.stats().refreshes, stats.refreshes);
+    assert_eq!(handle.stats().retries, stats.retries);
+
+    // The nonce rotates out again and the access token dies at the server:
+    // the nonce challenge is answered, then the dead token is refreshed once
+    // and the request sent again. The token endpoint has the same origin, so
+    // the nonce the challenge brought serves the refresh too: no second
+    // challenge there.
+    let access = handle
+        .token()
+        .unwrap()
+        .access_token()
+        .expose_secret()
+        .to_owned();
+    provider.drop_access_token(&access).await;
+    assert_eq!(provider.introspect(&access).await["active"], false);
+    take(&log);
+    provider.advance_clock(240).await;
+    assert_eq!(api.clone().oneshot(me()).await.unwrap().status(), 200);
+    let answers = take_answers(&userinfo_log);
+    assert_eq!(
+        answers,
+        [Answer::NonceChallenge, Answer::InvalidToken, Answer::Ok],
+        "{answers:?}"
+    );
+    assert_eq!(handle.stats().refreshes, stats.refreshes + 1);
+    assert_eq!(handle.stats().retries, stats.retries + 1);
+    let refresh_round = take(&log);
+    assert_eq!(refresh_round.len(), 1, "{refresh_round:#?}");
+    assert_eq!(refresh_round[0].status, 200);
+    assert!(refresh_round[0].proof.as_ref().unwrap()["nonce"].is_string());
+    let live_refresh = handle
+        .token()
+        .unwrap()
+        .refresh_token()
+        .unwrap()
+        .expose_secret()
+        .to_owned();
 
     // Logout: the refresh token is revoked at the server and forgotten here.
     take(&log);

@@ -17,6 +17,9 @@
 //   /dev/clock?seconds=N
 //                       moves the server's clock N seconds ahead (DPoP nonces
 //                       rotate every 60 s); answers {"offset_seconds": total}.
+//   /dev/drop-access-token?token=..
+//                       forgets one access token (as if it had expired), not
+//                       its grant; answers {"dropped": bool}.
 //   /dev/dpop-stats     {"proofs": n, "jtis": n, "rejected": n}: the DPoP proofs
 //                       received at the token endpoint, their distinct jti
 //                       values, and the proofs answered with an error other
@@ -190,6 +193,9 @@ function configuration() {
       required: (_ctx, client) => client.clientId.startsWith('jwt-'),
     },
     rotateRefreshToken: true,
+    // /dev/clock moves the server up to ten minutes ahead of the clients,
+    // which sign their assertions with the real clock.
+    clockTolerance: 900,
     ttl: {
       AccessToken: (_ctx, _token, client) => (shortLived(client) ? SHORT_TTL_SECONDS : 300),
       ClientCredentials: (_ctx, _token, client) => (shortLived(client) ? SHORT_TTL_SECONDS : 300),
@@ -219,6 +225,13 @@ async function route(req, res) {
     clockOffsetMs += Number(url.searchParams.get('seconds') ?? 0) * 1000;
     res.setHeader('content-type', 'application/json');
     res.end(JSON.stringify({ offset_seconds: clockOffsetMs / 1000 }));
+  } else if (url.pathname === '/dev/drop-access-token') {
+    // Forgets one access token, as if it had expired; its grant and refresh
+    // token live on.
+    const token = await provider.AccessToken.find(url.searchParams.get('token') ?? '');
+    if (token) await token.destroy();
+    res.setHeader('content-type', 'application/json');
+    res.end(JSON.stringify({ dropped: Boolean(token) }));
   } else if (url.pathname === '/dev/dpop-stats') {
     res.setHeader('content-type', 'application/json');
     res.end(JSON.stringify({ proofs: dpopStats.proofs, jtis: dpopStats.jtis.size, rejected: dpopStats.rejected }));

@@ -107,11 +107,24 @@ impl Provider {
         json["code"].as_str().unwrap().to_owned()
     }
 
-    /// Moves the server's clock `seconds` ahead (its DPoP nonces rotate
-    /// every 60 s and are accepted for about two steps either side).
+    /// Moves the server's clock `seconds` ahead. Its DPoP nonces step every
+    /// 60 s; a nonce handed out is accepted until the fourth step after, so
+    /// 240 s always rotates it out. The server tolerates 900 s of skew in
+    /// the JWTs it verifies (client assertions signed with the real clock).
     pub async fn advance_clock(&self, seconds: u64) {
         let uri = format!("{}?seconds={seconds}", self.url("/dev/clock"));
         self.get_json(&uri).await;
+    }
+
+    /// Makes the server forget one access token, as if it had expired; the
+    /// refresh token of its grant still works.
+    pub async fn drop_access_token(&self, token: &str) {
+        let uri = format!(
+            "{}?token={}",
+            self.url("/dev/drop-access-token"),
+            url::form_urlencoded::byte_serialize(token.as_bytes()).collect::<String>()
+        );
+        assert_eq!(self.get_json(&uri).await["dropped"], true);
     }
 
     async fn get_json(&self, uri: &str) -> serde_json::Value {
