@@ -57,9 +57,11 @@ impl<B: Body + Send + 'static> Service<Request<B>> for Noop {
 
 fn handle() -> TokenHandle {
     let token = || Token::new(token_string(), "DPoP").with_expires_in(Duration::from_secs(3600));
-    TokenHandle::builder(token_source_fn(move |_| async move { Ok::<_, Infallible>(token()) }))
-        .initial_token(token())
-        .build()
+    TokenHandle::builder(token_source_fn(move |_| async move {
+        Ok::<_, Infallible>(token())
+    }))
+    .initial_token(token())
+    .build()
 }
 
 /// Sends one request and reads the response, without a runtime hop.
@@ -117,4 +119,3 @@ fn bench(c: &mut Criterion) {
 
 criterion_group!(benches, bench);
 criterion_main!(benches);
-

@@ -120,6 +120,8 @@ where
     }
 
     /// The response may mean the token expired: decide, refresh, retry once.
+    // `self` changes only when a DPoP nonce challenge is answered.
+    #[cfg_attr(not(feature = "dpop"), allow(unused_mut))]
     pub(crate) async fn recover(
         mut self,
         response: Response<ResB>,
