@@ -7,7 +7,10 @@
 //! [`OAuth2SourceBuilder::dpop`](crate::oauth2::OAuth2SourceBuilder::dpop)
 //! and the token endpoint gets proofs, answers its `use_dpop_nonce`
 //! challenges once each, and checks that the tokens it returns are of type
-//! `DPoP`.
+//! `DPoP`. Give it to [`AuthRefreshLayer::dpop`](crate::AuthRefreshLayer::dpop)
+//! and every resource request carries `Authorization: DPoP <token>` and a
+//! fresh proof, and a resource server's nonce challenge is answered once
+//! through the replay path.
 //!
 //! ```
 //! use http::{Method, Uri};
