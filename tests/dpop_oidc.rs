@@ -197,7 +197,7 @@ fn take_answers(answers: &Answers) -> Vec<Answer> {
 }
 
 /// Asserts the shape every DPoP token request must have, whatever happened.
-fn assert_proofs_well_formed(exchanges: &[Exchange], token_url: &str, key: &DpopKey) {
+fn assert_proofs_well_formed(exchanges: &[Exchange], token_url: &str) {
     let mut jtis = HashSet::new();
     for exchange in exchanges {
         let proof = exchange
@@ -212,7 +212,6 @@ fn assert_proofs_well_formed(exchanges: &[Exchange], token_url: &str, key: &Dpop
             "jti reused"
         );
     }
-    let _ = key;
 }
 
 #[tokio::test]
@@ -274,7 +273,7 @@ async fn private_key_jwt_with_each_algorithm_gets_dpop_bound_tokens() {
             total_requests += 1;
         }
         total_requests += 2;
-        assert_proofs_well_formed(&first, &provider.token_url(), &dpop);
+        assert_proofs_well_formed(&first, &provider.token_url());
 
         // The token is bound to the key: the server says so.
         let token = handle.token().unwrap();
@@ -332,6 +331,7 @@ async fn each_nonce_rotation_costs_exactly_one_extra_attempt() {
             round[0].proof.as_ref().unwrap()["nonce"],
             round[1].proof.as_ref().unwrap()["nonce"]
         );
+        assert_eq!(round[0].form, round[1].form, "the same form sent again");
         all.extend(round);
     }
 
@@ -357,7 +357,7 @@ async fn each_nonce_rotation_costs_exactly_one_extra_attempt() {
     all.extend(soft);
     all.extend(after);
 
-    assert_proofs_well_formed(&all, &provider.token_url(), &dpop);
+    assert_proofs_well_formed(&all, &provider.token_url());
     let challenges = all.iter().filter(|e| e.is_nonce_challenge()).count();
     assert_eq!(challenges, 1 + ROTATIONS);
     let (proofs, jtis, rejected) = server_dpop_stats(&provider).await;

@@ -15,6 +15,19 @@ use crate::jose::{KeyError, SigningKey, random_id, sha256_b64, sign_compact, uni
 /// (EdDSA, RS256, or a key loaded from PKCS#8) with
 /// [`from_signing_key`](Self::from_signing_key). `Debug` shows the algorithm
 /// and the thumbprint, never the key.
+///
+/// ```
+/// use tower_auth_refresh::dpop::DpopKey;
+/// use tower_auth_refresh::oauth2::SigningKey;
+///
+/// # fn main() -> Result<(), tower_auth_refresh::oauth2::KeyError> {
+/// let generated = DpopKey::generate()?;
+/// assert_eq!(generated.signing_key().algorithm(), "ES256");
+/// let brought = DpopKey::from_signing_key(SigningKey::generate_ed25519()?);
+/// assert_eq!(brought.signing_key().algorithm(), "EdDSA");
+/// assert_ne!(generated.thumbprint(), brought.thumbprint());
+/// # Ok(()) }
+/// ```
 #[derive(Clone)]
 pub struct DpopKey {
     key: SigningKey,
