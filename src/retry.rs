@@ -170,6 +170,8 @@ where
         let (header, generation) = wait.await?;
         drop(response);
 
+        #[cfg(feature = "dpop")]
+        let uri = self.config.dpop.as_ref().map(|_| self.head.uri().clone());
         let (parts, ()) = self.head.into_parts();
         let mut retry = Request::from_parts(parts, body);
         self.config
@@ -177,8 +179,18 @@ where
         Counters::bump(&self.manager.counters.retries);
         tracing::debug!(generation, "retrying request with refreshed token");
         let mut inner = self.inner;
-        let response = inner.ready().await.map_err(Into::into)?.call(retry).await;
-        Ok(response.map_err(Into::into)?.map(ResponseBody::new))
+        let response = inner
+            .ready()
+            .await
+            .map_err(Into::into)?
+            .call(retry)
+            .await
+            .map_err(Into::into)?;
+        #[cfg(feature = "dpop")]
+        if let (Some(key), Some(uri)) = (&self.config.dpop, &uri) {
+            key.nonces().update(uri, response.headers());
+        }
+        Ok(response.map(ResponseBody::new))
     }
 
     /// NOTE: a DPoP nonce challenge is not an expired token. The request is

@@ -64,6 +64,9 @@ struct ServerState {
     addr: Mutex<String>,
     /// The nonce required now, and one more still accepted (a soft rotation).
     nonce: Mutex<(String, Option<String>)>,
+    /// A nonce to rotate to softly when the next request succeeds, so that
+    /// the success announces it.
+    next_on_success: Mutex<Option<String>>,
     accepted: Mutex<HashSet<String>>,
     attempts: Mutex<Vec<Attempt>>,
 }
@@ -110,6 +113,11 @@ impl ResourceServer {
         let mut guard = self.state.nonce.lock().unwrap();
         let old = std::mem::replace(&mut guard.0, nonce.to_owned());
         guard.1 = Some(old);
+    }
+
+    /// Announces `nonce` on the next success (the old one still works).
+    fn rotate_softly_on_next_success(&self, nonce: &str) {
+        *self.state.next_on_success.lock().unwrap() = Some(nonce.to_owned());
     }
 
     fn take(&self) -> Vec<Attempt> {
@@ -207,6 +215,12 @@ async fn resource(State(state): State<Arc<ServerState>>, request: Request) -> Re
                         );
                         StatusCode::UNAUTHORIZED
                     } else {
+                        if let Some(next) = state.next_on_success.lock().unwrap().take() {
+                            let mut nonce = state.nonce.lock().unwrap();
+                            let old = std::mem::replace(&mut nonce.0, next.clone());
+                            nonce.1 = Some(old);
+                            headers.insert("dpop-nonce", next.parse().unwrap());
+                        }
                         StatusCode::OK
                     }
                 }
@@ -406,9 +420,11 @@ async fn an_expired_token_behind_a_nonce_challenge_still_refreshes_once() {
             .unwrap();
         server.take();
 
-        // The token dies and the nonce rotates at once.
+        // The token dies and the nonce rotates at once; the success that
+        // ends it all announces yet another nonce.
         server.revoke_all();
         server.rotate("nonce-2");
+        server.rotate_softly_on_next_success("nonce-3");
         let chunks = ["payload-", "that-must-", "arrive-three-times"];
         let response = service
             .clone()
@@ -430,6 +446,16 @@ async fn an_expired_token_behind_a_nonce_challenge_still_refreshes_once() {
         let stats = handle.stats();
         assert_eq!(stats.refreshes, 2);
         assert_eq!(stats.retries, 1, "only the refresh retry counts");
+
+        // The nonce the retry's answer announced is the one used next.
+        service
+            .clone()
+            .oneshot(get(&server.url("/c")))
+            .await
+            .unwrap();
+        let next = server.take();
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].nonce.as_deref(), Some("nonce-3"));
     })
     .await
     .expect("bounded");
