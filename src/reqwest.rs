@@ -89,7 +89,7 @@ impl AuthRefreshMiddleware {
             response.headers(),
         ));
         match verdict {
-            HeadVerdict::NotExpired => (false, response),
+            HeadVerdict::NotExpired | HeadVerdict::Veto => (false, response),
             HeadVerdict::Expired => (true, response),
             HeadVerdict::NeedBody => {
                 // NOTE: the conversion to `http::Response` drops the response's

@@ -106,7 +106,7 @@ where
         // made ready again before a retry.
         let response = self.inner.call(request).await.map_err(Into::into)?;
         match self.verdict(&response) {
-            HeadVerdict::NotExpired => Ok(response.map(ResponseBody::new)),
+            verdict if verdict.is_not_expired() => Ok(response.map(ResponseBody::new)),
             verdict => self.recover(response, verdict).await,
         }
     }

@@ -117,7 +117,10 @@ async fn answer(State(state): State<Arc<Upstream>>, request: Request) -> Respons
             StatusCode::FORBIDDEN,
             r#"{"error":"Token expired, please refresh"}"#,
         ),
-        "/vendor/bom" => json(StatusCode::OK, "\u{feff}{\"code\":40003,\"msg\":\"无效token\"}"),
+        "/vendor/bom" => json(
+            StatusCode::OK,
+            "\u{feff}{\"code\":40003,\"msg\":\"无效token\"}",
+        ),
         _ => (StatusCode::NOT_FOUND, "no such path").into_response(),
     }
 }
@@ -175,13 +178,16 @@ async fn the_vendor_formats_of_an_expired_token_are_still_detected() {
         let service = ServiceBuilder::new()
             .layer(json_layer(handle))
             .service(client());
-        let response =
-            tokio::time::timeout(LIMIT, service.oneshot(get(&format!("{base}{path}"))))
-                .await
-                .unwrap()
-                .unwrap();
+        let response = tokio::time::timeout(LIMIT, service.oneshot(get(&format!("{base}{path}"))))
+            .await
+            .unwrap()
+            .unwrap();
         assert_eq!(response.status(), StatusCode::OK, "{path}");
-        assert_eq!(body_text(response).await, r#"{"code":0,"msg":"ok"}"#, "{path}");
+        assert_eq!(
+            body_text(response).await,
+            r#"{"code":0,"msg":"ok"}"#,
+            "{path}"
+        );
         assert_eq!(issuer.calls(), 2, "{path}: refreshed once");
         let seen: Vec<Option<String>> = upstream
             .requests
@@ -230,11 +236,8 @@ async fn events_arrive_one_by_one(path: &str, layer: AuthRefreshLayer) {
     let (events, receiver) = mpsc::unbounded();
     *upstream.events.lock().unwrap() = Some(receiver);
     let service = ServiceBuilder::new().layer(layer).service(client());
-    let event = |n: usize| {
-        Bytes::from(format!(
-            "{{\"type\":\"ADDED\",\"object\":{{\"n\":{n}}}}}\n"
-        ))
-    };
+    let event =
+        |n: usize| Bytes::from(format!("{{\"type\":\"ADDED\",\"object\":{{\"n\":{n}}}}}\n"));
     events.unbounded_send(event(1)).unwrap();
 
     let response = tokio::time::timeout(LIMIT, service.oneshot(get(&format!("{base}{path}"))))
