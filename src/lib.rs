@@ -101,7 +101,9 @@ pub use error::{InvalidTokenValue, ReauthorizationRequired, RefreshFailed, Refre
 pub use future::ResponseFuture;
 pub use handle::{RefreshStats, TokenHandle, TokenHandleBuilder, TokenStatus};
 pub use inject::TokenInjector;
-pub use layer::{AuthRefreshLayer, DEFAULT_MAX_REPLAY_BYTES, DEFAULT_PEEK_LIMIT};
+pub use layer::{
+    AuthRefreshLayer, DEFAULT_MAX_REPLAY_BYTES, DEFAULT_PEEK_DEADLINE, DEFAULT_PEEK_LIMIT,
+};
 pub use registry::{
     AuthRouting, AuthRoutingLayer, InvalidOrigin, LAST_USED_METADATA_KEY, MaintenanceReport,
     Origin, Outcome, ProgressUpdate, RefreshAll, Tenant, TokenRegistry, TokenRegistryBuilder,

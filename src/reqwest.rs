@@ -8,11 +8,10 @@ use ::reqwest::{Request, Response, ResponseBuilderExt};
 use http::{Extensions, HeaderValue};
 use reqwest_middleware::{Middleware, Next};
 
-use crate::body::peek;
 use crate::detect::{ExpiryDetector, HeadVerdict, ResponseHead};
 use crate::layer::LayerConfig;
 use crate::manager::{Acquired, Counters, Rejection, TokenManager};
-use crate::retry::mark_skipped;
+use crate::retry::{judge_body, mark_skipped};
 use crate::{
     AuthRefreshLayer, BoxError, ReauthorizationRequired, RefreshFailed, RefreshTimedOut,
     SkipReason, StoreError, TokenHandle, TokenInjector,
@@ -100,13 +99,8 @@ impl AuthRefreshMiddleware {
                 if let Ok(with_url) = http::Response::builder().url(url).body(()) {
                     parts.extensions.extend(with_url.into_parts().0.extensions);
                 }
-                let peeked = peek(body, self.config.peek_limit).await;
-                let head = ResponseHead::new(parts.status, parts.version, &parts.headers);
-                let expired = peeked
-                    .complete
-                    .as_ref()
-                    .is_some_and(|bytes| self.config.detector.check_body(&head, bytes));
-                let body = ::reqwest::Body::wrap(peeked.body);
+                let (expired, body) = judge_body(&self.config, &parts, body).await;
+                let body = ::reqwest::Body::wrap(body);
                 (
                     expired,
                     Response::from(http::Response::from_parts(parts, body)),
