@@ -145,6 +145,9 @@ where
                 return Ok(response);
             }
         };
+        // NOTE: the one replay has started: dropping the handle frees each
+        // buffered chunk once the retry has sent it.
+        drop(self.replay);
         let (header, generation) = wait.await?;
         drop(response);
 
