@@ -26,7 +26,9 @@ use super::{ExpiryDetector, HeadVerdict, ResponseHead};
 /// `stream=` parameter) are read; the body is shown only when it fits in
 /// the layer's peek limit and arrives in time (see
 /// [`AuthRefreshLayer::peek_deadline`](crate::AuthRefreshLayer::peek_deadline)).
-/// A UTF-8 byte order mark before the JSON is ignored. A code given as a
+/// A compressed body (`Content-Encoding: gzip` …) is not read: put a
+/// decompression layer inside the auth layer to have it decoded first. A
+/// UTF-8 byte order mark before the JSON is ignored. A code given as a
 /// number matches the same number written as a string, and the other way
 /// round.
 ///

@@ -85,6 +85,28 @@ impl HeadVerdict {
 
 /// Decides whether a response means the token expired.
 ///
+/// [`check_head`](Self::check_head) answers from the status and headers:
+/// [`Expired`](HeadVerdict::Expired), [`NotExpired`](HeadVerdict::NotExpired)
+/// ("nothing here for me"), [`Veto`](HeadVerdict::Veto) ("firmly not
+/// expired, whatever the others say") or [`NeedBody`](HeadVerdict::NeedBody).
+/// A detector written as a closure ([`detector_fn`]) answers `Expired` or
+/// `NotExpired`; implement the trait to veto.
+///
+/// Detectors combined with [`or`](ExpiryDetectorExt::or) decide by this
+/// table (symmetric):
+///
+/// | `a` \ `b`   | `Veto` | `Expired` | `NeedBody` | `NotExpired` |
+/// |--------------|--------|-----------|------------|--------------|
+/// | `Veto`       | `Veto` | `Veto`    | `Veto`     | `Veto`       |
+/// | `Expired`    | `Veto` | `Expired` | `Expired`  | `Expired`    |
+/// | `NeedBody`   | `Veto` | `Expired` | `NeedBody` | `NeedBody`   |
+/// | `NotExpired` | `Veto` | `Expired` | `NeedBody` | `NotExpired` |
+///
+/// On `NeedBody` the layer reads the body only when it can be judged at
+/// once (see [`AuthRefreshLayer::peek_deadline`](crate::AuthRefreshLayer::peek_deadline)):
+/// never a stream or a compressed body. A body it could not read counts as
+/// not expired.
+///
 /// ```
 /// use http::StatusCode;
 /// use tower_auth_refresh::{ExpiryDetector, HeadVerdict, ResponseHead};
