@@ -646,10 +646,12 @@ mod tests {
         );
     }
 
+    type Fed = Result<Frame<Bytes>, std::io::Error>;
+
     /// A streamed body fed by the test, one chunk at a time.
     fn fed() -> (
-        futures::channel::mpsc::UnboundedSender<Result<Frame<Bytes>, std::io::Error>>,
-        StreamBody<futures::channel::mpsc::UnboundedReceiver<Result<Frame<Bytes>, std::io::Error>>>,
+        futures::channel::mpsc::UnboundedSender<Fed>,
+        StreamBody<futures::channel::mpsc::UnboundedReceiver<Fed>>,
     ) {
         let (tx, rx) = futures::channel::mpsc::unbounded();
         (tx, StreamBody::new(rx))
