@@ -69,13 +69,10 @@
 mod body;
 mod detect;
 mod error;
-mod fleet;
 mod future;
-mod handle;
-mod header_cache;
 mod inject;
 mod layer;
-mod manager;
+mod lifecycle;
 #[cfg(feature = "oauth2")]
 pub mod oauth2;
 mod registry;
@@ -99,11 +96,11 @@ pub use detect::{
 };
 pub use error::{InvalidTokenValue, ReauthorizationRequired, RefreshFailed, RefreshTimedOut};
 pub use future::ResponseFuture;
-pub use handle::{RefreshStats, TokenHandle, TokenHandleBuilder, TokenStatus};
 pub use inject::TokenInjector;
 pub use layer::{
     AuthRefreshLayer, DEFAULT_MAX_REPLAY_BYTES, DEFAULT_PEEK_DEADLINE, DEFAULT_PEEK_LIMIT,
 };
+pub use lifecycle::{RefreshStats, TokenHandle, TokenHandleBuilder, TokenStatus};
 pub use registry::{
     AuthRouting, AuthRoutingLayer, InvalidOrigin, LAST_USED_METADATA_KEY, MaintenanceReport,
     Origin, Outcome, ProgressUpdate, RefreshAll, Tenant, TokenRegistry, TokenRegistryBuilder,

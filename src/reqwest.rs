@@ -11,7 +11,7 @@ use reqwest_middleware::{Middleware, Next};
 use crate::detect::{ExpiryDetector, HeadVerdict, ResponseHead};
 use crate::inject::query_has_key;
 use crate::layer::LayerConfig;
-use crate::manager::{Acquired, Counters, Rejection, TokenManager};
+use crate::lifecycle::{Acquired, Counters, Rejection, TokenManager};
 use crate::retry::{judge_body, mark_skipped};
 use crate::{
     AuthRefreshLayer, BoxError, ReauthorizationRequired, RefreshFailed, RefreshTimedOut,

@@ -13,7 +13,7 @@ use crate::BoxError;
 use crate::body::{NotReplayable, Replay, ReplayBody, ResponseBody, not_peekable, peek};
 use crate::detect::{HeadVerdict, ResponseHead};
 use crate::layer::LayerConfig;
-use crate::manager::{Counters, Rejection, TokenManager};
+use crate::lifecycle::{Counters, Rejection, TokenManager};
 
 /// Why an expired-token answer was handed back without a retry. Found in the
 /// response's extensions as [`RetrySkipped`].

@@ -12,7 +12,7 @@ use tower_service::Service;
 use crate::body::{ReplayBody, ResponseBody};
 use crate::future::ResponseFuture;
 use crate::layer::LayerConfig;
-use crate::manager::Acquired;
+use crate::lifecycle::Acquired;
 use crate::retry::{RetryCtx, clone_head};
 use crate::{AuthRefreshLayer, BoxError, TokenHandle};
 

@@ -7,8 +7,8 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use crate::fleet::FleetStore;
-use crate::manager::{ManagerConfig, TokenManager};
+use super::fleet::FleetStore;
+use super::manager::{ManagerConfig, TokenManager};
 use crate::{BoxError, Token, TokenInjector, TokenSource, TokenStore};
 
 /// A cheap-to-clone handle on one token: its status, counters, and the

@@ -25,44 +25,10 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::fetch::{Fetcher, Obtained, Previous};
 use crate::error::RefreshError;
-use crate::manager::{Current, TokenManager};
 use crate::store::{StoreError, StoredToken, TokenStore};
 use crate::{RefreshReason, Token};
-
-/// A token obtained by a refresh.
-pub(crate) struct Obtained {
-    pub(crate) token: Token,
-    pub(crate) store_version: Option<u64>,
-    pub(crate) adopted: bool,
-}
-
-impl Obtained {
-    pub(crate) fn fetched(token: Token) -> Self {
-        Self {
-            token,
-            store_version: None,
-            adopted: false,
-        }
-    }
-
-    /// Fetched here and saved as `version`.
-    fn saved(token: Token, version: u64) -> Self {
-        Self {
-            token,
-            store_version: Some(version),
-            adopted: false,
-        }
-    }
-
-    fn adopted(stored: StoredToken) -> Self {
-        Self {
-            token: stored.token,
-            store_version: Some(stored.version),
-            adopted: true,
-        }
-    }
-}
 
 /// A store, the key of this manager's token in it, and the protocol's timings.
 #[derive(Clone)]
@@ -158,16 +124,16 @@ impl FleetStore {
     /// Runs the protocol and returns the token to install.
     pub(crate) async fn obtain(
         &self,
-        manager: &TokenManager,
-        previous: Option<Arc<Current>>,
+        fetcher: &Fetcher,
+        previous: Previous,
         reason: RefreshReason,
     ) -> Result<Obtained, RefreshError> {
-        let mut known = Known {
-            version: previous.as_ref().map_or(0, |c| c.store_version),
-            token: previous.as_ref().map(|c| c.token.clone()),
-        };
-        let rejected = previous.as_ref().map(|c| c.token.clone());
+        let rejected = previous.token.clone();
         let rejected = rejected.as_deref();
+        let mut known = Known {
+            version: previous.store_version,
+            token: previous.token,
+        };
 
         // 1. Someone else may have refreshed already.
         let mut newest = match self.load().await {
@@ -191,7 +157,7 @@ impl FleetStore {
                 return Ok(Obtained::adopted(stored));
             }
             Ok(stored) => stored,
-            Err(err) => return self.local(manager, &known, reason, err).await,
+            Err(err) => return self.local(fetcher, &known, reason, err).await,
         };
 
         // 2. Take the lease, or wait for its holder (bounded polling: the
@@ -204,11 +170,11 @@ impl FleetStore {
             {
                 Ok(Some(lease)) => break lease,
                 Ok(None) => {}
-                Err(err) => return self.local(manager, &known, reason, err).await,
+                Err(err) => return self.local(fetcher, &known, reason, err).await,
             }
             if Instant::now() >= give_up_at {
                 let err = StoreError::Unavailable("lease was not released in time".into());
-                return self.local(manager, &known, reason, err).await;
+                return self.local(fetcher, &known, reason, err).await;
             }
             tokio::time::sleep(self.poll_interval).await;
             match self.load().await {
@@ -220,13 +186,13 @@ impl FleetStore {
                     return Ok(Obtained::adopted(stored));
                 }
                 Ok(stored) => newest = stored,
-                Err(err) => return self.local(manager, &known, reason, err).await,
+                Err(err) => return self.local(fetcher, &known, reason, err).await,
             }
         };
 
         // 3. We hold the lease: one more look, then refresh and save.
         let result = self
-            .refresh_with_lease(manager, &known, rejected, newest, reason)
+            .refresh_with_lease(fetcher, &known, rejected, newest, reason)
             .await;
         if let Err(err) = self.timed(self.store.unlock(lease)).await {
             tracing::warn!(error = %err, "could not release the token lease; it will expire");
@@ -236,7 +202,7 @@ impl FleetStore {
 
     async fn refresh_with_lease(
         &self,
-        manager: &TokenManager,
+        fetcher: &Fetcher,
         known: &Known,
         rejected: Option<&Token>,
         newest: Option<StoredToken>,
@@ -261,7 +227,7 @@ impl FleetStore {
             Some(stored) => (stored.version, known.token.clone()),
             None => (0, known.token.clone()),
         };
-        match manager.call_source(base, reason).await {
+        match fetcher.fetch(base, reason).await {
             Ok(token) => match self
                 .timed(self.store.save(&self.key, &token, Some(expected)))
                 .await
@@ -293,13 +259,13 @@ impl FleetStore {
     /// 5. The store is out of reach: refresh without it.
     async fn local(
         &self,
-        manager: &TokenManager,
+        fetcher: &Fetcher,
         known: &Known,
         reason: RefreshReason,
         err: StoreError,
     ) -> Result<Obtained, RefreshError> {
         tracing::warn!(error = %err, "token store unavailable; refreshing locally");
-        let token = manager.call_source(known.token.clone(), reason).await?;
+        let token = fetcher.fetch(known.token.clone(), reason).await?;
         // Best effort, and only over the version this token replaces: a
         // token another process saved meanwhile is never overwritten.
         match self

@@ -3,9 +3,7 @@
 //!
 //! NOTE: the invariants of this file.
 //! - Readers (`acquire`) take no lock: one `ArcSwapOption` load and one
-//!   atomic load of the token's freshness. A timer task flips the freshness
-//!   when the token enters its refresh-ahead window and when it expires, so
-//!   the hot path never reads the clock.
+//!   atomic load of the token's freshness (see `current.rs`).
 //! - `refresh` decides under the `state` mutex (never held across `.await`)
 //!   whether to join the in-flight refresh, fail fast (back-off) or start a
 //!   new one. A refresh runs as a spawned task shared through
@@ -13,8 +11,7 @@
 //! - The task installs the new token and clears `in_flight` under the same
 //!   lock, so a caller that sees no refresh in flight also sees its result.
 
-use std::panic::AssertUnwindSafe;
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -25,10 +22,11 @@ use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
 
-use crate::error::{RefreshError, RefreshFailed, RefreshTimedOut};
-use crate::fleet::{FleetStore, Obtained};
-use crate::header_cache;
-use crate::{BoxError, RefreshContext, RefreshReason, Token, TokenInjector, TokenSource};
+use super::current::{Current, Timing, Use};
+use super::fetch::{Fetcher, Obtained, Previous};
+use super::fleet::FleetStore;
+use crate::error::{RefreshError, RefreshFailed};
+use crate::{BoxError, RefreshReason, Token, TokenInjector, TokenSource};
 
 /// Settings of a [`TokenManager`], set through
 /// [`TokenHandleBuilder`](crate::TokenHandleBuilder).
@@ -54,56 +52,6 @@ impl Default for ManagerConfig {
             backoff_max: Duration::from_secs(60),
             min_token_age: Duration::from_secs(5),
         }
-    }
-}
-
-// Freshness of the current token, kept in `Current::freshness`.
-/// Valid and outside the refresh-ahead window.
-const FRESH: u8 = 0;
-/// Valid; a proactive refresh has been started (or is backing off).
-const REFRESHING: u8 = 1;
-/// Valid, inside the refresh-ahead window; the next reader starts a refresh.
-const STALE: u8 = 2;
-/// Expired (or rejected): readers wait for the refresh.
-const EXPIRED: u8 = 3;
-/// No timer could be armed (installed outside a runtime): readers read the clock.
-const UNTIMED: u8 = 4;
-
-/// The installed token with everything the hot path needs.
-pub(crate) struct Current {
-    pub(crate) token: Arc<Token>,
-    pub(crate) header: HeaderValue,
-    /// Unique in the process: keys the per-thread copies of `header`.
-    id: u64,
-    pub(crate) generation: u64,
-    /// The store's version of this token; 0 when it is not from a store.
-    pub(crate) store_version: u64,
-    installed_at: Instant,
-    installed_wall: SystemTime,
-    expires_at: Option<Instant>,
-    refresh_at: Option<Instant>,
-    wait_at: Option<Instant>,
-    freshness: AtomicU8,
-}
-
-impl Current {
-    fn freshness_by_clock(&self, now: Instant) -> u8 {
-        if self.wait_at.is_some_and(|at| now >= at) {
-            EXPIRED
-        } else if self.refresh_at.is_some_and(|at| now >= at) {
-            STALE
-        } else {
-            FRESH
-        }
-    }
-
-    fn is_usable(&self) -> bool {
-        self.freshness.load(Ordering::Acquire) != EXPIRED
-    }
-
-    pub(crate) fn expires_in(&self) -> Option<Duration> {
-        self.expires_at
-            .map(|at| at.saturating_duration_since(Instant::now()))
     }
 }
 
@@ -175,7 +123,7 @@ pub(crate) struct Snapshot {
 /// The shared core behind every [`TokenHandle`](crate::TokenHandle) and layer.
 pub(crate) struct TokenManager {
     current: ArcSwapOption<Current>,
-    source: Box<dyn TokenSource>,
+    fetcher: Fetcher,
     store: Option<FleetStore>,
     pub(crate) config: ManagerConfig,
     state: Mutex<RefreshState>,
@@ -192,7 +140,7 @@ impl TokenManager {
     ) -> Arc<Self> {
         let manager = Arc::new_cyclic(|weak_self| Self {
             current: ArcSwapOption::empty(),
-            source,
+            fetcher: Fetcher::new(source, config.refresh_timeout),
             store,
             config,
             state: Mutex::new(RefreshState::default()),
@@ -221,39 +169,15 @@ impl TokenManager {
         let Some(current) = guard.as_ref() else {
             return Acquired::Wait;
         };
-        match current.freshness.load(Ordering::Acquire) {
-            FRESH | REFRESHING => {}
-            STALE => self.start_proactive(current),
-            UNTIMED => {
-                let by_clock = current.freshness_by_clock(Instant::now());
-                if by_clock == EXPIRED {
-                    return Acquired::Wait;
-                }
-                if by_clock == STALE {
-                    self.start_proactive(current);
-                }
+        match current.use_now() {
+            Use::Send => {}
+            Use::SendAndRefresh => {
+                // The refresh runs in its own task; nobody needs to await it.
+                let _ = self.refresh(Some(current.generation), RefreshReason::Proactive);
             }
-            _ => return Acquired::Wait,
+            Use::Wait => return Acquired::Wait,
         }
-        Acquired::Ready(
-            header_cache::local_copy(current.id, &current.header),
-            current.generation,
-        )
-    }
-
-    fn start_proactive(&self, current: &Arc<Current>) {
-        let won = current
-            .freshness
-            .compare_exchange(STALE, REFRESHING, Ordering::AcqRel, Ordering::Acquire)
-            .is_ok()
-            || current
-                .freshness
-                .compare_exchange(UNTIMED, REFRESHING, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok();
-        if won {
-            // The refresh runs in its own task; nobody needs to await it.
-            let _ = self.refresh(Some(current.generation), RefreshReason::Proactive);
-        }
+        Acquired::Ready(current.local_header(), current.generation)
     }
 
     /// The current token, if any.
@@ -284,9 +208,7 @@ impl TokenManager {
                 let ready = (current.header.clone(), current.generation);
                 return Rejection::Retry(Box::pin(async move { Ok(ready) }));
             }
-            if current.generation == generation
-                && current.installed_at.elapsed() < self.config.min_token_age
-            {
+            if current.generation == generation && current.age() < self.config.min_token_age {
                 return Rejection::TooFresh;
             }
         }
@@ -341,7 +263,7 @@ impl TokenManager {
         }
         if reason == RefreshReason::Rejected {
             if let Some(current) = current.as_ref() {
-                current.freshness.store(EXPIRED, Ordering::Release);
+                current.mark_rejected();
             }
         }
         let Some(manager) = self.weak_self.upgrade() else {
@@ -382,10 +304,15 @@ impl TokenManager {
         reason: RefreshReason,
     ) -> Result<Arc<Current>, RefreshError> {
         let started = Instant::now();
+        let previous = previous.map_or_else(Previous::default, |c| Previous {
+            token: Some(c.token.clone()),
+            store_version: c.store_version,
+        });
         let result = match &self.store {
-            Some(store) => store.obtain(&self, previous, reason).await,
+            Some(store) => store.obtain(&self.fetcher, previous, reason).await,
             None => self
-                .call_source(previous.map(|c| c.token.clone()), reason)
+                .fetcher
+                .fetch(previous.token, reason)
                 .await
                 .map(Obtained::fetched),
         };
@@ -430,32 +357,9 @@ impl TokenManager {
                     "token refresh failed"
                 );
                 if let Some(current) = self.current.load_full() {
-                    rearm_after_backoff(&current, until);
+                    current.rearm_after_backoff(until);
                 }
                 Err(err)
-            }
-        }
-    }
-
-    /// Calls the token source, with the refresh timeout, containing panics.
-    pub(crate) async fn call_source(
-        &self,
-        previous: Option<Arc<Token>>,
-        reason: RefreshReason,
-    ) -> Result<Token, RefreshError> {
-        let cx = RefreshContext { previous, reason };
-        match std::panic::catch_unwind(AssertUnwindSafe(|| self.source.fetch(cx))) {
-            Err(_) => Err(panicked()),
-            Ok(fetch) => {
-                let guarded = AssertUnwindSafe(fetch).catch_unwind();
-                match tokio::time::timeout(self.config.refresh_timeout, guarded).await {
-                    Err(_) => Err(RefreshError::TimedOut(RefreshTimedOut::new(
-                        self.config.refresh_timeout,
-                    ))),
-                    Ok(Err(_)) => Err(panicked()),
-                    Ok(Ok(Err(err))) => Err(RefreshError::from_source(err)),
-                    Ok(Ok(Ok(token))) => Ok(token),
-                }
             }
         }
     }
@@ -469,53 +373,21 @@ impl TokenManager {
     ) -> Result<Arc<Current>, crate::InvalidTokenValue> {
         let header = self.config.injector.prepare(&token)?;
         state.next_generation += 1;
-        let now = Instant::now();
-        let lifetime = token.expires_in();
-        let (refresh_at, wait_at) = match lifetime {
-            None => (None, None),
-            Some(lifetime) => {
-                let wait_margin = self.config.min_validity.min(lifetime / 4);
-                let ahead = self
-                    .config
-                    .refresh_ahead
-                    .map(|ahead| jittered(ahead.min(lifetime / 2)));
-                let wait_at = now + lifetime.saturating_sub(wait_margin);
-                // A refresh-ahead point after the wait point would never fire
-                // before readers start waiting: bring it forward.
-                (
-                    ahead.map(|ahead| (now + lifetime.saturating_sub(ahead)).min(wait_at)),
-                    Some(wait_at),
-                )
-            }
+        let timing = Timing {
+            refresh_ahead: self.config.refresh_ahead,
+            min_validity: self.config.min_validity,
         };
-        let current = Arc::new(Current {
-            token: Arc::new(token),
+        let current = Current::new(
+            token,
             header,
-            id: header_cache::next_id(),
-            generation: state.next_generation,
-            store_version: store_version.unwrap_or(0),
-            installed_at: now,
-            installed_wall: SystemTime::now(),
-            expires_at: lifetime.map(|lifetime| now + lifetime),
-            refresh_at,
-            wait_at,
-            freshness: AtomicU8::new(FRESH),
-        });
-        current
-            .freshness
-            .store(current.freshness_by_clock(now), Ordering::Release);
+            state.next_generation,
+            store_version.unwrap_or(0),
+            timing,
+        );
         if let Some(timer) = state.timer.take() {
             timer.abort();
         }
-        if refresh_at.is_some() || wait_at.is_some() {
-            match tokio::runtime::Handle::try_current() {
-                Ok(runtime) => {
-                    let weak = Arc::downgrade(&current);
-                    state.timer = Some(runtime.spawn(freshness_timer(weak)).abort_handle());
-                }
-                Err(_) => current.freshness.store(UNTIMED, Ordering::Release),
-            }
-        }
+        state.timer = current.arm_timer();
         self.current.store(Some(current.clone()));
         Ok(current)
     }
@@ -562,24 +434,6 @@ impl TokenManager {
     }
 }
 
-impl Current {
-    /// `true` while the token may be sent.
-    pub(crate) fn is_valid(&self) -> bool {
-        self.is_usable() && self.freshness_by_clock(Instant::now()) != EXPIRED
-    }
-
-    /// `true` when the token is inside its refresh-ahead window or expired.
-    pub(crate) fn should_refresh(&self) -> bool {
-        self.freshness.load(Ordering::Acquire) != FRESH
-            || self.freshness_by_clock(Instant::now()) != FRESH
-    }
-
-    /// When this token was installed (wall clock).
-    pub(crate) fn installed_wall(&self) -> SystemTime {
-        self.installed_wall
-    }
-}
-
 impl Drop for TokenManager {
     fn drop(&mut self) {
         if let Some(timer) = self.lock().timer.take() {
@@ -598,61 +452,6 @@ impl std::fmt::Debug for TokenManager {
             .field("config", &self.config)
             .finish_non_exhaustive()
     }
-}
-
-/// Marks the token stale at its refresh point and expired at its wait point.
-async fn freshness_timer(current: Weak<Current>) {
-    let Some((refresh_at, wait_at)) = current.upgrade().map(|c| (c.refresh_at, c.wait_at)) else {
-        return;
-    };
-    if let Some(at) = refresh_at {
-        tokio::time::sleep_until(at).await;
-        match current.upgrade() {
-            Some(c) => {
-                let _ =
-                    c.freshness
-                        .compare_exchange(FRESH, STALE, Ordering::AcqRel, Ordering::Acquire);
-            }
-            None => return,
-        }
-    }
-    if let Some(at) = wait_at {
-        tokio::time::sleep_until(at).await;
-        if let Some(c) = current.upgrade() {
-            c.freshness.store(EXPIRED, Ordering::Release);
-        }
-    }
-}
-
-/// After a failed proactive refresh, lets the next reader try again once the
-/// back-off window has passed.
-fn rearm_after_backoff(current: &Arc<Current>, until: Instant) {
-    if current.freshness.load(Ordering::Acquire) != REFRESHING {
-        return;
-    }
-    let weak = Arc::downgrade(current);
-    if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-        runtime.spawn(async move {
-            tokio::time::sleep_until(until).await;
-            if let Some(c) = weak.upgrade() {
-                let _ = c.freshness.compare_exchange(
-                    REFRESHING,
-                    STALE,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                );
-            }
-        });
-    }
-}
-
-fn panicked() -> RefreshError {
-    RefreshError::Failed(RefreshFailed::from_message("token source panicked"))
-}
-
-/// Shortens `ahead` by up to 10 %, so replicas do not refresh in lockstep.
-fn jittered(ahead: Duration) -> Duration {
-    ahead.mul_f64(1.0 - fastrand::f64() * 0.1)
 }
 
 /// Doubles the back-off window, within the configured bounds, with ±10 % jitter.

@@ -1,0 +1,26 @@
+//! The token lifecycle: from the handle an application holds down to the
+//! token source and the store.
+//!
+//! The files read in one direction, each using only those below it:
+//!
+//! - `handle.rs`: [`TokenHandle`], its builder, status and counters.
+//! - `manager.rs`: the shared core: the current token, the single refresh
+//!   in flight, back-off.
+//! - `current.rs`: an installed token with its prepared header and
+//!   freshness, and the timer that ages it.
+//! - `fleet.rs`: how a refresh goes when there is a store (the lease
+//!   protocol); without a store the manager calls the source directly.
+//! - `fetch.rs`: one call of the token source (timeout, panics contained)
+//!   and what a refresh obtained.
+//! - `header_cache.rs`: per-thread copies of the current header.
+
+mod current;
+mod fetch;
+mod fleet;
+mod handle;
+mod header_cache;
+mod manager;
+
+pub(crate) use manager::{Acquired, Counters, Rejection, TokenManager};
+
+pub use handle::{RefreshStats, TokenHandle, TokenHandleBuilder, TokenStatus};
