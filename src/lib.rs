@@ -106,7 +106,9 @@ pub use detect::{
 pub use error::{InvalidTokenValue, ReauthorizationRequired, RefreshFailed, RefreshTimedOut};
 pub use future::ResponseFuture;
 pub use inject::TokenInjector;
-pub use layer::{AuthRefreshLayer, DEFAULT_MAX_REPLAY_BYTES, DEFAULT_PEEK_LIMIT};
+pub use layer::{
+    AuthRefreshLayer, DEFAULT_MAX_REPLAY_BYTES, DEFAULT_PEEK_DEADLINE, DEFAULT_PEEK_LIMIT,
+};
 pub use lifecycle::{RefreshStats, TokenHandle, TokenHandleBuilder, TokenStatus};
 pub use registry::{
     AuthRouting, AuthRoutingLayer, InvalidOrigin, LAST_USED_METADATA_KEY, MaintenanceReport,
