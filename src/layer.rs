@@ -25,15 +25,46 @@ pub(crate) struct LayerConfig {
     pub(crate) peek_deadline: Duration,
     pub(crate) max_replay_bytes: usize,
     pub(crate) origin: Option<Origin>,
+    /// DPoP proofs on every attempt, and nonce challenges answered.
+    #[cfg(feature = "dpop")]
+    pub(crate) dpop: Option<crate::dpop::DpopKey>,
 }
 
 impl LayerConfig {
+    /// Puts the token on one attempt of a request and, with DPoP, a fresh
+    /// proof. Without DPoP this is the injector alone.
+    pub(crate) fn authorize<B>(
+        &self,
+        injector: &crate::TokenInjector,
+        header: &http::HeaderValue,
+        request: &mut http::Request<B>,
+    ) -> Result<(), crate::BoxError> {
+        injector.apply(header, request);
+        #[cfg(feature = "dpop")]
+        if let Some(key) = &self.dpop {
+            crate::dpop::stamp(key, request)?;
+        }
+        Ok(())
+    }
+
     /// Whether a request to `uri` gets the token: always, unless the layer
     /// is bound to one origin.
     pub(crate) fn sends_token_to(&self, uri: &http::Uri) -> bool {
         self.origin
             .as_ref()
             .is_none_or(|origin| origin.matches(uri))
+    }
+}
+
+impl LayerConfig {
+    #[cfg(feature = "dpop")]
+    fn dpop_key(&self) -> Option<&crate::dpop::DpopKey> {
+        self.dpop.as_ref()
+    }
+
+    #[cfg(not(feature = "dpop"))]
+    fn dpop_key(&self) -> Option<()> {
+        None
     }
 }
 
@@ -44,6 +75,7 @@ impl fmt::Debug for LayerConfig {
             .field("peek_deadline", &self.peek_deadline)
             .field("max_replay_bytes", &self.max_replay_bytes)
             .field("origin", &self.origin)
+            .field("dpop", &self.dpop_key())
             .finish_non_exhaustive()
     }
 }
@@ -93,6 +125,8 @@ impl AuthRefreshLayer {
                 peek_deadline: DEFAULT_PEEK_DEADLINE,
                 max_replay_bytes: DEFAULT_MAX_REPLAY_BYTES,
                 origin: None,
+                #[cfg(feature = "dpop")]
+                dpop: None,
             }),
         }
     }
@@ -170,6 +204,21 @@ impl AuthRefreshLayer {
     /// ```
     pub fn origin(mut self, origin: Origin) -> Self {
         Arc::make_mut(&mut self.config).origin = Some(origin);
+        self
+    }
+
+    /// DPoP (RFC 9449, feature `dpop`) for tokens bound to `key`: each
+    /// attempt of each request goes out as `Authorization: DPoP <token>` with
+    /// a fresh `DPoP` proof (`htm`, `htu`, `iat`, `jti`, `ath`, and the
+    /// origin's latest nonce). A `401` with `WWW-Authenticate: DPoP
+    /// error="use_dpop_nonce"` and a `DPoP-Nonce` is answered once, through
+    /// the same replay as a refresh retry, with a new proof carrying that
+    /// nonce; it is not a refresh. Every `DPoP-Nonce` response header updates
+    /// the origin's nonce. Use the key the token source binds its tokens to
+    /// ([`OAuth2SourceBuilder::dpop`](crate::oauth2::OAuth2SourceBuilder::dpop)).
+    #[cfg(feature = "dpop")]
+    pub fn dpop(mut self, key: crate::dpop::DpopKey) -> Self {
+        Arc::make_mut(&mut self.config).dpop = Some(key);
         self
     }
 

@@ -68,9 +68,13 @@
 
 mod body;
 mod detect;
+#[cfg(feature = "dpop")]
+pub mod dpop;
 mod error;
 mod future;
 mod inject;
+#[cfg(feature = "oauth2")]
+mod jose;
 mod layer;
 mod lifecycle;
 #[cfg(feature = "oauth2")]
@@ -83,6 +87,11 @@ mod service;
 mod source;
 mod store;
 mod token;
+
+// The README's examples, compiled and run as doctests.
+#[cfg(all(doctest, feature = "dpop"))]
+#[doc = include_str!("../README.md")]
+mod readme_doctests {}
 
 /// The error type of the middleware, as in tower.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

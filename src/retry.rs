@@ -76,6 +76,13 @@ pub(crate) struct RetryCtx<S, ReqB> {
 
 impl<S, ReqB> RetryCtx<S, ReqB> {
     pub(crate) fn verdict<B>(&self, response: &Response<B>) -> HeadVerdict {
+        #[cfg(feature = "dpop")]
+        if let Some(key) = &self.config.dpop {
+            key.nonces().update(self.head.uri(), response.headers());
+            if crate::dpop::is_nonce_challenge(response.status(), response.headers()) {
+                return HeadVerdict::Expired;
+            }
+        }
         let head = ResponseHead::new(response.status(), response.version(), response.headers());
         self.config.detector.check_head(&head)
     }
@@ -101,7 +108,8 @@ where
         Counters::bump(&self.manager.counters.waited);
         let (header, generation) = self.manager.wait_for_token().await?;
         self.generation = generation;
-        self.manager.config.injector.apply(&header, &mut request);
+        self.config
+            .authorize(&self.manager.config.injector, &header, &mut request)?;
         // `inner` was made ready before the wait; it is called once here and
         // made ready again before a retry.
         let response = self.inner.call(request).await.map_err(Into::into)?;
@@ -112,11 +120,24 @@ where
     }
 
     /// The response may mean the token expired: decide, refresh, retry once.
+    // `self` changes only when a DPoP nonce challenge is answered.
+    #[cfg_attr(not(feature = "dpop"), allow(unused_mut))]
     pub(crate) async fn recover(
-        self,
+        mut self,
         response: Response<ResB>,
         verdict: HeadVerdict,
     ) -> Result<Response<ResponseBody<ResB>>, BoxError> {
+        #[cfg(feature = "dpop")]
+        let (response, verdict) = match self.answer_nonce_challenge(response).await? {
+            NonceAnswer::NotAChallenge(response) => (response, verdict),
+            NonceAnswer::Resent(response) => match self.verdict(&response) {
+                verdict if verdict.is_not_expired() => {
+                    return Ok(response.map(ResponseBody::new));
+                }
+                verdict => (response, verdict),
+            },
+            NonceAnswer::Done(response) => return Ok(response),
+        };
         let (parts, body) = response.into_parts();
         let (expired, body) = match verdict {
             HeadVerdict::Expired => (true, ResponseBody::new(body)),
@@ -136,12 +157,7 @@ where
         let body = match self.replay.try_replay() {
             Ok(body) => body,
             Err(reason) => {
-                let reason = match reason {
-                    NotReplayable::Disabled => SkipReason::ReplayDisabled,
-                    NotReplayable::TooLarge => SkipReason::BodyTooLarge,
-                    NotReplayable::Failed => SkipReason::BodyFailed,
-                };
-                response = self.skip(response, reason);
+                response = self.skip(response, skip_reason(reason));
                 return Ok(response);
             }
         };
@@ -151,20 +167,96 @@ where
         let (header, generation) = wait.await?;
         drop(response);
 
+        #[cfg(feature = "dpop")]
+        let uri = self.config.dpop.as_ref().map(|_| self.head.uri().clone());
         let (parts, ()) = self.head.into_parts();
         let mut retry = Request::from_parts(parts, body);
-        self.manager.config.injector.apply(&header, &mut retry);
+        self.config
+            .authorize(&self.manager.config.injector, &header, &mut retry)?;
         Counters::bump(&self.manager.counters.retries);
         tracing::debug!(generation, "retrying request with refreshed token");
         let mut inner = self.inner;
-        let response = inner.ready().await.map_err(Into::into)?.call(retry).await;
-        Ok(response.map_err(Into::into)?.map(ResponseBody::new))
+        let response = inner
+            .ready()
+            .await
+            .map_err(Into::into)?
+            .call(retry)
+            .await
+            .map_err(Into::into)?;
+        #[cfg(feature = "dpop")]
+        if let (Some(key), Some(uri)) = (&self.config.dpop, &uri) {
+            key.nonces().update(uri, response.headers());
+        }
+        Ok(response.map(ResponseBody::new))
+    }
+
+    /// NOTE: a DPoP nonce challenge is not an expired token. The request is
+    /// sent once more, with the replayed body, the current token and a new
+    /// proof carrying the nonce the challenge brought (already cached by
+    /// `verdict`); no refresh is started or counted. What that attempt gets
+    /// back goes through the usual detection, so an expired token still
+    /// refreshes once after it.
+    #[cfg(feature = "dpop")]
+    async fn answer_nonce_challenge(
+        &mut self,
+        response: Response<ResB>,
+    ) -> Result<NonceAnswer<ResB>, BoxError> {
+        if self.config.dpop.is_none()
+            || !crate::dpop::is_nonce_challenge(response.status(), response.headers())
+        {
+            return Ok(NonceAnswer::NotAChallenge(response));
+        }
+        let body = match self.replay.try_replay() {
+            Ok(body) => body,
+            Err(reason) => {
+                let response = response.map(ResponseBody::new);
+                return Ok(NonceAnswer::Done(self.skip(response, skip_reason(reason))));
+            }
+        };
+        drop(response);
+        let (header, generation) = self.manager.wait_for_token().await?;
+        self.generation = generation;
+        let mut again = clone_head(&self.head).map(|()| body);
+        self.config
+            .authorize(&self.manager.config.injector, &header, &mut again)?;
+        tracing::debug!(generation, "resending request with the server's DPoP nonce");
+        let response = self
+            .inner
+            .ready()
+            .await
+            .map_err(Into::into)?
+            .call(again)
+            .await
+            .map_err(Into::into)?;
+        if let Some(key) = &self.config.dpop {
+            key.nonces().update(self.head.uri(), response.headers());
+        }
+        Ok(NonceAnswer::Resent(response))
     }
 
     fn skip<B>(&self, mut response: Response<B>, reason: SkipReason) -> Response<B> {
         let status = response.status();
         mark_skipped(&self.manager, status, response.extensions_mut(), reason);
         response
+    }
+}
+
+/// What was done about a possible DPoP nonce challenge.
+#[cfg(feature = "dpop")]
+enum NonceAnswer<ResB> {
+    /// Not a nonce challenge: the response as it came.
+    NotAChallenge(Response<ResB>),
+    /// The answer to the request sent again with the nonce.
+    Resent(Response<ResB>),
+    /// The challenge, handed back marked: the body could not be replayed.
+    Done(Response<ResponseBody<ResB>>),
+}
+
+fn skip_reason(reason: NotReplayable) -> SkipReason {
+    match reason {
+        NotReplayable::Disabled => SkipReason::ReplayDisabled,
+        NotReplayable::TooLarge => SkipReason::BodyTooLarge,
+        NotReplayable::Failed => SkipReason::BodyFailed,
     }
 }
 

@@ -174,7 +174,9 @@ where
     };
     match acquired {
         Acquired::Ready(header, generation) => {
-            injector.apply(&header, &mut request);
+            if let Err(err) = config.authorize(injector, &header, &mut request) {
+                return ResponseFuture::slow(Box::pin(async move { Err(err) }));
+            }
             ctx.generation = generation;
             // NOTE: the service that was made ready is called here and kept
             // for the retry, which makes it ready again before calling it.
