@@ -322,40 +322,86 @@ impl TokenRegistry {
     }
 
     /// Writes each loaded tenant's last-used time into its stored token's
-    /// metadata (a compare-and-swap save; a token changed meanwhile by
-    /// another process is left alone). Returns how many tokens were updated.
-    /// Call it from time to time, or before a bulk job in another process.
-    pub async fn flush_usage(&self) -> Result<usize, crate::StoreError> {
-        let mut updated = 0;
-        let entries = self.inner.entries.load_full();
-        for (tenant, entry) in entries.iter() {
-            let used = entry.last_used_ms.load(Ordering::Relaxed);
-            if used == 0 {
-                continue;
+    /// metadata. Call it from time to time, or before a bulk job in another
+    /// process.
+    ///
+    /// NOTE: the write is made under the key's refresh lease, as a
+    /// compare-and-swap over the version just read, so it can never replace
+    /// a token a refresh is saving: a tenant whose lease is held (a refresh
+    /// is under way; it records the usage itself) is left for the next
+    /// flush and counted as `busy`. A store error on one tenant is recorded
+    /// in the report and the flush goes on.
+    pub async fn flush_usage(&self) -> FlushReport {
+        let mut report = FlushReport::default();
+        let entries: Vec<(Arc<str>, u64)> = self
+            .inner
+            .entries
+            .load()
+            .iter()
+            .map(|(tenant, entry)| (tenant.clone(), entry.last_used_ms.load(Ordering::Relaxed)))
+            .filter(|(_, used)| *used > 0)
+            .collect();
+        for (tenant, used) in entries {
+            match self.flush_one(&tenant, used).await {
+                Ok(Flushed::Updated) => report.updated += 1,
+                Ok(Flushed::Unchanged) => {}
+                Ok(Flushed::Busy) => report.busy += 1,
+                Err(err) => report.failed.push((tenant.to_string(), err.to_string())),
             }
-            let key = self.store_key(tenant);
-            let Some(stored) = self.inner.store.load(&key).await? else {
-                continue;
+        }
+        report
+    }
+
+    async fn flush_one(&self, tenant: &str, used: u64) -> Result<Flushed, crate::StoreError> {
+        let store = &self.inner.store;
+        let key = self.store_key(tenant);
+        let Some(lease) = store.try_lock(&key, FLUSH_LEASE_TTL).await? else {
+            return Ok(Flushed::Busy);
+        };
+        let result = async {
+            let Some(stored) = store.load(&key).await? else {
+                return Ok(Flushed::Unchanged);
             };
             if last_used_ms(&stored.token).is_some_and(|at| at >= used) {
-                continue;
+                return Ok(Flushed::Unchanged);
             }
             let token = stored
                 .token
                 .with_metadata(LAST_USED_METADATA_KEY, used.to_string());
-            match self
-                .inner
-                .store
-                .save(&key, &token, Some(stored.version))
-                .await
-            {
-                Ok(_) => updated += 1,
-                Err(crate::StoreError::Conflict { .. }) => {}
-                Err(err) => return Err(err),
+            match store.save(&key, &token, Some(stored.version)).await {
+                Ok(_) => Ok(Flushed::Updated),
+                Err(crate::StoreError::Conflict { .. }) => Ok(Flushed::Busy),
+                Err(err) => Err(err),
             }
         }
-        Ok(updated)
+        .await;
+        if let Err(err) = store.unlock(lease).await {
+            tracing::debug!(error = %err, "could not release the usage-flush lease; it will expire");
+        }
+        result
     }
+}
+
+/// How long a usage flush holds a key's lease at most.
+const FLUSH_LEASE_TTL: Duration = Duration::from_secs(5);
+
+enum Flushed {
+    Updated,
+    Unchanged,
+    Busy,
+}
+
+/// What [`TokenRegistry::flush_usage`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FlushReport {
+    /// Stored tokens whose last-used time was written.
+    pub updated: usize,
+    /// Tenants whose token was being refreshed (lease held, or the token
+    /// changed meanwhile): left for the next flush.
+    pub busy: usize,
+    /// Tenants whose flush failed, with the store's error (no secret).
+    pub failed: Vec<(String, String)>,
 }
 
 /// The last-used time recorded in a token's metadata, in unix milliseconds.
