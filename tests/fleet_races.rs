@@ -522,3 +522,82 @@ async fn a_store_that_lost_its_data_is_not_a_reason_to_present_a_shared_refresh_
     let stored = store.load("k").await.unwrap().unwrap();
     assert_eq!(rt_of(&stored.token), "rt-2", "and the new token is stored");
 }
+
+// ---- a refresh whose outcome is unknown ----
+
+/// A source that presents the refresh token and fails once with `first`.
+fn failing_once(
+    server: &Strict,
+    first: std::io::ErrorKind,
+) -> (impl TokenSource + use<>, Arc<std::sync::atomic::AtomicBool>) {
+    let failed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (inner, flag) = (server.source(), failed.clone());
+    let presented = server.ledger.clone();
+    let source = token_source_fn(move |cx: RefreshContext| {
+        let first_call = !flag.swap(true, std::sync::atomic::Ordering::SeqCst);
+        let fetch = inner.fetch(cx.clone());
+        let presented = presented.clone();
+        async move {
+            if first_call {
+                if first != std::io::ErrorKind::ConnectionRefused {
+                    // The server processed the refresh; its gateway answered 502.
+                    if let Some(rt) = cx.previous.as_ref().and_then(|t| t.refresh_token()) {
+                        let mut ledger = presented.lock().unwrap();
+                        ledger.presented.push(rt.expose_secret().to_owned());
+                        ledger.spent.insert(rt.expose_secret().to_owned());
+                    }
+                }
+                drop(fetch);
+                return Err::<Token, BoxError>(Box::new(std::io::Error::from(first)));
+            }
+            fetch.await
+        }
+    });
+    (source, failed)
+}
+
+#[tokio::test]
+async fn after_an_uncertain_failure_the_refresh_token_is_not_presented_again() {
+    let store = MemoryStore::new();
+    let server = Strict::default();
+    seed(&store, "k", 1).await;
+    server.ledger.lock().unwrap().serial = 1;
+    let (source, _) = failing_once(&server, std::io::ErrorKind::Other);
+    let handle = TokenHandle::builder(source)
+        .store(store.clone(), "k")
+        .build();
+    assert!(handle.refresh_now().await.is_err());
+    // Another process (or this one, later) refreshes: rt-1 may be spent.
+    let other = TokenHandle::builder(server.source())
+        .store(store.clone(), "k")
+        .build();
+    other.refresh_now().await.unwrap();
+    assert_eq!(server.presented(), ["rt-1"]);
+    assert_eq!(server.reused(), 0);
+    assert_eq!(server.logins(), 1);
+}
+
+#[tokio::test]
+async fn after_a_refused_connection_the_refresh_token_is_still_used() {
+    let store = MemoryStore::new();
+    let server = Strict::default();
+    seed(&store, "k", 1).await;
+    server.ledger.lock().unwrap().serial = 1;
+    let (source, _) = failing_once(&server, std::io::ErrorKind::ConnectionRefused);
+    let handle = TokenHandle::builder(source)
+        .store(store.clone(), "k")
+        .build();
+    assert!(handle.refresh_now().await.is_err());
+    let stored = store.load("k").await.unwrap().unwrap();
+    assert!(
+        stored.token.metadata().is_empty(),
+        "the entry is unmarked: {:?}",
+        stored.token.metadata()
+    );
+    let other = TokenHandle::builder(server.source())
+        .store(store.clone(), "k")
+        .build();
+    other.refresh_now().await.unwrap();
+    assert_eq!(server.presented(), ["rt-1"]);
+    assert_eq!(server.logins(), 0);
+}

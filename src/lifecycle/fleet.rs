@@ -25,7 +25,8 @@
 //!    otherwise it adopts what is stored.
 //! 6. When the source fails (`invalid_grant` …), re-read before giving up:
 //!    another process may have refreshed. Never delete what another wrote.
-//!    A request that certainly never left (connection refused) unmarks.
+//!    A failure that certainly left the refresh token as it was (refused
+//!    connection, an error answer of the server's own) unmarks the entry.
 //! 7. When the process cannot coordinate (the store does not answer, the
 //!    lease cannot be had in time), [`UnreachableStore`] decides: by default
 //!    the source is called without the refresh token.
@@ -220,9 +221,15 @@ fn adopted(mut stored: StoredToken) -> Obtained {
     Obtained::adopted(stored)
 }
 
-/// `true` when the refresh failed before anything reached the server: the
-/// connection was refused.
-fn certainly_not_sent(err: &RefreshError) -> bool {
+/// `true` when a failed refresh certainly left the presented refresh token
+/// as it was (the connection was refused, the server answered with an
+/// error of its own), or when the token is dead anyway (rejected): the
+/// entry is unmarked. Any other failure (a 502, a timeout) may come after
+/// the server rotated it: the mark stays.
+fn refresh_token_unchanged(err: &RefreshError) -> bool {
+    if matches!(err, RefreshError::Reauthorize(_)) {
+        return true;
+    }
     let shared = err.shared();
     let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&*shared);
     while let Some(err) = cause {
@@ -230,6 +237,10 @@ fn certainly_not_sent(err: &RefreshError) -> bool {
             if io.kind() == std::io::ErrorKind::ConnectionRefused {
                 return true;
             }
+        }
+        #[cfg(feature = "oauth2")]
+        if let Some(endpoint) = err.downcast_ref::<crate::oauth2::TokenEndpointError>() {
+            return endpoint.left_credential_unspent();
         }
         cause = err.source();
     }
@@ -424,7 +435,7 @@ impl FleetStore {
                 Ok(self.save_refreshed(token, plan.expected, presented).await)
             }
             Err(err) => {
-                if presented.is_some() && certainly_not_sent(&err) {
+                if presented.is_some() && refresh_token_unchanged(&err) {
                     if let Some(base) = &plan.base {
                         let unmarked = base.as_ref().clone().without_metadata(PRESENTED_KEY);
                         let _ = self

@@ -353,7 +353,7 @@ async fn collect_limited(
 }
 
 /// A connection that could not be opened: nothing was sent, a retry is safe.
-fn is_connect_error(err: &(dyn std::error::Error + 'static)) -> bool {
+pub(crate) fn is_connect_error(err: &(dyn std::error::Error + 'static)) -> bool {
     err.downcast_ref::<hyper_util::client::legacy::Error>()
         .is_some_and(|e| e.is_connect())
 }

@@ -336,7 +336,7 @@ impl TokenRegistry {
                 // NOTE: delete only the version we saw dead: a token another
                 // process saved meanwhile is kept.
                 let version = match self.inner().store.load(&key).await {
-                    Ok(Some(now)) if now.token != stored.token => {
+                    Ok(Some(now)) if !now.token.same_secrets(&stored.token) => {
                         return Outcome::Failed(format!(
                             "{reason} (a newer token was stored meanwhile; kept)"
                         ));
