@@ -101,10 +101,15 @@ async fn refresh_all_over_200_tenants_reports_and_deletes_the_dead() {
     let seen = progress.clone();
 
     let report = registry
-        .refresh_all(RefreshAll::new().concurrency(8).on_progress(move |p| {
-            seen.fetch_add(1, Ordering::SeqCst);
-            assert_eq!(p.total, 200);
-        }))
+        .refresh_all(
+            RefreshAll::new()
+                .concurrency(8)
+                .delete_dead(true)
+                .on_progress(move |p| {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    assert_eq!(p.total, 200);
+                }),
+        )
         .await
         .unwrap();
 

@@ -70,7 +70,7 @@ pub enum UnreachableStore {
     /// The default. The token source is called without the refresh token
     /// (`RefreshContext::previous` carries none), so it can only use a grant
     /// that does not rotate: client credentials, a password grant (an
-    /// [`OAuth2Source`](crate::OAuth2Source)'s initial grant). When it cannot,
+    /// `OAuth2Source`'s initial grant). When it cannot,
     /// the request fails with [`StoreUnreachable`](crate::StoreUnreachable).
     /// The new token is saved only over the version it replaces.
     #[default]

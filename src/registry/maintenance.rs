@@ -55,15 +55,16 @@ impl Default for RefreshAll {
 }
 
 impl RefreshAll {
-    /// Refreshes every stored token, 8 at a time, and deletes the ones the
-    /// server rejects for good.
+    /// Refreshes every stored token, 8 at a time. Tokens the server rejects
+    /// for good are reported, not deleted, unless
+    /// [`delete_dead`](Self::delete_dead) says so.
     pub fn new() -> Self {
         Self {
             concurrency: 8,
             used_within: None,
             expiring_within: None,
             dry_run: false,
-            delete_dead: true,
+            delete_dead: false,
             progress: None,
         }
     }
@@ -95,8 +96,11 @@ impl RefreshAll {
         self
     }
 
-    /// Whether a token the server rejects for good (re-authorization
-    /// required) is deleted from the store (default: yes).
+    /// Whether a token the server rejects for good
+    /// ([`ReauthorizationRequired`]: for an
+    /// `OAuth2Source`, an `invalid_grant` answer to
+    /// the refresh token) is deleted from the store (default: no, it is
+    /// reported as failed).
     pub fn delete_dead(mut self, delete: bool) -> Self {
         self.delete_dead = delete;
         self
@@ -250,9 +254,10 @@ impl TokenRegistry {
 
     /// Refreshes the stored tokens as `job` says, `job.concurrency` at a
     /// time, through each tenant's handle (so a fleet sharing the store
-    /// still refreshes each token once). A token the server rejects for good
-    /// ([`ReauthorizationRequired`]) is deleted, unless another process wrote
-    /// a new one meanwhile.
+    /// still refreshes each token once). With
+    /// [`delete_dead`](RefreshAll::delete_dead), a token the server rejects
+    /// for good ([`ReauthorizationRequired`]) is deleted, unless another
+    /// process wrote a new one meanwhile.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]

@@ -269,6 +269,11 @@ impl TokenRegistry {
         &self.inner
     }
 
+    /// The store the tenants' tokens are kept in.
+    pub fn store(&self) -> &Arc<dyn TokenStore> {
+        &self.inner.store
+    }
+
     /// The store key of `tenant`.
     pub fn store_key(&self, tenant: &str) -> String {
         format!("{}{}", self.inner.key_prefix, tenant)
