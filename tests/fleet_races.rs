@@ -601,3 +601,24 @@ async fn after_a_refused_connection_the_refresh_token_is_still_used() {
     assert_eq!(server.presented(), ["rt-1"]);
     assert_eq!(server.logins(), 0);
 }
+
+#[tokio::test]
+async fn a_withheld_refresh_token_is_a_failure_not_a_dead_grant() {
+    let store = MemoryStore::new();
+    let server = Strict::without_login();
+    seed(&store, "k", 1).await;
+    server.ledger.lock().unwrap().serial = 1;
+    let (source, _) = failing_once(&server, std::io::ErrorKind::Other);
+    let handle = TokenHandle::builder(source).store(store.clone(), "k").build();
+    assert!(handle.refresh_now().await.is_err());
+    let other = TokenHandle::builder(server.source())
+        .store(store.clone(), "k")
+        .build();
+    let err = other.refresh_now().await.unwrap_err();
+    assert!(
+        err.downcast_ref::<ReauthorizationRequired>().is_none(),
+        "a bulk job would delete it: {err}"
+    );
+    assert!(err.downcast_ref::<tower_auth_refresh::RefreshFailed>().is_some(), "{err}");
+    assert_eq!(server.presented(), ["rt-1"]);
+}

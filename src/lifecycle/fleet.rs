@@ -42,7 +42,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::fetch::{Fetcher, Obtained, Previous};
-use crate::error::{RefreshError, StoreUnreachable};
+use crate::error::{RefreshError, RefreshFailed, StoreUnreachable};
 use crate::store::{Lease, StoreError, StoredToken, TokenStore};
 use crate::{RefreshReason, Token};
 
@@ -420,6 +420,12 @@ impl FleetStore {
             }
         };
 
+        let withheld_refresh_token = presented.is_none()
+            && plan.withheld.is_some()
+            && plan
+                .base
+                .as_ref()
+                .is_some_and(|base| base.refresh_token().is_some());
         let for_source = if presented.is_some() || plan.withheld.is_none() {
             plan.base.clone()
         } else {
@@ -443,6 +449,16 @@ impl FleetStore {
                             .await;
                     }
                 }
+                // NOTE: a source that needs the withheld refresh token says
+                // "re-authorization required"; the refresh token may well be
+                // alive, so this is a failure, not a dead grant (bulk jobs
+                // delete dead grants).
+                let err = match err {
+                    RefreshError::Reauthorize(reauth) if withheld_refresh_token => {
+                        RefreshError::Failed(RefreshFailed::new(Arc::new(reauth)))
+                    }
+                    err => err,
+                };
                 // 6. Another process may have refreshed (and rotated) meanwhile:
                 //    look before declaring the refresh failed. Nothing is
                 //    deleted: what another process wrote stays.
