@@ -84,7 +84,69 @@ async fn stored_tokens_carry_a_ttl_from_their_expiry() {
         .await
         .unwrap();
     let ttl: i64 = raw(&redis, redis::cmd("PTTL").arg("ttl:token:forever")).await;
-    assert!(ttl > 29 * 24 * 3600 * 1000, "capped at 30 days: {ttl}");
+    assert_eq!(ttl, -1, "no expiry known: kept until deleted");
+    // A refresh token whose expiry the server did not say (Google,
+    // Microsoft, Auth0): the grant stays, even when the tenant is idle.
+    let refreshable = Token::bearer("c")
+        .with_expires_in(Duration::from_secs(30))
+        .with_refresh_token("r");
+    store.save("idle", &refreshable, None).await.unwrap();
+    let ttl: i64 = raw(&redis, redis::cmd("PTTL").arg("ttl:token:idle")).await;
+    assert_eq!(ttl, -1);
+    // A save that gives a time to live again after none, and back.
+    store.save("idle", &short, None).await.unwrap();
+    let ttl: i64 = raw(&redis, redis::cmd("PTTL").arg("ttl:token:idle")).await;
+    assert!(ttl > 0, "{ttl}");
+    store.save("idle", &refreshable, None).await.unwrap();
+    let ttl: i64 = raw(&redis, redis::cmd("PTTL").arg("ttl:token:idle")).await;
+    assert_eq!(ttl, -1);
+}
+
+#[tokio::test]
+async fn a_huge_max_ttl_is_clamped_and_a_save_is_never_half_applied() {
+    let redis = RedisServer::start();
+    let store = RedisStore::builder(redis.url())
+        .prefix("huge:")
+        .max_ttl(Duration::MAX)
+        .build()
+        .unwrap();
+    assert_eq!(store.save("k", &Token::bearer("a"), None).await.unwrap(), 1);
+    let ttl: i64 = raw(&redis, redis::cmd("PTTL").arg("huge:token:k")).await;
+    assert!(ttl > 0, "{ttl}");
+    assert_eq!(store.save("k", &Token::bearer("b"), Some(1)).await.unwrap(), 2);
+    let stored = store.load("k").await.unwrap().unwrap();
+    assert_eq!(
+        (stored.version, stored.token.access_token().expose_secret()),
+        (2, "b")
+    );
+}
+
+#[tokio::test]
+async fn an_entry_written_by_a_newer_release_is_read_and_not_put_aside() {
+    let redis = RedisServer::start();
+    let store = store(&redis, "newer:");
+    let _: () = raw(
+        &redis,
+        redis::cmd("HSET")
+            .arg("newer:token:k")
+            .arg("version")
+            .arg(7)
+            .arg("token")
+            .arg(r#"{"format":2,"access_token":"a","refresh_token":"r","dpop_jkt":"x"}"#),
+    )
+    .await;
+    let stored = store.load("k").await.unwrap().expect("read");
+    assert_eq!(stored.version, 7);
+    assert_eq!(stored.token.refresh_token().unwrap().expose_secret(), "r");
+    // Saved again by this release: the newer field is kept.
+    store
+        .save("k", &stored.token.clone().with_metadata("m", "1"), Some(7))
+        .await
+        .unwrap();
+    let json: String = raw(&redis, redis::cmd("HGET").arg("newer:token:k").arg("token")).await;
+    assert!(json.contains(r#""dpop_jkt":"x""#), "{json}");
+    let keys: Vec<String> = raw(&redis, redis::cmd("KEYS").arg("newer:corrupt:*")).await;
+    assert!(keys.is_empty(), "{keys:?}");
 }
 
 #[tokio::test]
