@@ -609,7 +609,9 @@ async fn a_withheld_refresh_token_is_a_failure_not_a_dead_grant() {
     seed(&store, "k", 1).await;
     server.ledger.lock().unwrap().serial = 1;
     let (source, _) = failing_once(&server, std::io::ErrorKind::Other);
-    let handle = TokenHandle::builder(source).store(store.clone(), "k").build();
+    let handle = TokenHandle::builder(source)
+        .store(store.clone(), "k")
+        .build();
     assert!(handle.refresh_now().await.is_err());
     let other = TokenHandle::builder(server.source())
         .store(store.clone(), "k")
@@ -619,6 +621,10 @@ async fn a_withheld_refresh_token_is_a_failure_not_a_dead_grant() {
         err.downcast_ref::<ReauthorizationRequired>().is_none(),
         "a bulk job would delete it: {err}"
     );
-    assert!(err.downcast_ref::<tower_auth_refresh::RefreshFailed>().is_some(), "{err}");
+    assert!(
+        err.downcast_ref::<tower_auth_refresh::RefreshFailed>()
+            .is_some(),
+        "{err}"
+    );
     assert_eq!(server.presented(), ["rt-1"]);
 }

@@ -113,7 +113,10 @@ async fn a_huge_max_ttl_is_clamped_and_a_save_is_never_half_applied() {
     assert_eq!(store.save("k", &Token::bearer("a"), None).await.unwrap(), 1);
     let ttl: i64 = raw(&redis, redis::cmd("PTTL").arg("huge:token:k")).await;
     assert!(ttl > 0, "{ttl}");
-    assert_eq!(store.save("k", &Token::bearer("b"), Some(1)).await.unwrap(), 2);
+    assert_eq!(
+        store.save("k", &Token::bearer("b"), Some(1)).await.unwrap(),
+        2
+    );
     let stored = store.load("k").await.unwrap().unwrap();
     assert_eq!(
         (stored.version, stored.token.access_token().expose_secret()),

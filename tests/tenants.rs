@@ -319,3 +319,30 @@ async fn a_request_carries_its_tenants_token_and_marks_it_used() {
     service.oneshot(request).await.unwrap();
     assert_eq!(other.seen()[0].authorization, None);
 }
+
+#[tokio::test]
+async fn one_unreadable_entry_is_reported_and_the_clean_up_goes_on() {
+    let dir = std::env::temp_dir().join(format!(
+        "tower-auth-refresh-idle-{}-{:08x}",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    let store = tower_auth_refresh::FileStore::new(&dir);
+    for tenant in ["idle-a", "idle-b", "idle-c"] {
+        let token = Token::bearer("t").with_metadata(LAST_USED_METADATA_KEY, ms_ago(90 * DAY));
+        store.save(tenant, &token, None).await.unwrap();
+    }
+    // An entry that cannot be read at all (here: a directory in its place).
+    std::fs::create_dir_all(dir.join("broken.json")).unwrap();
+    let registry = TokenRegistry::builder(store.clone(), |_: &str| {
+        token_source_fn(|_| async { Ok::<_, std::io::Error>(Token::bearer("new")) })
+    })
+    .build();
+
+    let report = registry.remove_idle(30 * DAY, false).await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(report.total, 4, "{report}");
+    assert_eq!(report.removed.len(), 3, "{report}");
+    assert_eq!(report.failed.len(), 1, "{report}");
+    assert_eq!(report.failed[0].0, "broken");
+}

@@ -364,6 +364,8 @@ impl TokenRegistry {
     /// Deletes the stored tokens of tenants not used for `older_than` (by the
     /// last-used time recorded in the store, or seen in this process).
     /// Tokens with no usage record are kept. With `dry_run`, only reports.
+    /// A tenant whose entry cannot be read is reported as failed; the job
+    /// goes on. Only listing the store can fail the whole job.
     pub async fn remove_idle(
         &self,
         older_than: Duration,
@@ -379,8 +381,15 @@ impl TokenRegistry {
         let cutoff = now_ms().saturating_sub(older_than.as_millis() as u64);
         for tenant in tenants {
             let key = self.store_key(&tenant);
-            let Some(stored) = self.inner().store.load(&key).await? else {
-                continue;
+            // NOTE: one bad entry (unreadable, a store error) is recorded
+            // and the job goes on: the report is what the operator sees.
+            let stored = match self.inner().store.load(&key).await {
+                Ok(Some(stored)) => stored,
+                Ok(None) => continue,
+                Err(err) => {
+                    report.failed.push((tenant, err.to_string()));
+                    continue;
+                }
             };
             let here = self
                 .last_used(&tenant)
