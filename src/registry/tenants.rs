@@ -146,8 +146,8 @@ impl TokenRegistryBuilder {
     }
 
     /// Applies the same settings to each tenant's [`TokenHandleBuilder`]
-    /// (refresh-ahead, injector, timeouts …). The store is set by the
-    /// registry.
+    /// (refresh-ahead, injector, timeouts, store timing …). The store is set
+    /// by the registry, before `configure` runs.
     pub fn configure(
         mut self,
         configure: impl Fn(TokenHandleBuilder) -> TokenHandleBuilder + Send + Sync + 'static,
@@ -235,13 +235,13 @@ impl TokenRegistry {
             inner: (self.inner.factory)(tenant),
             last_used_ms: last_used_ms.clone(),
         };
-        let mut builder = TokenHandle::builder(source);
+        // The store first, so that `configure` can tune its timing.
+        let mut builder =
+            TokenHandle::builder(source).store(self.inner.store.clone(), self.store_key(tenant));
         if let Some(configure) = &self.inner.configure {
             builder = configure(builder);
         }
-        let handle = builder
-            .store(self.inner.store.clone(), self.store_key(tenant))
-            .build();
+        let handle = builder.build();
         let entry = Arc::new(Entry {
             handle,
             last_used_ms,
