@@ -121,6 +121,7 @@ impl Chaos {
         let counts = self.server.counts();
         let ended = unix_ms();
         let mut in_windows = 0usize;
+        let mut per_window = vec![0usize; self.faults.len()];
         let mut outside = Vec::new();
         for d in done {
             assert!(d.ok > 0, "worker {} made no request: {d:?}", d.pid);
@@ -164,9 +165,9 @@ impl Chaos {
             counts.failed_after_rotation,
             calls.len() as f64 / lifetimes as f64,
         );
-        for fault in &self.faults {
+        for (fault, failed) in self.faults.iter().zip(&per_window) {
             eprintln!(
-                "  window {}: {} .. {} (+{} ms grace)",
+                "  window {}: {} .. {} ms (+{} ms grace): {failed} requests failed",
                 fault.name,
                 fault.start - self.started,
                 fault.end - self.started,

@@ -387,8 +387,11 @@ impl TokenRegistry {
     }
 }
 
-/// How long a usage flush holds a key's lease at most.
-const FLUSH_LEASE_TTL: Duration = Duration::from_secs(5);
+/// How long a usage flush holds a key's lease at most: a load and a save.
+/// NOTE: short, so that a flush whose release is lost (the store paused
+/// mid-flush) delays a refresh by a second at most; should the flush
+/// outlive it, its compare-and-swap still cannot replace a newer token.
+const FLUSH_LEASE_TTL: Duration = Duration::from_secs(1);
 
 enum Flushed {
     Updated,

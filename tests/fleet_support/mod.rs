@@ -25,6 +25,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
 mod strict;
+#[allow(unused_imports)]
 pub use strict::{StrictCounts, StrictServer, unix_ms};
 
 /// Polls `done` every 20 ms for at most `limit`; panics with `what` after.
