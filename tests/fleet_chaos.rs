@@ -129,10 +129,18 @@ impl Chaos {
                 let window = self
                     .faults
                     .iter()
-                    .find(|f| *at >= f.start && *at <= f.end + GRACE.as_millis());
+                    .position(|f| *at >= f.start && *at <= f.end + GRACE.as_millis());
                 match window {
-                    Some(_) if DOCUMENTED.contains(&kind.as_str()) => in_windows += 1,
-                    _ => outside.push((d.pid, *at, kind.clone(), window.map(|f| f.name))),
+                    Some(i) if DOCUMENTED.contains(&kind.as_str()) => {
+                        in_windows += 1;
+                        per_window[i] += 1;
+                    }
+                    _ => outside.push((
+                        d.pid,
+                        *at,
+                        kind.clone(),
+                        window.map(|i| self.faults[i].name),
+                    )),
                 }
             }
         }

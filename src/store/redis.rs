@@ -98,7 +98,8 @@ return 1
 /// The connection is opened on first use and re-opened by the connection
 /// manager after a failure; each operation is bounded by the connect and
 /// response timeouts (default 1 s each), so an unreachable Redis gives a
-/// quick [`StoreError::Unavailable`] and a manager refreshes locally.
+/// quick [`StoreError::Unavailable`] and a manager follows its
+/// [`UnreachableStore`](crate::UnreachableStore) policy.
 ///
 /// A stored token lives until its refresh token expires (or its access
 /// token, when it has no refresh token), plus a minute. A refresh token
