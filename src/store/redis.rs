@@ -8,8 +8,9 @@
 //!   atomic compare-and-swap.
 //! - `<prefix>lease:<key>`: the refresh lease, `SET … NX PX ttl` with a
 //!   random owner value, released by a compare-and-delete script.
-//! - `<prefix>corrupt:<key>:<unix ms>`: an entry that could not be read as
-//!   a token, renamed aside, never deleted.
+//! - `<prefix>corrupt:<key>:<unix ms>`: an entry that is not valid JSON (or
+//!   not a hash), renamed aside, never deleted. Valid JSON that is not a
+//!   token this release can read is left in place.
 //!
 //! Every operation is bounded by the connect and response timeouts: an
 //! unreachable Redis is a quick [`StoreError::Unavailable`], and the
@@ -459,6 +460,20 @@ impl TokenStore for RedisStore {
             };
             match parsed {
                 Ok(stored) => Ok(Some(stored)),
+                // Valid JSON this release cannot read as a token: left where
+                // it is (a newer release may need it); only what is not JSON
+                // is put aside.
+                Err(reason)
+                    if token
+                        .as_deref()
+                        .is_some_and(|t| serde_json::from_str::<serde_json::Value>(t).is_ok()) =>
+                {
+                    Err(StoreError::Corrupt {
+                        key: key.to_owned(),
+                        reason,
+                        kept_at: None,
+                    })
+                }
                 Err(reason) => Err(self.put_aside(key, (version, token), reason).await),
             }
         })
