@@ -346,3 +346,69 @@ async fn one_unreadable_entry_is_reported_and_the_clean_up_goes_on() {
     assert_eq!(report.failed.len(), 1, "{report}");
     assert_eq!(report.failed[0].0, "broken");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_uses_of_many_tenants_make_one_handle_each() {
+    let store = MemoryStore::new();
+    let registry = TokenRegistry::builder(store, |_: &str| {
+        token_source_fn(|_| async { Ok::<_, std::io::Error>(Token::bearer("t")) })
+    })
+    .build();
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let registry = registry.clone();
+            tokio::spawn(async move {
+                (0..5_000)
+                    .map(|i| registry.get(&format!("tenant-{i}")))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut seen = Vec::new();
+    for task in tasks {
+        seen.push(task.await.unwrap());
+    }
+    assert_eq!(registry.tenants().len(), 5_000);
+    // Every caller got the same handle for a tenant: one refresh for all.
+    for i in [0, 1234, 4999] {
+        let first = seen[0][i].refresh_now().await.unwrap();
+        for other in &seen[1..] {
+            assert_eq!(other[i].token(), Some(first.clone()), "tenant-{i}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn refresh_all_releases_the_tenants_it_loaded() {
+    let store = MemoryStore::new();
+    for i in 0..50 {
+        seed(&store, &format!("seller-{i:02}"), None).await;
+    }
+    let registry = TenantIssuer::default().registry(store.clone());
+    let kept = registry.get("seller-07");
+    let report = registry.refresh_all(RefreshAll::new()).await.unwrap();
+    assert_eq!(report.refreshed, 50);
+    assert_eq!(
+        registry.tenants(),
+        ["seller-07"],
+        "only the tenant loaded before the job stays loaded"
+    );
+    drop(kept);
+}
+
+#[tokio::test]
+async fn idle_tenants_are_evicted_when_new_ones_arrive() {
+    let store = MemoryStore::new();
+    let registry = TokenRegistry::builder(store, |_: &str| {
+        token_source_fn(|_| async { Ok::<_, std::io::Error>(Token::bearer("t")) })
+    })
+    .evict_idle(Duration::from_millis(50))
+    .build();
+    for i in 0..100 {
+        registry.get(&format!("caller-supplied-{i}"));
+    }
+    assert_eq!(registry.tenants().len(), 100);
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    registry.get("newcomer");
+    assert_eq!(registry.tenants(), ["newcomer"]);
+}

@@ -330,8 +330,16 @@ impl TokenRegistry {
         if job.dry_run {
             return Outcome::WouldRefresh;
         }
+        // NOTE: a tenant this job loads is unloaded again once handled: a
+        // job over every stored tenant must not keep them all in memory.
+        let was_loaded = self.is_loaded(tenant);
         let handle = self.get(tenant);
-        match handle.refresh_now().await {
+        let refreshed = handle.refresh_now().await;
+        drop(handle);
+        if !was_loaded {
+            self.unload(tenant);
+        }
+        match refreshed {
             Ok(_) => Outcome::Refreshed,
             Err(err) => {
                 let reason = err.to_string();
