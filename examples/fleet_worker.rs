@@ -25,7 +25,7 @@
 //! when it cannot coordinate, see `UnreachableStore`), `--flush-ms N` (use
 //! a `TokenRegistry` with the key as tenant and flush the tenant's usage
 //! every N ms, as a service with many tenants does), `--no-refresh-ahead`,
-//! `--min-token-age-ms N`.
+//! `--min-token-age-ms N`, `--backoff-max-ms N`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -57,6 +57,7 @@ struct Args {
     flush: Option<Duration>,
     refresh_ahead: bool,
     min_token_age: Option<Duration>,
+    backoff_max: Option<Duration>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -72,6 +73,7 @@ fn parse_args() -> Result<Args, String> {
         flush: None,
         refresh_ahead: true,
         min_token_age: None,
+        backoff_max: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -96,6 +98,7 @@ fn parse_args() -> Result<Args, String> {
             "--interval-ms" => args.interval = millis()?,
             "--flush-ms" => args.flush = Some(millis()?),
             "--min-token-age-ms" => args.min_token_age = Some(millis()?),
+            "--backoff-max-ms" => args.backoff_max = Some(millis()?),
             "--unreachable" => {
                 args.unreachable = match value.as_str() {
                     "initial-grant" => UnreachableStore::InitialGrantOnly,
@@ -227,6 +230,9 @@ async fn main() -> Result<(), BoxError> {
             }
             if let Some(age) = args.min_token_age {
                 builder = builder.min_token_age(age);
+            }
+            if let Some(max) = args.backoff_max {
+                builder = builder.backoff(Duration::from_millis(200).min(max), max);
             }
             builder
         }

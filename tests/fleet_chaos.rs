@@ -13,7 +13,7 @@
 //! - every request succeeds, or fails with a documented typed error
 //!   (`StoreUnreachable`, `RefreshFailed`, `RefreshTimedOut`) inside a
 //!   declared fault window (the fault's duration plus a recovery grace of
-//!   two token lifetimes and a second);
+//!   two token lifetimes, the longest back-off (1 s) and a second);
 //! - token-endpoint calls: at most one per usable token lifetime, plus one
 //!   per injected fault.
 //!
@@ -36,14 +36,15 @@ const LIFETIME: Duration = Duration::from_secs(2);
 /// Workers refresh when less than this is left (`min_validity`).
 const MARGIN: Duration = Duration::from_millis(200);
 const WAIT: Duration = Duration::from_secs(60);
-/// After a fault ends, failures are still its own for this long.
-const GRACE: Duration = Duration::from_millis(2 * 2000 + 1000);
+/// After a fault ends, failures are still its own for this long: two token
+/// lifetimes, the longest back-off of a worker (1 s) and a second.
+const GRACE: Duration = Duration::from_millis(2 * 2000 + 1000 + 1000);
 const DOCUMENTED: [&str; 3] = ["store_unreachable", "refresh_failed", "refresh_timed_out"];
 
 /// One fleet at a time: each is several processes on a small machine.
 static ONE_FLEET: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-const WORKER_ARGS: [&str; 12] = [
+const WORKER_ARGS: [&str; 14] = [
     "--lease-ms",
     "2000",
     "--unreachable",
@@ -55,6 +56,8 @@ const WORKER_ARGS: [&str; 12] = [
     "0",
     "--interval-ms",
     "50",
+    "--backoff-max-ms",
+    "1000",
     "--key",
 ];
 
@@ -218,7 +221,9 @@ async fn stop_all(workers: Vec<Worker>) -> Vec<Done> {
 /// Stops the worker whose refresh the server holds (SIGSTOP) for longer
 /// than the lease's time to live, then resumes it.
 async fn stall_the_lease_holder(server: &StrictServer, workers: &[Worker]) {
-    server.hold_next_refresh(Duration::from_millis(500));
+    // Held long enough for this test to stop the process first, even on a
+    // loaded machine; decided (rotated) while the process is stopped.
+    server.hold_next_refresh(Duration::from_millis(1500));
     wait_for(WAIT, "a refresh to be held", || server.held_by().is_some()).await;
     let holder = server.held_by().unwrap();
     let worker = workers
