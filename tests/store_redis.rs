@@ -343,3 +343,53 @@ async fn a_store_on_a_port_nobody_listens_on_is_unavailable() {
         Err(StoreError::Unavailable(_))
     ));
 }
+
+#[tokio::test]
+async fn a_read_only_replica_after_a_failover_does_not_make_a_process_present_the_refresh_token() {
+    use std::sync::{Arc, Mutex};
+    use tower_auth_refresh::{RefreshContext, TokenHandle, token_source_fn};
+
+    let redis = RedisServer::start();
+    let store = store(&redis, "ro:");
+    store
+        .save(
+            "k",
+            &Token::bearer("at-1")
+                .with_refresh_token("rt-1")
+                .with_expires_at(std::time::UNIX_EPOCH),
+            None,
+        )
+        .await
+        .unwrap();
+    // The store now answers reads, and refuses writes with READONLY (a
+    // replica whose master is gone).
+    let _: () = raw(&redis, redis::cmd("REPLICAOF").arg("127.0.0.1").arg(1)).await;
+    assert!(
+        store
+            .try_lock("probe", Duration::from_secs(1))
+            .await
+            .is_err()
+    );
+
+    let presented = Arc::new(Mutex::new(Vec::<String>::new()));
+    let seen = presented.clone();
+    let source = token_source_fn(move |cx: RefreshContext| {
+        let seen = seen.clone();
+        async move {
+            let rt = cx.previous.as_ref().and_then(|t| t.refresh_token());
+            if let Some(rt) = rt {
+                seen.lock().unwrap().push(rt.expose_secret().to_owned());
+            }
+            // No refresh token: a client-credentials token, say.
+            Ok::<_, std::io::Error>(Token::bearer("from-initial-grant"))
+        }
+    });
+    let handle = TokenHandle::builder(source).store(store, "k").build();
+    let token = handle.valid_token().await.unwrap();
+    assert_eq!(token.access_token().expose_secret(), "from-initial-grant");
+    assert!(
+        presented.lock().unwrap().is_empty(),
+        "rt-1 was presented without the lease: {:?}",
+        presented.lock().unwrap()
+    );
+}
