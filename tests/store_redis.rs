@@ -384,8 +384,23 @@ async fn a_read_only_replica_after_a_failover_does_not_make_a_process_present_th
             Ok::<_, std::io::Error>(Token::bearer("from-initial-grant"))
         }
     });
-    let handle = TokenHandle::builder(source).store(store, "k").build();
+    let handle = TokenHandle::builder(source)
+        .store(store.clone(), "k")
+        .build();
+    // This process adopts the stored token (and its refresh token).
     let token = handle.valid_token().await.unwrap();
+    assert_eq!(token.access_token().expose_secret(), "at-1");
+
+    // The store now answers reads, and refuses writes with READONLY (a
+    // replica whose master is gone).
+    let _: () = raw(&redis, redis::cmd("REPLICAOF").arg("127.0.0.1").arg(1)).await;
+    assert!(
+        store
+            .try_lock("probe", Duration::from_secs(1))
+            .await
+            .is_err()
+    );
+    let token = handle.refresh_now().await.unwrap();
     assert_eq!(token.access_token().expose_secret(), "from-initial-grant");
     assert!(
         presented.lock().unwrap().is_empty(),
