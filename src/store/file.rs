@@ -45,9 +45,16 @@ const MAX_STEM_LEN: usize = 200;
 /// Several processes on one host can share a directory: saves are
 /// compare-and-swap under an OS file lock, and the refresh lease is a lease
 /// file guarded by an OS file lock, with a time to live so that a crashed
-/// holder does not block the others. A file that cannot be read as a token
-/// is renamed `<name>.corrupt-<unix ms>` and reported as
-/// [`StoreError::Corrupt`]; a manager then fetches a fresh token.
+/// holder does not block the others. A file that is not valid JSON is
+/// renamed `<name>.corrupt-<unix ms>` and reported as
+/// [`StoreError::Corrupt`]; a manager then fetches a fresh token. Fields
+/// written by a newer release are read and kept; valid JSON that is not a
+/// token is reported but left in place. A file that cannot be read (its
+/// permissions) is [`StoreError::Unavailable`], never moved.
+///
+/// Distinct keys get distinct file names, also where the filesystem
+/// ignores case (macOS, Windows: capital letters are escaped) and for the
+/// device names Windows reserves (`con`, `nul` …).
 ///
 /// ```
 /// use std::time::Duration;
