@@ -128,11 +128,12 @@ impl Chaos {
         let mut outside = Vec::new();
         for d in done {
             assert!(d.ok > 0, "worker {} made no request: {d:?}", d.pid);
+            // Windows may overlap: a failure counts for the latest fault.
             for (at, kind) in &d.failures {
                 let window = self
                     .faults
                     .iter()
-                    .position(|f| *at >= f.start && *at <= f.end + GRACE.as_millis());
+                    .rposition(|f| *at >= f.start && *at <= f.end + GRACE.as_millis());
                 match window {
                     Some(i) if DOCUMENTED.contains(&kind.as_str()) => {
                         in_windows += 1;
