@@ -99,7 +99,9 @@ pub use error::{
 };
 pub use future::ResponseFuture;
 pub use inject::TokenInjector;
-pub use layer::{AuthRefreshLayer, DEFAULT_MAX_REPLAY_BYTES, DEFAULT_PEEK_LIMIT};
+pub use layer::{
+    AuthRefreshLayer, DEFAULT_MAX_REPLAY_BYTES, DEFAULT_PEEK_DEADLINE, DEFAULT_PEEK_LIMIT,
+};
 pub use lifecycle::{RefreshStats, TokenHandle, TokenHandleBuilder, TokenStatus, UnreachableStore};
 pub use registry::{
     AuthRouting, AuthRoutingLayer, FlushReport, InvalidOrigin, LAST_USED_METADATA_KEY,

@@ -10,7 +10,7 @@ use tower::ServiceExt;
 use tower_service::Service;
 
 use crate::BoxError;
-use crate::body::{NotReplayable, Replay, ReplayBody, ResponseBody, peek};
+use crate::body::{NotReplayable, Replay, ReplayBody, ResponseBody, not_peekable, peek};
 use crate::detect::{HeadVerdict, ResponseHead};
 use crate::layer::LayerConfig;
 use crate::lifecycle::{Counters, Rejection, TokenManager};
@@ -106,7 +106,7 @@ where
         // made ready again before a retry.
         let response = self.inner.call(request).await.map_err(Into::into)?;
         match self.verdict(&response) {
-            HeadVerdict::NotExpired => Ok(response.map(ResponseBody::new)),
+            verdict if verdict.is_not_expired() => Ok(response.map(ResponseBody::new)),
             verdict => self.recover(response, verdict).await,
         }
     }
@@ -120,15 +120,7 @@ where
         let (parts, body) = response.into_parts();
         let (expired, body) = match verdict {
             HeadVerdict::Expired => (true, ResponseBody::new(body)),
-            _ => {
-                let peeked = peek(body, self.config.peek_limit).await;
-                let head = ResponseHead::new(parts.status, parts.version, &parts.headers);
-                let expired = peeked
-                    .complete
-                    .as_ref()
-                    .is_some_and(|bytes| self.config.detector.check_body(&head, bytes));
-                (expired, peeked.body)
-            }
+            _ => judge_body(&self.config, &parts, body).await,
         };
         let mut response = Response::from_parts(parts, body);
         if !expired {
@@ -153,6 +145,9 @@ where
                 return Ok(response);
             }
         };
+        // NOTE: the one replay has started: dropping the handle frees each
+        // buffered chunk once the retry has sent it.
+        drop(self.replay);
         let (header, generation) = wait.await?;
         drop(response);
 
@@ -171,6 +166,36 @@ where
         mark_skipped(&self.manager, status, response.extensions_mut(), reason);
         response
     }
+}
+
+/// Shows the detector the body of a response whose head asked for it, when
+/// the body can be judged at once (see [`peek`]); a stream or a compressed
+/// body is handed on unread. Returns whether the token expired, and the
+/// whole body to hand on.
+pub(crate) async fn judge_body<B>(
+    config: &LayerConfig,
+    parts: &http::response::Parts,
+    body: B,
+) -> (bool, ResponseBody<B>)
+where
+    B: Body,
+    B::Data: Buf,
+    B::Error: Send + Sync + 'static,
+{
+    if let Some(reason) = not_peekable(&parts.headers) {
+        tracing::debug!(
+            reason,
+            "response body not read by the detector; passed on undetected"
+        );
+        return (false, ResponseBody::new(body));
+    }
+    let peeked = peek(body, config.peek_limit, config.peek_deadline).await;
+    let head = ResponseHead::new(parts.status, parts.version, &parts.headers);
+    let expired = peeked
+        .complete
+        .as_ref()
+        .is_some_and(|bytes| config.detector.check_body(&head, bytes));
+    (expired, peeked.body)
 }
 
 /// Counts and logs a retry that was not made, and marks the response's
