@@ -103,17 +103,19 @@ pub use detect::{
     BearerChallenge, BodyDetectorFn, DetectorFn, ExpiryDetector, ExpiryDetectorExt, HeadVerdict,
     JsonBodyRule, Or, ResponseHead, StatusDetector, Unauthorized, body_detector_fn, detector_fn,
 };
-pub use error::{InvalidTokenValue, ReauthorizationRequired, RefreshFailed, RefreshTimedOut};
+pub use error::{
+    InvalidTokenValue, ReauthorizationRequired, RefreshFailed, RefreshTimedOut, StoreUnreachable,
+};
 pub use future::ResponseFuture;
 pub use inject::TokenInjector;
 pub use layer::{
     AuthRefreshLayer, DEFAULT_MAX_REPLAY_BYTES, DEFAULT_PEEK_DEADLINE, DEFAULT_PEEK_LIMIT,
 };
-pub use lifecycle::{RefreshStats, TokenHandle, TokenHandleBuilder, TokenStatus};
+pub use lifecycle::{RefreshStats, TokenHandle, TokenHandleBuilder, TokenStatus, UnreachableStore};
 pub use registry::{
-    AuthRouting, AuthRoutingLayer, InvalidOrigin, LAST_USED_METADATA_KEY, MaintenanceReport,
-    Origin, Outcome, ProgressUpdate, RefreshAll, Tenant, TokenRegistry, TokenRegistryBuilder,
-    UpstreamKey,
+    AuthRouting, AuthRoutingLayer, FlushReport, InvalidOrigin, LAST_USED_METADATA_KEY,
+    MaintenanceReport, Origin, Outcome, ProgressUpdate, RefreshAll, Tenant, TokenRegistry,
+    TokenRegistryBuilder, UpstreamKey,
 };
 pub use retry::{RetrySkipped, SkipReason};
 pub use service::AuthRefresh;

@@ -51,6 +51,13 @@ impl fmt::Display for RefreshReason {
 pub struct RefreshContext {
     /// The token being replaced, if there is one (its refresh token is what a
     /// refresh-token grant presents).
+    ///
+    /// In a fleet, `previous` comes **without its refresh token** when that
+    /// refresh token must not be presented: the process cannot coordinate
+    /// with the store (see [`UnreachableStore`](crate::UnreachableStore)),
+    /// or another process may have spent it already. A source should then
+    /// use a grant that does not rotate (client credentials, a password
+    /// grant) or fail.
     pub previous: Option<Arc<Token>>,
     /// Why the token is fetched.
     pub reason: RefreshReason,

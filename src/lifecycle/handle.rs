@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use super::fleet::FleetStore;
+use super::fleet::{FleetStore, UnreachableStore};
 use super::manager::{ManagerConfig, TokenManager};
 use crate::{BoxError, Token, TokenInjector, TokenSource, TokenStore};
 
@@ -64,6 +64,7 @@ impl TokenHandle {
             initial: None,
             store: None,
             lease_ttl_set: false,
+            unreachable: UnreachableStore::default(),
         }
     }
 
@@ -172,6 +173,8 @@ pub struct TokenHandleBuilder {
     /// `store_timing` gave the lease ttl; otherwise it follows the refresh
     /// timeout, whatever the order of the builder calls.
     lease_ttl_set: bool,
+    /// What a refresh does when it cannot coordinate with the fleet.
+    unreachable: UnreachableStore,
 }
 
 impl fmt::Debug for TokenHandleBuilder {
@@ -240,7 +243,8 @@ impl TokenHandleBuilder {
     /// instead of fetching one (restarts make no token call), every refresh
     /// is saved, and processes sharing the store refresh once between them
     /// (the store's lease decides who; the others adopt the saved token).
-    /// When the store is out of reach, the token is refreshed locally.
+    /// When the store is out of reach, the refresh follows
+    /// [`when_store_unreachable`](Self::when_store_unreachable).
     pub fn store(mut self, store: impl TokenStore, key: impl Into<String>) -> Self {
         self.store = Some(FleetStore {
             store: Arc::new(store),
@@ -248,6 +252,7 @@ impl TokenHandleBuilder {
             lease_ttl: self.config.refresh_timeout + Duration::from_secs(5),
             poll_interval: Duration::from_millis(50),
             op_timeout: Duration::from_secs(2),
+            unreachable: UnreachableStore::default(),
         });
         self
     }
@@ -279,6 +284,28 @@ impl TokenHandleBuilder {
         self
     }
 
+    /// What a refresh does when it cannot coordinate with the other
+    /// processes sharing the store: the store does not answer, or the lease
+    /// cannot be had in time. Default [`UnreachableStore::InitialGrantOnly`]:
+    /// the refresh token is not presented (another process may have spent
+    /// it); the token source may use a grant that does not rotate.
+    ///
+    /// ```
+    /// use tower_auth_refresh::{MemoryStore, Token, TokenHandle, UnreachableStore, token_source_fn};
+    ///
+    /// let handle = TokenHandle::builder(token_source_fn(|_cx| async {
+    ///     Ok::<_, std::io::Error>(Token::bearer("t"))
+    /// }))
+    /// .store(MemoryStore::new(), "api")
+    /// .when_store_unreachable(UnreachableStore::Fail)
+    /// .build();
+    /// # let _ = handle;
+    /// ```
+    pub fn when_store_unreachable(mut self, policy: UnreachableStore) -> Self {
+        self.unreachable = policy;
+        self
+    }
+
     /// Starts with this token instead of fetching one on the first request.
     pub fn initial_token(mut self, token: Token) -> Self {
         self.initial = Some(token);
@@ -290,6 +317,9 @@ impl TokenHandleBuilder {
     pub fn build(mut self) -> TokenHandle {
         if let (Some(store), false) = (&mut self.store, self.lease_ttl_set) {
             store.lease_ttl = self.config.refresh_timeout + Duration::from_secs(5);
+        }
+        if let Some(store) = &mut self.store {
+            store.unreachable = self.unreachable;
         }
         TokenHandle {
             manager: TokenManager::new(self.source, self.store, self.config, self.initial),

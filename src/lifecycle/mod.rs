@@ -23,4 +23,5 @@ mod manager;
 
 pub(crate) use manager::{Acquired, Counters, Rejection, TokenManager};
 
+pub use fleet::UnreachableStore;
 pub use handle::{RefreshStats, TokenHandle, TokenHandleBuilder, TokenStatus};

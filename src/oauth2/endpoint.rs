@@ -98,6 +98,14 @@ pub(crate) const DEFAULT_SUPPORTS_HTTPS: bool = cfg!(feature = "oauth2-rustls");
 /// longer one ends the retries. A 4xx is never retried, nor a request that
 /// timed out (it may have been processed: a rotated refresh token would be
 /// spent).
+///
+/// A grant that spends what it presents (the refresh-token grant, whose
+/// refresh token may rotate, and the authorization-code grant) is retried
+/// only when the request certainly was not processed: the connection could
+/// not be opened, or the answer is a `429` or `503` with a `Retry-After`
+/// (the server says it did not do it). A `502`/`504` from a gateway, or a
+/// `500`, may come after the server rotated the token: like a timeout, it
+/// is not retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
     /// Retries after the first attempt. Default 2.
@@ -223,9 +231,15 @@ impl TokenEndpoint {
                     if status.is_success() {
                         return self.parse_success(status, &bytes);
                     }
-                    if retries_left
-                        && (status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS)
-                    {
+                    let retryable = if grant.spends_credential() {
+                        matches!(
+                            status,
+                            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+                        ) && headers.contains_key(RETRY_AFTER)
+                    } else {
+                        status.is_server_error() || status == StatusCode::TOO_MANY_REQUESTS
+                    };
+                    if retries_left && retryable {
                         let wait = match retry_after(&headers) {
                             Some(asked) if asked > self.retry.max_wait => None,
                             Some(asked) => Some(asked),
@@ -411,7 +425,7 @@ async fn collect_limited(
 }
 
 /// A connection that could not be opened: nothing was sent, a retry is safe.
-fn is_connect_error(err: &(dyn std::error::Error + 'static)) -> bool {
+pub(crate) fn is_connect_error(err: &(dyn std::error::Error + 'static)) -> bool {
     err.downcast_ref::<hyper_util::client::legacy::Error>()
         .is_some_and(|e| e.is_connect())
 }

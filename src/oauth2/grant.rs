@@ -162,6 +162,13 @@ pub(crate) enum GrantRequest<'a> {
 }
 
 impl GrantRequest<'_> {
+    /// `true` for a grant whose credential is used up once the server
+    /// processed it (a rotating refresh token, an authorization code): a
+    /// request that may have been processed must not be sent again.
+    pub(crate) fn spends_credential(&self) -> bool {
+        matches!(self, Self::Refresh(_) | Self::Code(..))
+    }
+
     pub(crate) fn grant_type(&self) -> &'static str {
         match self {
             Self::Initial(grant) => grant.grant_type(),
