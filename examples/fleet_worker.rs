@@ -15,8 +15,17 @@
 //! the password grant.
 //!
 //! The worker sends a GET to the upstream every `--interval-ms` and prints,
-//! on stdout: `ready`, `token <serial>` whenever its token changes, and on
-//! `stop` (or end of stdin) `done ok=… failed=… refreshes=… adopted=… serial=…`.
+//! on stdout: `ready`, `token <serial>` whenever its token changes,
+//! `fail <unix ms> <kind>` for each failed request (`store_unreachable`,
+//! `refresh_failed`, `refresh_timed_out`, `reauthorization_required`,
+//! `status_<code>`, `timeout`, `other`), and on `stop` (or end of stdin)
+//! `done ok=… failed=… refreshes=… adopted=… serial=…`.
+//!
+//! Options: `--unreachable initial-grant|fail|local` (what a refresh does
+//! when it cannot coordinate, see `UnreachableStore`), `--flush-ms N` (use
+//! a `TokenRegistry` with the key as tenant and flush the tenant's usage
+//! every N ms, as a service with many tenants does), `--no-refresh-ahead`,
+//! `--min-token-age-ms N`, `--backoff-max-ms N`.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,8 +39,9 @@ use secrecy::ExposeSecret;
 use tokio::io::AsyncBufReadExt;
 use tower::{Layer, ServiceExt};
 use tower_auth_refresh::{
-    AuthRefreshLayer, BoxError, FileStore, RefreshContext, ReplayBody, Token, TokenHandle,
-    token_source_fn,
+    AuthRefreshLayer, AuthRoutingLayer, BoxError, FileStore, Origin, ReauthorizationRequired,
+    RefreshContext, RefreshFailed, RefreshTimedOut, ReplayBody, StoreUnreachable, Tenant, Token,
+    TokenHandle, TokenHandleBuilder, TokenRegistry, TokenStore, UnreachableStore, token_source_fn,
 };
 
 #[derive(Debug, Clone)]
@@ -43,6 +53,11 @@ struct Args {
     upstream_url: String,
     lease: Duration,
     interval: Duration,
+    unreachable: UnreachableStore,
+    flush: Option<Duration>,
+    refresh_ahead: bool,
+    min_token_age: Option<Duration>,
+    backoff_max: Option<Duration>,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -54,9 +69,18 @@ fn parse_args() -> Result<Args, String> {
         upstream_url: String::new(),
         lease: Duration::from_secs(2),
         interval: Duration::from_millis(50),
+        unreachable: UnreachableStore::default(),
+        flush: None,
+        refresh_ahead: true,
+        min_token_age: None,
+        backoff_max: None,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
+        if flag == "--no-refresh-ahead" {
+            args.refresh_ahead = false;
+            continue;
+        }
         let value = it.next().ok_or_else(|| format!("{flag} needs a value"))?;
         let millis = || {
             value
@@ -72,6 +96,17 @@ fn parse_args() -> Result<Args, String> {
             "--upstream-url" => args.upstream_url = value.clone(),
             "--lease-ms" => args.lease = millis()?,
             "--interval-ms" => args.interval = millis()?,
+            "--flush-ms" => args.flush = Some(millis()?),
+            "--min-token-age-ms" => args.min_token_age = Some(millis()?),
+            "--backoff-max-ms" => args.backoff_max = Some(millis()?),
+            "--unreachable" => {
+                args.unreachable = match value.as_str() {
+                    "initial-grant" => UnreachableStore::InitialGrantOnly,
+                    "fail" => UnreachableStore::Fail,
+                    "local" => UnreachableStore::RefreshLocally,
+                    other => return Err(format!("--unreachable {other}?")),
+                }
+            }
             other => return Err(format!("unknown flag {other}")),
         }
     }
@@ -172,62 +207,120 @@ async fn main() -> Result<(), BoxError> {
     let source = token_source_fn(move |cx: RefreshContext| {
         fetch_token(token_http.clone(), token_url.clone(), cx.previous)
     });
-    let builder = TokenHandle::builder(source).refresh_timeout(Duration::from_millis(1500));
-    let builder = if let Some(dir) = args.store.strip_prefix("file:") {
-        builder.store(FileStore::new(dir), args.key.clone())
+    let store: Arc<dyn TokenStore> = if let Some(dir) = args.store.strip_prefix("file:") {
+        Arc::new(FileStore::new(dir))
     } else {
-        redis_store(builder, &args)?
+        redis_store(&args)?
     };
-    let handle = builder
-        .store_timing(
-            args.lease,
-            Duration::from_millis(25),
-            Duration::from_secs(1),
-        )
-        .build();
+    let settings = {
+        let args = args.clone();
+        move |builder: TokenHandleBuilder| {
+            let mut builder = builder
+                .refresh_timeout(Duration::from_millis(1500))
+                .store_timing(
+                    args.lease,
+                    Duration::from_millis(25),
+                    Duration::from_secs(1),
+                )
+                .when_store_unreachable(args.unreachable);
+            if !args.refresh_ahead {
+                builder = builder
+                    .no_refresh_ahead()
+                    .min_validity(Duration::from_millis(200));
+            }
+            if let Some(age) = args.min_token_age {
+                builder = builder.min_token_age(age);
+            }
+            if let Some(max) = args.backoff_max {
+                builder = builder.backoff(Duration::from_millis(200).min(max), max);
+            }
+            builder
+        }
+    };
 
     let ok = Arc::new(AtomicU64::new(0));
     let failed = Arc::new(AtomicU64::new(0));
     let upstream: Client<_, ReplayBody<Full<Bytes>>> =
         Client::builder(TokioExecutor::new()).build_http();
-    let client = AuthRefreshLayer::new(handle.clone()).layer(upstream);
+    // One handle, or a registry whose tenant is the key (with usage flushes).
+    let (client, handle, registry) = match args.flush {
+        None => {
+            let handle =
+                settings(TokenHandle::builder(source).store(store, args.key.clone())).build();
+            let client = tower::util::BoxCloneSyncService::new(
+                AuthRefreshLayer::new(handle.clone()).layer(upstream),
+            );
+            (client, handle, None)
+        }
+        Some(_) => {
+            let registry = TokenRegistry::builder(store, move |_: &str| source.clone())
+                .configure(settings)
+                .build();
+            let origin = Origin::parse(&args.upstream_url)?;
+            let client = tower::util::BoxCloneSyncService::new(
+                AuthRoutingLayer::new()
+                    .tenants(origin, registry.clone())
+                    .layer(upstream),
+            );
+            (client, registry.get(&args.key), Some(registry))
+        }
+    };
+    let flushes = match (&registry, args.flush) {
+        (Some(registry), Some(every)) => {
+            let registry = registry.clone();
+            Some(tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                loop {
+                    tick.tick().await;
+                    let report = registry.flush_usage().await;
+                    for (tenant, error) in report.failed {
+                        eprintln!(
+                            "worker {}: usage flush of {tenant}: {error}",
+                            std::process::id()
+                        );
+                    }
+                }
+            }))
+        }
+        _ => None,
+    };
     let requests = {
-        let (ok, failed, url, handle) = (
+        let (ok, failed, url, handle, key) = (
             ok.clone(),
             failed.clone(),
             args.upstream_url.clone(),
             handle.clone(),
+            args.key.clone(),
         );
         tokio::spawn(async move {
             let mut serial = String::new();
             let mut tick = tokio::time::interval(args.interval);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                let request = http::Request::get(&url)
+                let mut request = http::Request::get(&url)
                     .body(Full::<Bytes>::default())
                     .expect("valid request");
+                request.extensions_mut().insert(Tenant::new(&key));
                 let sent =
                     tokio::time::timeout(Duration::from_secs(10), client.clone().oneshot(request))
                         .await;
-                match sent {
-                    Ok(Ok(response)) if response.status().is_success() => {
+                let kind = match sent {
+                    Ok(Ok(response)) if response.status().is_success() => None,
+                    Ok(Ok(response)) => Some(format!("status_{}", response.status().as_u16())),
+                    Ok(Err(err)) => {
+                        eprintln!("worker {}: request failed: {err}", std::process::id());
+                        Some(kind_of(&err).to_owned())
+                    }
+                    Err(_) => Some("timeout".to_owned()),
+                };
+                match kind {
+                    None => {
                         ok.fetch_add(1, Ordering::Relaxed);
                     }
-                    Ok(Ok(response)) => {
+                    Some(kind) => {
                         failed.fetch_add(1, Ordering::Relaxed);
-                        eprintln!(
-                            "worker {}: upstream answered {}",
-                            std::process::id(),
-                            response.status()
-                        );
-                    }
-                    Ok(Err(err)) => {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                        eprintln!("worker {}: request failed: {err}", std::process::id());
-                    }
-                    Err(_) => {
-                        failed.fetch_add(1, Ordering::Relaxed);
-                        eprintln!("worker {}: request timed out", std::process::id());
+                        println!("fail {} {kind}", unix_millis());
                     }
                 }
                 let now = serial_of(&handle);
@@ -247,6 +340,9 @@ async fn main() -> Result<(), BoxError> {
         }
     }
     requests.abort();
+    if let Some(flushes) = flushes {
+        flushes.abort();
+    }
     let stats = handle.stats();
     println!(
         "done ok={} failed={} refreshes={} adopted={} serial={}",
@@ -259,23 +355,38 @@ async fn main() -> Result<(), BoxError> {
     Ok(())
 }
 
+/// The documented error a failed request carries, by name.
+fn kind_of(err: &BoxError) -> &'static str {
+    if err.downcast_ref::<StoreUnreachable>().is_some() {
+        "store_unreachable"
+    } else if err.downcast_ref::<RefreshFailed>().is_some() {
+        "refresh_failed"
+    } else if err.downcast_ref::<RefreshTimedOut>().is_some() {
+        "refresh_timed_out"
+    } else if err.downcast_ref::<ReauthorizationRequired>().is_some() {
+        "reauthorization_required"
+    } else {
+        "other"
+    }
+}
+
+fn unix_millis() -> u128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis())
+}
+
 #[cfg(feature = "redis")]
-fn redis_store(
-    builder: tower_auth_refresh::TokenHandleBuilder,
-    args: &Args,
-) -> Result<tower_auth_refresh::TokenHandleBuilder, BoxError> {
+fn redis_store(args: &Args) -> Result<Arc<dyn TokenStore>, BoxError> {
     let store = tower_auth_refresh::RedisStore::builder(args.store.clone())
         .prefix(args.prefix.clone())
         .timeouts(Duration::from_millis(500), Duration::from_millis(500))
         .build()?;
-    Ok(builder.store(store, args.key.clone()))
+    Ok(Arc::new(store))
 }
 
 #[cfg(not(feature = "redis"))]
-fn redis_store(
-    _builder: tower_auth_refresh::TokenHandleBuilder,
-    args: &Args,
-) -> Result<tower_auth_refresh::TokenHandleBuilder, BoxError> {
+fn redis_store(args: &Args) -> Result<Arc<dyn TokenStore>, BoxError> {
     Err(format!(
         "store {:?}: build with --features redis for a Redis store",
         args.store

@@ -5,15 +5,18 @@
 //! ```text
 //! cargo run --example refresh_all -- --demo                 # seeded store + embedded token endpoint, one run
 //! cargo run --example refresh_all -- --dir tokens/ --token-url http://127.0.0.1:9000/token \
-//!     --max-age-days 30 --remove-idle-days 30 --concurrency 16 [--dry-run] [--every 3600]
+//!     --client-id ID [--client-secret SECRET] --max-age-days 30 --remove-idle-days 30 \
+//!     --concurrency 16 [--delete-dead] [--dry-run] [--every 3600]
 //! cargo run --example refresh_all --features redis -- --redis redis://127.0.0.1/ --token-url …
 //! ```
 //!
 //! Each tenant's token is refreshed with the RFC 6749 refresh-token grant
-//! against `--token-url`. A refresh token the server answers with
-//! `invalid_grant` is dead: its tenant is deleted from the store. The exit
-//! code is 1 when any refresh failed for another reason (the endpoint was
-//! down, say), so a scheduler can alert on it.
+//! against `--token-url`, by an [`OAuth2Source`]: the form is encoded
+//! properly, and a server that sends no new refresh token keeps the old one
+//! (RFC 6749 §6). Only an `invalid_grant` answer makes a refresh token dead;
+//! with `--delete-dead` its tenant is then deleted from the store, otherwise
+//! it is reported. The exit code is 1 when any refresh failed for another
+//! reason (the endpoint was down, say), so a scheduler can alert on it.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -25,16 +28,11 @@ use axum::Form;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Json, Response};
-use bytes::Bytes;
-use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::TokioExecutor;
 use indicatif::{ProgressBar, ProgressStyle};
-use secrecy::ExposeSecret;
+use tower_auth_refresh::oauth2::{ClientAuth, OAuth2Source};
 use tower_auth_refresh::{
-    BoxError, FileStore, LAST_USED_METADATA_KEY, MaintenanceReport, ReauthorizationRequired,
-    RefreshAll, RefreshContext, Token, TokenRegistry, TokenStore, token_source_fn,
+    BoxError, FileStore, LAST_USED_METADATA_KEY, MaintenanceReport, RefreshAll, Token,
+    TokenRegistry, TokenStore,
 };
 
 const DAY: Duration = Duration::from_secs(24 * 3600);
@@ -44,6 +42,9 @@ struct Args {
     dir: Option<String>,
     redis: Option<String>,
     token_url: Option<String>,
+    client_id: String,
+    client_secret: Option<String>,
+    delete_dead: bool,
     max_age: Option<Duration>,
     remove_idle: Option<Duration>,
     concurrency: usize,
@@ -53,13 +54,17 @@ struct Args {
 }
 
 const USAGE: &str = "usage: refresh_all (--demo | --dir DIR | --redis URL) [--token-url URL] \
-[--max-age-days N] [--remove-idle-days N] [--concurrency N] [--dry-run] [--every SECONDS]";
+[--client-id ID] [--client-secret SECRET] [--max-age-days N] [--remove-idle-days N] \
+[--concurrency N] [--delete-dead] [--dry-run] [--every SECONDS]";
 
 fn parse_args() -> Result<Args, String> {
     let mut args = Args {
         dir: None,
         redis: None,
         token_url: None,
+        client_id: "refresh-all".to_owned(),
+        client_secret: None,
+        delete_dead: false,
         max_age: None,
         remove_idle: None,
         concurrency: 8,
@@ -76,6 +81,9 @@ fn parse_args() -> Result<Args, String> {
             "--dir" => args.dir = Some(value()?),
             "--redis" => args.redis = Some(value()?),
             "--token-url" => args.token_url = Some(value()?),
+            "--client-id" => args.client_id = value()?,
+            "--client-secret" => args.client_secret = Some(value()?),
+            "--delete-dead" => args.delete_dead = true,
             "--max-age-days" => args.max_age = Some(DAY * number(value()?)? as u32),
             "--remove-idle-days" => args.remove_idle = Some(DAY * number(value()?)? as u32),
             "--concurrency" => args.concurrency = number(value()?)?.max(1) as usize,
@@ -123,6 +131,7 @@ async fn run(mut args: Args) -> Result<bool, BoxError> {
         args.dir = Some(dir.display().to_string());
         args.max_age.get_or_insert(30 * DAY);
         args.remove_idle.get_or_insert(60 * DAY);
+        args.delete_dead = true;
         _demo_dir = Some(TempDir(dir));
         demo_endpoint = Some(endpoint);
     }
@@ -131,15 +140,22 @@ async fn run(mut args: Args) -> Result<bool, BoxError> {
         .clone()
         .ok_or("--token-url is needed to refresh tokens")?;
     let store = open_store(&args)?;
-    let http = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-    let registry = TokenRegistry::builder(store, move |_tenant: &str| {
-        refresh_grant(http.clone(), token_url.clone())
-    })
-    .build();
+    // One token-endpoint client for every tenant: the refresh-token grant
+    // only (no initial grant), so a tenant without a usable refresh token
+    // needs a person, and only `invalid_grant` counts as dead.
+    let auth = match &args.client_secret {
+        Some(secret) => ClientAuth::basic(args.client_id.clone(), secret.clone()),
+        None => ClientAuth::none(args.client_id.clone()),
+    };
+    let source = OAuth2Source::builder(token_url, auth).build()?;
+    let registry = TokenRegistry::builder(store, move |_tenant: &str| source.clone()).build();
 
     let mut all_ok = true;
     loop {
         let report = run_once(&registry, &args).await?;
+        if args.demo {
+            check_demo(&registry, &report).await?;
+        }
         all_ok &= !report.has_failures();
         let Some(every) = args.every else {
             break;
@@ -152,6 +168,31 @@ async fn run(mut args: Args) -> Result<bool, BoxError> {
         println!("demo: the token endpoint issued {issued} tokens");
     }
     Ok(all_ok)
+}
+
+/// The demo's promise: only the tenants whose refresh token the server
+/// refused are removed by the refresh, and every tenant kept still has a
+/// refresh token (also after answers that did not rotate it).
+async fn check_demo(registry: &TokenRegistry, report: &MaintenanceReport) -> Result<(), BoxError> {
+    if let Some((tenant, _)) = report.removed.iter().find(|(tenant, _)| {
+        let i: u32 = tenant.trim_start_matches("seller-").parse().unwrap_or(0);
+        i % 25 != 24
+    }) {
+        return Err(format!("demo: live tenant {tenant} was removed").into());
+    }
+    let mut kept = 0;
+    for tenant in registry.stored_tenants().await? {
+        let key = registry.store_key(&tenant);
+        let Some(stored) = registry.store().load(&key).await? else {
+            continue;
+        };
+        if stored.token.refresh_token().is_none() {
+            return Err(format!("demo: {tenant} lost its refresh token").into());
+        }
+        kept += 1;
+    }
+    println!("demo: {kept} tenants kept, each with its refresh token");
+    Ok(())
 }
 
 fn open_store(args: &Args) -> Result<Arc<dyn TokenStore>, BoxError> {
@@ -176,6 +217,7 @@ async fn run_once(registry: &TokenRegistry, args: &Args) -> Result<MaintenanceRe
     let mut job = RefreshAll::new()
         .concurrency(args.concurrency)
         .dry_run(args.dry_run)
+        .delete_dead(args.delete_dead)
         .on_progress(move |update| {
             progress.set_position(update.done as u64);
             progress.set_message(update.tenant.clone());
@@ -201,48 +243,10 @@ async fn run_once(registry: &TokenRegistry, args: &Args) -> Result<MaintenanceRe
     Ok(report)
 }
 
-/// The RFC 6749 refresh-token grant, as a token source.
-fn refresh_grant(
-    http: Client<HttpConnector, Full<Bytes>>,
-    url: String,
-) -> impl tower_auth_refresh::TokenSource {
-    token_source_fn(move |cx: RefreshContext| {
-        let (http, url) = (http.clone(), url.clone());
-        async move {
-            let refresh_token = cx
-                .previous
-                .as_ref()
-                .and_then(|t| t.refresh_token())
-                .map(|t| t.expose_secret().to_owned())
-                .ok_or_else(|| ReauthorizationRequired::new("no refresh token stored"))?;
-            let form = format!("grant_type=refresh_token&refresh_token={refresh_token}");
-            let request = http::Request::post(url)
-                .header("content-type", "application/x-www-form-urlencoded")
-                .body(Full::new(Bytes::from(form)))?;
-            let response = http.request(request).await?;
-            let status = response.status();
-            let body = response.into_body().collect().await?.to_bytes();
-            let json: serde_json::Value = serde_json::from_slice(&body)?;
-            if json["error"] == "invalid_grant" {
-                return Err(ReauthorizationRequired::new("refresh token rejected").into());
-            }
-            if !status.is_success() {
-                return Err(format!("token endpoint answered {status}").into());
-            }
-            let access = json["access_token"].as_str().ok_or("no access_token")?;
-            let mut token = Token::bearer(access).with_expires_in(Duration::from_secs(
-                json["expires_in"].as_u64().unwrap_or(3600),
-            ));
-            if let Some(refresh) = json["refresh_token"].as_str() {
-                token = token.with_refresh_token(refresh);
-            }
-            Ok::<_, BoxError>(token)
-        }
-    })
-}
-
 /// The embedded token endpoint of `--demo`: refresh tokens ending in
-/// `-dead` are refused with `invalid_grant`.
+/// `-dead` are refused with `invalid_grant`; every third answer carries no
+/// new refresh token (the server does not rotate it); seeded refresh tokens
+/// contain a `+`, which only arrives intact when the form is encoded.
 struct DemoEndpoint {
     url: String,
     issued: Arc<AtomicUsize>,
@@ -270,6 +274,14 @@ impl DemoEndpoint {
 }
 
 async fn demo_token(State(issued): State<Arc<AtomicUsize>>, Form(grant): Form<Grant>) -> Response {
+    if !grant.refresh_token.starts_with("refresh-") || !grant.refresh_token.contains('+') {
+        // Not a refresh token this endpoint issued (a `+` became a space).
+        return (
+            StatusCode::BAD_REQUEST,
+            Json(serde_json::json!({ "error": "invalid_request" })),
+        )
+            .into_response();
+    }
     if grant.refresh_token.ends_with("-dead") {
         return (
             StatusCode::BAD_REQUEST,
@@ -278,13 +290,16 @@ async fn demo_token(State(issued): State<Arc<AtomicUsize>>, Form(grant): Form<Gr
             .into_response();
     }
     let n = issued.fetch_add(1, Ordering::SeqCst) + 1;
-    Json(serde_json::json!({
+    let mut answer = serde_json::json!({
         "access_token": format!("access-{n:04}-{:012x}", fastrand::u64(..1 << 48)),
         "token_type": "Bearer",
         "expires_in": 3600,
-        "refresh_token": format!("refresh-{n:04}-{:012x}", fastrand::u64(..1 << 48)),
-    }))
-    .into_response()
+    });
+    if n % 3 != 0 {
+        answer["refresh_token"] =
+            format!("refresh-{n:04}+{:012x}", fastrand::u64(..1 << 48)).into();
+    }
+    Json(answer).into_response()
 }
 
 /// 200 tenants: most used lately and expiring soon, some with dead refresh
@@ -294,9 +309,9 @@ async fn seed_demo_store(store: &FileStore) -> Result<(), BoxError> {
     for i in 0..200u32 {
         let used_days_ago = if i % 20 == 19 { 90 } else { u64::from(i % 7) };
         let refresh = if i % 25 == 24 {
-            format!("refresh-seed-{i}-dead")
+            format!("refresh-seed+{i}-dead")
         } else {
-            format!("refresh-seed-{i}")
+            format!("refresh-seed+{i}")
         };
         let token = Token::bearer(format!("access-seed-{i}"))
             .with_refresh_token(refresh)

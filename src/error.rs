@@ -173,6 +173,73 @@ impl StdError for ReauthorizationRequired {
     }
 }
 
+/// The process could not coordinate its refresh with the rest of the fleet
+/// (the token store could not be reached, or the refresh lease could not be
+/// had in time), and its policy
+/// ([`UnreachableStore`](crate::UnreachableStore)) forbids presenting a
+/// refresh token without the lease: another process may have spent it
+/// already, and a strict authorization server would revoke every replica's
+/// tokens for a second use.
+///
+/// Returned when the policy is [`UnreachableStore::Fail`](crate::UnreachableStore::Fail),
+/// or when the token source could not obtain a token without the refresh
+/// token (no grant that does not rotate, such as client credentials).
+///
+/// ```
+/// use tower_auth_refresh::{BoxError, StoreUnreachable};
+///
+/// fn is_fleet_outage(err: &BoxError) -> bool {
+///     err.downcast_ref::<StoreUnreachable>().is_some()
+/// }
+/// # let _ = is_fleet_outage;
+/// ```
+#[derive(Clone)]
+pub struct StoreUnreachable {
+    reason: String,
+    source: Option<SharedError>,
+}
+
+impl StoreUnreachable {
+    pub(crate) fn new(reason: impl Into<String>, source: Option<SharedError>) -> Self {
+        Self {
+            reason: reason.into(),
+            source,
+        }
+    }
+
+    /// Why the process could not coordinate (no secret).
+    pub fn reason(&self) -> &str {
+        &self.reason
+    }
+}
+
+impl fmt::Debug for StoreUnreachable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("StoreUnreachable")
+            .field("reason", &self.reason)
+            .field("source", &self.source)
+            .finish()
+    }
+}
+
+impl fmt::Display for StoreUnreachable {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "token refresh not coordinated with the fleet, refresh token not presented: {}",
+            self.reason
+        )
+    }
+}
+
+impl StdError for StoreUnreachable {
+    fn source(&self) -> Option<&(dyn StdError + 'static)> {
+        self.source
+            .as_deref()
+            .map(|e| e as &(dyn StdError + 'static))
+    }
+}
+
 /// The token could not be turned into a request header (for example it
 /// contains a line break). Reported as the cause of a [`RefreshFailed`].
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -200,6 +267,7 @@ pub(crate) enum RefreshError {
     Failed(RefreshFailed),
     TimedOut(RefreshTimedOut),
     Reauthorize(ReauthorizationRequired),
+    Uncoordinated(StoreUnreachable),
 }
 
 impl RefreshError {
@@ -217,6 +285,16 @@ impl RefreshError {
         }
     }
 
+    /// This error as a shareable cause.
+    pub(crate) fn shared(&self) -> SharedError {
+        match self {
+            Self::Failed(e) => Arc::new(e.clone()),
+            Self::TimedOut(e) => Arc::new(e.clone()),
+            Self::Reauthorize(e) => Arc::new(e.clone()),
+            Self::Uncoordinated(e) => Arc::new(e.clone()),
+        }
+    }
+
     /// The error handed to callers during the back-off window.
     pub(crate) fn for_backoff(&self) -> Self {
         match self {
@@ -230,6 +308,7 @@ impl RefreshError {
             Self::Failed(e) => Box::new(e),
             Self::TimedOut(e) => Box::new(e),
             Self::Reauthorize(e) => Box::new(e),
+            Self::Uncoordinated(e) => Box::new(e),
         }
     }
 }
@@ -240,6 +319,7 @@ impl fmt::Display for RefreshError {
             Self::Failed(e) => e.fmt(f),
             Self::TimedOut(e) => e.fmt(f),
             Self::Reauthorize(e) => e.fmt(f),
+            Self::Uncoordinated(e) => e.fmt(f),
         }
     }
 }

@@ -75,6 +75,9 @@
 //!   [`TokenRegistry`] holds one token per tenant over a store, with bulk
 //!   jobs ([`TokenRegistry::refresh_all`] with [`RefreshAll`], and
 //!   [`TokenRegistry::remove_idle`]) that return a [`MaintenanceReport`].
+//! * [`dpop`] (feature `dpop`): DPoP-bound tokens (RFC 9449), a proof per
+//!   request from the layer ([`AuthRefreshLayer::dpop`]) and the token
+//!   endpoint, nonces answered once.
 //! * reqwest: [`AuthRefreshMiddleware`] (feature `reqwest`), the same handle,
 //!   detector and injector in a `reqwest-middleware` client.
 //! * Errors: every failure is a [`BoxError`] that downcasts to
@@ -88,6 +91,7 @@
 //! |---|---|---|
 //! | `oauth2` | yes | the [`oauth2`] module: OAuth2 grants and the token-endpoint client (hyper-util over plain HTTP) |
 //! | `hyper-client` | yes (with `oauth2`) | [`HyperClient`]: a hyper-util client wrapped in the layer, built by [`AuthRefreshLayer::hyper_client`] |
+//! | `dpop` | no | [`dpop`]: DPoP (RFC 9449) sender-constrained tokens; client assertions, PKCE and revocation come with `oauth2` |
 //! | `oauth2-rustls` | no | HTTPS to the token endpoint in that client: rustls (ring) with the webpki roots |
 //! | `reqwest` | no | [`AuthRefreshMiddleware`] for reqwest 0.13 + reqwest-middleware 0.5 |
 //! | `metrics` | no | refreshes (by reason and outcome) and their duration, retries, skipped retries, waits and the current token's time to expiry, reported through the [`metrics`](https://docs.rs/metrics) facade; names in the README |
@@ -126,6 +130,19 @@
     not(feature = "redis"),
     doc = "[`RedisStore`]: https://docs.rs/tower-auth-refresh/latest/tower_auth_refresh/struct.RedisStore.html"
 )]
+#![cfg_attr(feature = "dpop", doc = "[`dpop`]: crate::dpop")]
+#![cfg_attr(
+    not(feature = "dpop"),
+    doc = "[`dpop`]: https://docs.rs/tower-auth-refresh/latest/tower_auth_refresh/dpop/index.html"
+)]
+#![cfg_attr(
+    feature = "dpop",
+    doc = "[`AuthRefreshLayer::dpop`]: crate::AuthRefreshLayer::dpop"
+)]
+#![cfg_attr(
+    not(feature = "dpop"),
+    doc = "[`AuthRefreshLayer::dpop`]: https://docs.rs/tower-auth-refresh/latest/tower_auth_refresh/struct.AuthRefreshLayer.html#method.dpop"
+)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 #![warn(
@@ -140,9 +157,14 @@ mod body;
 #[cfg(feature = "hyper-client")]
 mod client;
 mod detect;
+#[cfg(feature = "dpop")]
+#[cfg_attr(docsrs, doc(cfg(feature = "dpop")))]
+pub mod dpop;
 mod error;
 mod future;
 mod inject;
+#[cfg(feature = "oauth2")]
+mod jose;
 mod layer;
 mod lifecycle;
 mod metrics;
@@ -160,9 +182,15 @@ mod store;
 mod token;
 
 // NOTE: the README's Rust snippets are compiled as doctests. Some use parts
-// behind features (RedisStore, AuthRefreshMiddleware), so they are checked
-// with every feature on, as the README's test command does.
-#[cfg(all(doctest, feature = "oauth2", feature = "redis", feature = "reqwest"))]
+// behind features (RedisStore, AuthRefreshMiddleware, DPoP), so they are
+// checked with every feature on, as the README's test command does.
+#[cfg(all(
+    doctest,
+    feature = "oauth2",
+    feature = "redis",
+    feature = "reqwest",
+    feature = "dpop"
+))]
 #[doc = include_str!("../README.md")]
 struct ReadmeDoctests;
 
@@ -180,15 +208,19 @@ pub use detect::{
     BearerChallenge, BodyDetectorFn, DetectorFn, ExpiryDetector, ExpiryDetectorExt, HeadVerdict,
     JsonBodyRule, Or, ResponseHead, StatusDetector, Unauthorized, body_detector_fn, detector_fn,
 };
-pub use error::{InvalidTokenValue, ReauthorizationRequired, RefreshFailed, RefreshTimedOut};
+pub use error::{
+    InvalidTokenValue, ReauthorizationRequired, RefreshFailed, RefreshTimedOut, StoreUnreachable,
+};
 pub use future::ResponseFuture;
 pub use inject::TokenInjector;
-pub use layer::{AuthRefreshLayer, DEFAULT_MAX_REPLAY_BYTES, DEFAULT_PEEK_LIMIT};
-pub use lifecycle::{RefreshStats, TokenHandle, TokenHandleBuilder, TokenStatus};
+pub use layer::{
+    AuthRefreshLayer, DEFAULT_MAX_REPLAY_BYTES, DEFAULT_PEEK_DEADLINE, DEFAULT_PEEK_LIMIT,
+};
+pub use lifecycle::{RefreshStats, TokenHandle, TokenHandleBuilder, TokenStatus, UnreachableStore};
 pub use registry::{
-    AuthRouting, AuthRoutingLayer, InvalidOrigin, LAST_USED_METADATA_KEY, MaintenanceReport,
-    Origin, Outcome, ProgressUpdate, RefreshAll, Tenant, TokenRegistry, TokenRegistryBuilder,
-    UpstreamKey,
+    AuthRouting, AuthRoutingLayer, FlushReport, InvalidOrigin, LAST_USED_METADATA_KEY,
+    MaintenanceReport, Origin, Outcome, ProgressUpdate, RefreshAll, Tenant, TokenRegistry,
+    TokenRegistryBuilder, UpstreamKey,
 };
 pub use retry::{RetrySkipped, SkipReason};
 pub use service::AuthRefresh;

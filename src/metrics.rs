@@ -25,7 +25,8 @@
 //!   `body_not_cloneable`).
 //! * `outcome`: `success` (a new token from the source), `adopted` (taken
 //!   from the store, fetched by another process), `failure`, `timeout`,
-//!   `reauthorization_required`.
+//!   `reauthorization_required`, `store_unreachable` (the fleet's store could
+//!   not be reached and the refresh could not safely go ahead alone).
 //! * `cause` of a wait: `first_token` (no token yet, or after `clear()`:
 //!   expected at start) or `expired` (the token ran out before a refresh
 //!   replaced it: worth a look when it grows).
@@ -45,6 +46,7 @@ pub(crate) enum Outcome {
     Failure,
     Timeout,
     ReauthorizationRequired,
+    StoreUnreachable,
 }
 
 impl Outcome {
@@ -56,6 +58,7 @@ impl Outcome {
             Self::Failure => "failure",
             Self::Timeout => "timeout",
             Self::ReauthorizationRequired => "reauthorization_required",
+            Self::StoreUnreachable => "store_unreachable",
         }
     }
 }

@@ -51,6 +51,13 @@ impl fmt::Display for RefreshReason {
 pub struct RefreshContext {
     /// The token being replaced, if there is one (its refresh token is what a
     /// refresh-token grant presents).
+    ///
+    /// In a fleet, `previous` comes **without its refresh token** when that
+    /// refresh token must not be presented: the process cannot coordinate
+    /// with the store (see [`UnreachableStore`](crate::UnreachableStore)),
+    /// or another process may have spent it already. A source should then
+    /// use a grant that does not rotate (client credentials, a password
+    /// grant) or fail.
     pub previous: Option<Arc<Token>>,
     /// Why the token is fetched.
     pub reason: RefreshReason,
@@ -79,17 +86,34 @@ pub struct RefreshContext {
 pub trait TokenSource: Send + Sync + 'static {
     /// Fetches a new token.
     fn fetch(&self, cx: RefreshContext) -> BoxFuture<'static, Result<Token, BoxError>>;
+
+    /// Revokes `token` at the server, for
+    /// [`TokenHandle::revoke`](crate::TokenHandle::revoke). The default does
+    /// nothing; an `oauth2::OAuth2Source` (feature `oauth2`) with a
+    /// revocation URL revokes the refresh token (RFC 7009).
+    fn revoke(&self, token: Arc<Token>) -> BoxFuture<'static, Result<(), BoxError>> {
+        let _ = token;
+        Box::pin(async { Ok(()) })
+    }
 }
 
 impl<T: TokenSource + ?Sized> TokenSource for Arc<T> {
     fn fetch(&self, cx: RefreshContext) -> BoxFuture<'static, Result<Token, BoxError>> {
         (**self).fetch(cx)
     }
+
+    fn revoke(&self, token: Arc<Token>) -> BoxFuture<'static, Result<(), BoxError>> {
+        (**self).revoke(token)
+    }
 }
 
 impl<T: TokenSource + ?Sized> TokenSource for Box<T> {
     fn fetch(&self, cx: RefreshContext) -> BoxFuture<'static, Result<Token, BoxError>> {
         (**self).fetch(cx)
+    }
+
+    fn revoke(&self, token: Arc<Token>) -> BoxFuture<'static, Result<(), BoxError>> {
+        (**self).revoke(token)
     }
 }
 

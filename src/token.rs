@@ -39,6 +39,9 @@ pub struct Token {
     refresh_expires_at: Option<SystemTime>,
     scopes: Vec<String>,
     metadata: BTreeMap<String, String>,
+    /// Fields of the stored form this release does not know (written by a
+    /// newer one), kept so that saving the token again does not drop them.
+    unknown_fields: BTreeMap<String, serde_json::Value>,
 }
 
 impl Token {
@@ -57,6 +60,7 @@ impl Token {
             refresh_expires_at: None,
             scopes: Vec::new(),
             metadata: BTreeMap::new(),
+            unknown_fields: BTreeMap::new(),
         }
     }
 
@@ -164,6 +168,31 @@ impl Token {
     pub fn metadata(&self) -> &BTreeMap<String, String> {
         &self.metadata
     }
+
+    /// This token without the metadata entry `key`.
+    pub(crate) fn without_metadata(mut self, key: &str) -> Self {
+        self.metadata.remove(key);
+        self
+    }
+
+    /// This token without its refresh token (and its expiry).
+    pub(crate) fn without_refresh_token(&self) -> Self {
+        let mut token = self.clone();
+        token.refresh_token = None;
+        token.refresh_expires_at = None;
+        token
+    }
+
+    /// `true` when both tokens carry the same access token and the same
+    /// refresh token, whatever their metadata.
+    pub(crate) fn same_secrets(&self, other: &Token) -> bool {
+        self.access_token.expose_secret() == other.access_token.expose_secret()
+            && self.refresh_token.as_ref().map(ExposeSecret::expose_secret)
+                == other
+                    .refresh_token
+                    .as_ref()
+                    .map(ExposeSecret::expose_secret)
+    }
 }
 
 impl fmt::Debug for Token {
@@ -200,6 +229,7 @@ impl PartialEq for Token {
             && self.refresh_expires_at == other.refresh_expires_at
             && self.scopes == other.scopes
             && self.metadata == other.metadata
+            && self.unknown_fields == other.unknown_fields
     }
 }
 
@@ -217,10 +247,30 @@ fn from_unix_millis(millis: u64) -> SystemTime {
         .unwrap_or(UNIX_EPOCH)
 }
 
+/// The version of the stored form this release writes.
+///
+/// NOTE: rolling upgrades. A reader accepts any `format` and keeps the
+/// fields it does not know (`unknown`), so an older release reads, and saves
+/// again, an entry written by a newer one without losing what it added. A
+/// newer release must therefore only add fields, never change the meaning
+/// of one.
+const STORED_FORMAT: u32 = 1;
+
+fn first_format() -> u32 {
+    1
+}
+
+/// Format 1 is written without its number: releases from before the format
+/// was numbered refuse fields they do not know, and must read it.
+fn is_first_format(format: &u32) -> bool {
+    *format == 1
+}
+
 /// The stored form of a token: plain strings, expiry in unix milliseconds.
 #[derive(Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 struct StoredToken {
+    #[serde(default = "first_format", skip_serializing_if = "is_first_format")]
+    format: u32,
     access_token: String,
     #[serde(default = "default_token_type")]
     token_type: String,
@@ -234,6 +284,8 @@ struct StoredToken {
     scopes: Vec<String>,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     metadata: BTreeMap<String, String>,
+    #[serde(flatten)]
+    unknown: BTreeMap<String, serde_json::Value>,
 }
 
 fn default_token_type() -> String {
@@ -243,6 +295,7 @@ fn default_token_type() -> String {
 impl Serialize for Token {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
         StoredToken {
+            format: STORED_FORMAT,
             access_token: self.access_token.expose_secret().to_owned(),
             token_type: self.token_type.clone(),
             expires_at_ms: self.expires_at.map(unix_millis),
@@ -253,6 +306,7 @@ impl Serialize for Token {
             refresh_expires_at_ms: self.refresh_expires_at.map(unix_millis),
             scopes: self.scopes.clone(),
             metadata: self.metadata.clone(),
+            unknown: self.unknown_fields.clone(),
         }
         .serialize(serializer)
     }
@@ -272,6 +326,7 @@ impl<'de> Deserialize<'de> for Token {
             refresh_expires_at: stored.refresh_expires_at_ms.map(from_unix_millis),
             scopes: stored.scopes,
             metadata: stored.metadata,
+            unknown_fields: stored.unknown,
         })
     }
 }
@@ -309,6 +364,22 @@ mod tests {
         assert!(serde_json::from_str::<Token>(r#"{"access_token":""}"#).is_err());
         assert!(
             serde_json::from_str::<Token>(r#"{"access_token":"a","expires_at_ms":-1}"#).is_err()
+        );
+    }
+
+    #[test]
+    fn a_token_written_by_a_newer_release_is_read_and_saved_with_its_new_fields() {
+        let newer = r#"{"format":2,"access_token":"a","refresh_token":"r","expires_at_ms":1640995200000,"dpop_jkt":"x1","metadata":{"seller":"7"}}"#;
+        let token: Token = serde_json::from_str(newer).expect("unknown fields are accepted");
+        assert_eq!(token.refresh_token().unwrap().expose_secret(), "r");
+        assert_eq!(token.metadata()["seller"], "7");
+        let again: serde_json::Value =
+            serde_json::from_str(&serde_json::to_string(&token).unwrap()).unwrap();
+        assert_eq!(again["dpop_jkt"], "x1", "{again}");
+        assert_eq!(STORED_FORMAT, 1);
+        assert!(
+            again.get("format").is_none(),
+            "format 1 is implicit: {again}"
         );
     }
 

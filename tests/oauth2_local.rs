@@ -804,3 +804,59 @@ async fn a_vendor_error_status_with_an_envelope_keeps_its_business_code() {
     );
     assert_eq!(server.received().len(), 1, "a 4xx is not retried");
 }
+
+// ---- refresh grants and 5xx (a gateway's 502 may come after the rotation) ----
+
+async fn refresh_once(server: &TokenServer) -> Result<Token, BoxError> {
+    let source = server.builder().build().unwrap();
+    TokenHandle::builder(source)
+        .initial_token(Token::bearer("old").with_refresh_token("rt-1"))
+        .build()
+        .refresh_now()
+        .await
+        .map(|t| (*t).clone())
+}
+
+#[tokio::test]
+async fn a_refresh_grant_answered_502_is_not_sent_again() {
+    // The server rotated rt-1, then its gateway answered 502: presenting
+    // rt-1 again would be a reuse.
+    for status in [
+        StatusCode::BAD_GATEWAY,
+        StatusCode::GATEWAY_TIMEOUT,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        StatusCode::SERVICE_UNAVAILABLE,
+    ] {
+        let server = TokenServer::start(move |_, _| status.into_response()).await;
+        let err = refresh_once(&server).await.unwrap_err();
+        assert!(matches!(
+            endpoint_error(&err),
+            TokenEndpointError::Status { attempts: 1, .. }
+        ));
+        assert_eq!(
+            server.grant_types(),
+            ["refresh_token"],
+            "{status}: the refresh token was presented once"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_refresh_grant_is_retried_on_503_or_429_with_retry_after() {
+    for status in [
+        StatusCode::SERVICE_UNAVAILABLE,
+        StatusCode::TOO_MANY_REQUESTS,
+    ] {
+        let server = TokenServer::start(move |_, n| {
+            if n == 1 {
+                (status, [("retry-after", "0")]).into_response()
+            } else {
+                ok(serde_json::json!({"access_token": "new", "refresh_token": "rt-2"}))
+            }
+        })
+        .await;
+        let token = refresh_once(&server).await.unwrap();
+        assert_eq!(token.access_token().expose_secret(), "new");
+        assert_eq!(server.grant_types(), ["refresh_token", "refresh_token"]);
+    }
+}

@@ -302,3 +302,98 @@ async fn a_restarted_process_with_a_valid_stored_token_makes_no_token_call() {
     assert_eq!(handle.stats().adopted, 1);
     assert_eq!(upstream.rejected(), 0);
 }
+
+#[tokio::test]
+async fn keys_that_differ_only_in_case_get_files_that_differ_without_case() {
+    // macOS and Windows ignore case: `Seller-A.json` and `seller-a.json`
+    // would be one file there, and one tenant would send the other's token.
+    let dir = TempDir::new("file-case");
+    let store = FileStore::new(dir.path());
+    store.save("Seller-A", &token("upper"), None).await.unwrap();
+    store.save("seller-a", &token("lower"), None).await.unwrap();
+    let names = names_in(dir.path());
+    let folded: std::collections::HashSet<String> =
+        names.iter().map(|n| n.to_lowercase()).collect();
+    assert_eq!(folded.len(), names.len(), "{names:?}");
+    assert_eq!(store.list_keys().await.unwrap(), ["Seller-A", "seller-a"]);
+    let upper = store.load("Seller-A").await.unwrap().unwrap();
+    assert_eq!(upper.token.access_token().expose_secret(), "upper");
+    // Windows device names are not file names.
+    store.save("nul", &token("n"), None).await.unwrap();
+    assert!(!dir.path().join("nul.json").exists());
+    assert_eq!(
+        store
+            .load("nul")
+            .await
+            .unwrap()
+            .unwrap()
+            .token
+            .access_token()
+            .expose_secret(),
+        "n"
+    );
+}
+
+#[tokio::test]
+async fn a_file_written_by_an_earlier_release_under_its_old_name_is_read_and_moved() {
+    let dir = TempDir::new("file-legacy");
+    std::fs::create_dir_all(dir.path()).unwrap();
+    let entry = serde_json::json!({"version": 4, "token": {"access_token": "old-name"}});
+    std::fs::write(dir.path().join("Seller-A.json"), entry.to_string()).unwrap();
+    let store = FileStore::new(dir.path());
+    let stored = store.load("Seller-A").await.unwrap().expect("found");
+    assert_eq!(stored.version, 4);
+    store
+        .save("Seller-A", &token("new"), Some(4))
+        .await
+        .unwrap();
+    assert!(
+        !dir.path().join("Seller-A.json").exists(),
+        "{:?}",
+        names_in(dir.path())
+    );
+    assert_eq!(store.list_keys().await.unwrap(), ["Seller-A"]);
+}
+
+#[tokio::test]
+async fn deleting_a_key_removes_its_lock_and_lease_files() {
+    let dir = TempDir::new("file-stale");
+    let store = FileStore::new(dir.path());
+    store.save("k", &token("a"), None).await.unwrap();
+    let lease = store
+        .try_lock("k", Duration::from_secs(5))
+        .await
+        .unwrap()
+        .unwrap();
+    store.unlock(lease).await.unwrap();
+    assert_eq!(names_in(dir.path()), ["k.json", "k.lease", "k.lock"]);
+    assert!(store.delete("k", None).await.unwrap());
+    assert_eq!(names_in(dir.path()), Vec::<String>::new());
+    // The key works as before.
+    assert_eq!(store.save("k", &token("b"), Some(0)).await.unwrap(), 1);
+    let lease = store.try_lock("k", Duration::from_secs(5)).await.unwrap();
+    assert!(lease.is_some());
+    assert!(
+        store
+            .try_lock("k", Duration::from_secs(5))
+            .await
+            .unwrap()
+            .is_none()
+    );
+}
+
+#[tokio::test]
+async fn valid_json_that_is_not_a_token_is_left_in_place() {
+    // A newer release's format this one cannot read is not corruption.
+    let dir = TempDir::new("file-newer");
+    let store = FileStore::new(dir.path());
+    store.save("k", &token("a"), None).await.unwrap();
+    let newer = serde_json::json!({"version": 9, "token": {"access_token": {"sealed": "…"}}});
+    std::fs::write(dir.path().join("k.json"), newer.to_string()).unwrap();
+    let err = store.load("k").await.unwrap_err();
+    assert!(
+        matches!(err, StoreError::Corrupt { kept_at: None, .. }),
+        "{err:?}"
+    );
+    assert_eq!(names_in(dir.path()), ["k.json", "k.lock"]);
+}

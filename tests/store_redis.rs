@@ -84,7 +84,72 @@ async fn stored_tokens_carry_a_ttl_from_their_expiry() {
         .await
         .unwrap();
     let ttl: i64 = raw(&redis, redis::cmd("PTTL").arg("ttl:token:forever")).await;
-    assert!(ttl > 29 * 24 * 3600 * 1000, "capped at 30 days: {ttl}");
+    assert_eq!(ttl, -1, "no expiry known: kept until deleted");
+    // A refresh token whose expiry the server did not say (Google,
+    // Microsoft, Auth0): the grant stays, even when the tenant is idle.
+    let refreshable = Token::bearer("c")
+        .with_expires_in(Duration::from_secs(30))
+        .with_refresh_token("r");
+    store.save("idle", &refreshable, None).await.unwrap();
+    let ttl: i64 = raw(&redis, redis::cmd("PTTL").arg("ttl:token:idle")).await;
+    assert_eq!(ttl, -1);
+    // A save that gives a time to live again after none, and back.
+    store.save("idle", &short, None).await.unwrap();
+    let ttl: i64 = raw(&redis, redis::cmd("PTTL").arg("ttl:token:idle")).await;
+    assert!(ttl > 0, "{ttl}");
+    store.save("idle", &refreshable, None).await.unwrap();
+    let ttl: i64 = raw(&redis, redis::cmd("PTTL").arg("ttl:token:idle")).await;
+    assert_eq!(ttl, -1);
+}
+
+#[tokio::test]
+async fn a_huge_max_ttl_is_clamped_and_a_save_is_never_half_applied() {
+    let redis = RedisServer::start();
+    let store = RedisStore::builder(redis.url())
+        .prefix("huge:")
+        .max_ttl(Duration::MAX)
+        .build()
+        .unwrap();
+    assert_eq!(store.save("k", &Token::bearer("a"), None).await.unwrap(), 1);
+    let ttl: i64 = raw(&redis, redis::cmd("PTTL").arg("huge:token:k")).await;
+    assert!(ttl > 0, "{ttl}");
+    assert_eq!(
+        store.save("k", &Token::bearer("b"), Some(1)).await.unwrap(),
+        2
+    );
+    let stored = store.load("k").await.unwrap().unwrap();
+    assert_eq!(
+        (stored.version, stored.token.access_token().expose_secret()),
+        (2, "b")
+    );
+}
+
+#[tokio::test]
+async fn an_entry_written_by_a_newer_release_is_read_and_not_put_aside() {
+    let redis = RedisServer::start();
+    let store = store(&redis, "newer:");
+    let _: () = raw(
+        &redis,
+        redis::cmd("HSET")
+            .arg("newer:token:k")
+            .arg("version")
+            .arg(7)
+            .arg("token")
+            .arg(r#"{"format":2,"access_token":"a","refresh_token":"r","dpop_jkt":"x"}"#),
+    )
+    .await;
+    let stored = store.load("k").await.unwrap().expect("read");
+    assert_eq!(stored.version, 7);
+    assert_eq!(stored.token.refresh_token().unwrap().expose_secret(), "r");
+    // Saved again by this release: the newer field is kept.
+    store
+        .save("k", &stored.token.clone().with_metadata("m", "1"), Some(7))
+        .await
+        .unwrap();
+    let json: String = raw(&redis, redis::cmd("HGET").arg("newer:token:k").arg("token")).await;
+    assert!(json.contains(r#""dpop_jkt":"x""#), "{json}");
+    let keys: Vec<String> = raw(&redis, redis::cmd("KEYS").arg("newer:corrupt:*")).await;
+    assert!(keys.is_empty(), "{keys:?}");
 }
 
 #[tokio::test]
@@ -277,4 +342,59 @@ async fn a_store_on_a_port_nobody_listens_on_is_unavailable() {
         RedisStore::new("not a url"),
         Err(StoreError::Unavailable(_))
     ));
+}
+
+#[tokio::test]
+async fn a_read_only_replica_after_a_failover_does_not_make_a_process_present_the_refresh_token() {
+    use std::sync::{Arc, Mutex};
+    use tower_auth_refresh::{RefreshContext, TokenHandle, token_source_fn};
+
+    let redis = RedisServer::start();
+    let store = store(&redis, "ro:");
+    store
+        .save(
+            "k",
+            &Token::bearer("at-1")
+                .with_refresh_token("rt-1")
+                .with_expires_in(Duration::from_secs(600)),
+            None,
+        )
+        .await
+        .unwrap();
+    let presented = Arc::new(Mutex::new(Vec::<String>::new()));
+    let seen = presented.clone();
+    let source = token_source_fn(move |cx: RefreshContext| {
+        let seen = seen.clone();
+        async move {
+            let rt = cx.previous.as_ref().and_then(|t| t.refresh_token());
+            if let Some(rt) = rt {
+                seen.lock().unwrap().push(rt.expose_secret().to_owned());
+            }
+            // No refresh token: a client-credentials token, say.
+            Ok::<_, std::io::Error>(Token::bearer("from-initial-grant"))
+        }
+    });
+    let handle = TokenHandle::builder(source)
+        .store(store.clone(), "k")
+        .build();
+    // This process adopts the stored token (and its refresh token).
+    let token = handle.valid_token().await.unwrap();
+    assert_eq!(token.access_token().expose_secret(), "at-1");
+
+    // The store now answers reads, and refuses writes with READONLY (a
+    // replica whose master is gone).
+    let _: () = raw(&redis, redis::cmd("REPLICAOF").arg("127.0.0.1").arg(1)).await;
+    assert!(
+        store
+            .try_lock("probe", Duration::from_secs(1))
+            .await
+            .is_err()
+    );
+    let token = handle.refresh_now().await.unwrap();
+    assert_eq!(token.access_token().expose_secret(), "from-initial-grant");
+    assert!(
+        presented.lock().unwrap().is_empty(),
+        "rt-1 was presented without the lease: {:?}",
+        presented.lock().unwrap()
+    );
 }

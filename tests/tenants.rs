@@ -101,10 +101,15 @@ async fn refresh_all_over_200_tenants_reports_and_deletes_the_dead() {
     let seen = progress.clone();
 
     let report = registry
-        .refresh_all(RefreshAll::new().concurrency(8).on_progress(move |p| {
-            seen.fetch_add(1, Ordering::SeqCst);
-            assert_eq!(p.total, 200);
-        }))
+        .refresh_all(
+            RefreshAll::new()
+                .concurrency(8)
+                .delete_dead(true)
+                .on_progress(move |p| {
+                    seen.fetch_add(1, Ordering::SeqCst);
+                    assert_eq!(p.total, 200);
+                }),
+        )
         .await
         .unwrap();
 
@@ -295,7 +300,7 @@ async fn a_request_carries_its_tenants_token_and_marks_it_used() {
             .metadata()
             .contains_key(LAST_USED_METADATA_KEY)
     );
-    assert_eq!(registry.flush_usage().await.unwrap(), 1);
+    assert_eq!(registry.flush_usage().await.updated, 1);
     assert!(
         store
             .load("seller-a")
@@ -313,4 +318,97 @@ async fn a_request_carries_its_tenants_token_and_marks_it_used() {
     request.extensions_mut().insert(Tenant::new("seller-a"));
     service.oneshot(request).await.unwrap();
     assert_eq!(other.seen()[0].authorization, None);
+}
+
+#[tokio::test]
+async fn one_unreadable_entry_is_reported_and_the_clean_up_goes_on() {
+    let dir = std::env::temp_dir().join(format!(
+        "tower-auth-refresh-idle-{}-{:08x}",
+        std::process::id(),
+        fastrand::u32(..)
+    ));
+    let store = tower_auth_refresh::FileStore::new(&dir);
+    for tenant in ["idle-a", "idle-b", "idle-c"] {
+        let token = Token::bearer("t").with_metadata(LAST_USED_METADATA_KEY, ms_ago(90 * DAY));
+        store.save(tenant, &token, None).await.unwrap();
+    }
+    // An entry that cannot be read at all (here: a directory in its place).
+    std::fs::create_dir_all(dir.join("broken.json")).unwrap();
+    let registry = TokenRegistry::builder(store.clone(), |_: &str| {
+        token_source_fn(|_| async { Ok::<_, std::io::Error>(Token::bearer("new")) })
+    })
+    .build();
+
+    let report = registry.remove_idle(30 * DAY, false).await.unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(report.total, 4, "{report}");
+    assert_eq!(report.removed.len(), 3, "{report}");
+    assert_eq!(report.failed.len(), 1, "{report}");
+    assert_eq!(report.failed[0].0, "broken");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_first_uses_of_many_tenants_make_one_handle_each() {
+    let store = MemoryStore::new();
+    let registry = TokenRegistry::builder(store, |_: &str| {
+        token_source_fn(|_| async { Ok::<_, std::io::Error>(Token::bearer("t")) })
+    })
+    .build();
+    let tasks: Vec<_> = (0..4)
+        .map(|_| {
+            let registry = registry.clone();
+            tokio::spawn(async move {
+                (0..5_000)
+                    .map(|i| registry.get(&format!("tenant-{i}")))
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let mut seen = Vec::new();
+    for task in tasks {
+        seen.push(task.await.unwrap());
+    }
+    assert_eq!(registry.tenants().len(), 5_000);
+    // Every caller got the same handle for a tenant: one refresh for all.
+    for i in [0, 1234, 4999] {
+        let first = seen[0][i].refresh_now().await.unwrap();
+        for other in &seen[1..] {
+            assert_eq!(other[i].token(), Some(first.clone()), "tenant-{i}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn refresh_all_releases_the_tenants_it_loaded() {
+    let store = MemoryStore::new();
+    for i in 0..50 {
+        seed(&store, &format!("seller-{i:02}"), None).await;
+    }
+    let registry = TenantIssuer::default().registry(store.clone());
+    let kept = registry.get("seller-07");
+    let report = registry.refresh_all(RefreshAll::new()).await.unwrap();
+    assert_eq!(report.refreshed, 50);
+    assert_eq!(
+        registry.tenants(),
+        ["seller-07"],
+        "only the tenant loaded before the job stays loaded"
+    );
+    drop(kept);
+}
+
+#[tokio::test]
+async fn idle_tenants_are_evicted_when_new_ones_arrive() {
+    let store = MemoryStore::new();
+    let registry = TokenRegistry::builder(store, |_: &str| {
+        token_source_fn(|_| async { Ok::<_, std::io::Error>(Token::bearer("t")) })
+    })
+    .evict_idle(Duration::from_millis(50))
+    .build();
+    for i in 0..100 {
+        registry.get(&format!("caller-supplied-{i}"));
+    }
+    assert_eq!(registry.tenants().len(), 100);
+    tokio::time::sleep(Duration::from_millis(120)).await;
+    registry.get("newcomer");
+    assert_eq!(registry.tenants(), ["newcomer"]);
 }

@@ -53,6 +53,7 @@ impl TokenManager {
                 RefreshError::Failed(_) => Outcome::Failure,
                 RefreshError::TimedOut(_) => Outcome::Timeout,
                 RefreshError::Reauthorize(_) => Outcome::ReauthorizationRequired,
+                RefreshError::Uncoordinated(_) => Outcome::StoreUnreachable,
             },
         };
         metrics::refresh_finished(&self.config.name, reason, outcome, took);

@@ -1,19 +1,35 @@
 //! The fleet protocol: how a manager with a [`TokenStore`] refreshes so that
-//! a fleet of processes behaves like one client.
+//! a fleet of processes behaves like one client, and a rotated refresh
+//! token is presented by one process, once.
 //!
 //! NOTE: the protocol, in order.
 //! 1. Re-read the store. A newer, still-valid token there is adopted: some
 //!    other process refreshed already.
 //! 2. Take the key's lease. Without it, poll the store (bounded) until the
 //!    holder saves (adopt) or the lease expires (take it over).
-//! 3. With the lease: re-read once more, then call the token source with the
-//!    newest token known (its refresh token may have rotated), save with
-//!    compare-and-swap on the version read, release the lease.
-//! 4. When the source fails (`invalid_grant` …), re-read before giving up:
+//! 3. With the lease: re-read once more, and decide what to refresh from.
+//!    A refresh token is presented only when it is read from the store
+//!    under the lease, unmarked (or is this process's own, never stored).
+//!    Before presenting it, mark the stored entry ("a refresh with this
+//!    refresh token has started", `PRESENTED_KEY` in its metadata, a
+//!    compare-and-swap save), check the lease is still ours, then call the
+//!    token source and save the new token over the marked version.
+//! 4. A marked entry, or a stored token that is gone while this process's
+//!    token came from the store (the store lost its data), means the
+//!    refresh token's fate is unknown: another process may have spent it.
+//!    The source is then called without it (it may use a grant that does
+//!    not rotate); the server never sees a spent refresh token twice.
+//! 5. A save that loses a version race re-reads: when the stored refresh
+//!    token is still the one just spent, it saves again over that version
+//!    (the new token must not live in one process's memory only);
+//!    otherwise it adopts what is stored.
+//! 6. When the source fails (`invalid_grant` …), re-read before giving up:
 //!    another process may have refreshed. Never delete what another wrote.
-//! 5. When the store cannot be reached, warn and refresh locally: serving
-//!    requests beats coordination. The local token is saved only over the
-//!    version it replaces, so it never overwrites another process's token.
+//!    A failure that certainly left the refresh token as it was (refused
+//!    connection, an error answer of the server's own) unmarks the entry.
+//! 7. When the process cannot coordinate (the store does not answer, the
+//!    lease cannot be had in time), [`UnreachableStore`] decides: by default
+//!    the source is called without the refresh token.
 //!
 //! "Newer" is decided by `Known::superseded_by`: a higher version in the
 //! same line of versions or, for a token that is not from that line (a local
@@ -26,9 +42,48 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::fetch::{Fetcher, Obtained, Previous};
-use crate::error::RefreshError;
-use crate::store::{StoreError, StoredToken, TokenStore};
+use crate::error::{RefreshError, RefreshFailed, StoreUnreachable};
+use crate::store::{Lease, StoreError, StoredToken, TokenStore};
 use crate::{RefreshReason, Token};
+
+/// The metadata key that marks a stored entry whose refresh token is being
+/// (or was, with an unknown outcome) presented to the token server. Never
+/// part of an installed token.
+const PRESENTED_KEY: &str = "tower-auth-refresh:presented";
+
+/// How many times a save that lost a version race is tried again.
+const SAVE_ATTEMPTS: usize = 3;
+
+/// What a refresh does when its process cannot coordinate with the rest of
+/// the fleet: the [`TokenStore`] does not answer (a timeout, a `READONLY`
+/// replica after a failover, a network split) or the refresh lease cannot
+/// be had in time. Set with
+/// [`TokenHandleBuilder::when_store_unreachable`](crate::TokenHandleBuilder::when_store_unreachable).
+///
+/// The refresh token of a fleet is shared: while a process cannot see the
+/// store, another may already have presented it, and a strict server
+/// (Auth0, Okta, Keycloak with reuse detection) treats a second use as theft
+/// and revokes every replica's tokens.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+#[non_exhaustive]
+pub enum UnreachableStore {
+    /// The default. The token source is called without the refresh token
+    /// (`RefreshContext::previous` carries none), so it can only use a grant
+    /// that does not rotate: client credentials, a password grant (an
+    /// `OAuth2Source`'s initial grant). When it cannot,
+    /// the request fails with [`StoreUnreachable`](crate::StoreUnreachable).
+    /// The new token is saved only over the version it replaces.
+    #[default]
+    InitialGrantOnly,
+    /// Fail the refresh at once with
+    /// [`StoreUnreachable`](crate::StoreUnreachable); the token source is
+    /// not called. Requests go on with the current token while it is valid.
+    Fail,
+    /// Present the refresh token without the lease, as a single process
+    /// would. Only safe when the server does not rotate refresh tokens, or
+    /// when this process is the only one using them.
+    RefreshLocally,
+}
 
 /// A store, the key of this manager's token in it, and the protocol's timings.
 #[derive(Clone)]
@@ -38,6 +93,7 @@ pub(crate) struct FleetStore {
     pub(crate) lease_ttl: Duration,
     pub(crate) poll_interval: Duration,
     pub(crate) op_timeout: Duration,
+    pub(crate) unreachable: UnreachableStore,
 }
 
 impl std::fmt::Debug for FleetStore {
@@ -45,6 +101,7 @@ impl std::fmt::Debug for FleetStore {
         f.debug_struct("FleetStore")
             .field("key", &self.key)
             .field("lease_ttl", &self.lease_ttl)
+            .field("unreachable", &self.unreachable)
             .finish_non_exhaustive()
     }
 }
@@ -62,11 +119,12 @@ impl Known {
     /// same line of versions or, when the known token is not from that line
     /// (a local refresh while the store was out of reach, a store that lost
     /// its data and counts from 1 again), the token that expires later.
+    /// Metadata (usage, the presented mark) does not make a token new.
     fn superseded_by(&self, stored: &StoredToken) -> bool {
         let Some(ours) = &self.token else {
             return true;
         };
-        if stored.token == **ours {
+        if stored.token.same_secrets(ours) {
             return false;
         }
         if self.version > 0 && stored.version > self.version {
@@ -82,8 +140,111 @@ impl Known {
     fn adoptable(&self, stored: &StoredToken, rejected: Option<&Token>) -> bool {
         self.superseded_by(stored)
             && !stored.token.is_expired()
-            && rejected.is_none_or(|rejected| rejected != &stored.token)
+            && rejected.is_none_or(|rejected| !rejected.same_secrets(&stored.token))
     }
+}
+
+/// What a refresh under the lease starts from.
+struct Plan {
+    /// The stored version the new token replaces (0: none).
+    expected: u64,
+    /// The newest token known.
+    base: Option<Arc<Token>>,
+    /// Why `base`'s refresh token must not be presented, if it must not.
+    withheld: Option<&'static str>,
+}
+
+impl Plan {
+    fn new(known: &Known, stored: Option<StoredToken>) -> Self {
+        match stored {
+            Some(stored) if is_marked(&stored.token) => Plan {
+                expected: stored.version,
+                base: Some(Arc::new(stored.token)),
+                withheld: Some(
+                    "a refresh with the stored refresh token was started and its outcome is unknown",
+                ),
+            },
+            Some(stored)
+                if known.superseded_by(&stored)
+                    || known.version == stored.version
+                    || known
+                        .token
+                        .as_ref()
+                        .is_some_and(|ours| ours.same_secrets(&stored.token)) =>
+            {
+                Plan {
+                    expected: stored.version,
+                    base: Some(Arc::new(stored.token)),
+                    withheld: None,
+                }
+            }
+            // Ours replaced the stored one (refreshed while the store was out
+            // of reach): its refresh token is this process's own.
+            Some(stored) => Plan {
+                expected: stored.version,
+                base: known.token.clone(),
+                withheld: None,
+            },
+            None if known.version > 0 => Plan {
+                expected: 0,
+                base: known.token.clone(),
+                withheld: Some(
+                    "the stored token is gone (the store lost its data?); another process may be refreshing with it",
+                ),
+            },
+            None => Plan {
+                expected: 0,
+                base: known.token.clone(),
+                withheld: None,
+            },
+        }
+    }
+}
+
+fn is_marked(token: &Token) -> bool {
+    token.metadata().contains_key(PRESENTED_KEY)
+}
+
+/// A token as handed to the source when its refresh token must not be used.
+fn withheld(token: Option<Arc<Token>>) -> Option<Arc<Token>> {
+    token.map(|t| match t.refresh_token() {
+        Some(_) => Arc::new(t.without_refresh_token()),
+        None => t,
+    })
+}
+
+/// A stored token as installed: without the presented mark.
+fn adopted(mut stored: StoredToken) -> Obtained {
+    if is_marked(&stored.token) {
+        stored.token = stored.token.without_metadata(PRESENTED_KEY);
+    }
+    Obtained::adopted(stored)
+}
+
+/// `true` when a failed refresh certainly left the presented refresh token
+/// as it was (the connection was refused, the server answered with an
+/// error of its own), or when the token is dead anyway (rejected): the
+/// entry is unmarked. Any other failure (a 502, a timeout) may come after
+/// the server rotated it: the mark stays.
+fn refresh_token_unchanged(err: &RefreshError) -> bool {
+    if matches!(err, RefreshError::Reauthorize(_)) {
+        return true;
+    }
+    let shared = err.shared();
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = Some(&*shared);
+    while let Some(err) = cause {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            if io.kind() == std::io::ErrorKind::ConnectionRefused {
+                return true;
+            }
+        }
+        #[cfg(feature = "oauth2")]
+        if let Some(endpoint) = err.downcast_ref::<crate::oauth2::TokenEndpointError>() {
+            return endpoint.left_credential_unspent();
+        }
+        cause = err.source();
+    }
+    false
 }
 
 impl FleetStore {
@@ -136,7 +297,7 @@ impl FleetStore {
         };
 
         // 1. Someone else may have refreshed already.
-        let mut newest = match self.load().await {
+        match self.load().await {
             // NOTE: a manual refresh asks for a new token: what is stored
             // now is the base to refresh from, never an answer. Only a token
             // saved after this read (by another process that refreshed while
@@ -150,15 +311,14 @@ impl FleetStore {
                         token: Some(Arc::new(stored.token.clone())),
                     };
                 }
-                Some(stored)
             }
             Ok(Some(stored)) if known.adoptable(&stored, rejected) => {
                 tracing::debug!(version = stored.version, "adopting token from store");
-                return Ok(Obtained::adopted(stored));
+                return Ok(adopted(stored));
             }
-            Ok(stored) => stored,
-            Err(err) => return self.local(fetcher, &known, reason, err).await,
-        };
+            Ok(_) => {}
+            Err(err) => return self.uncoordinated(fetcher, &known, reason, err).await,
+        }
 
         // 2. Take the lease, or wait for its holder (bounded polling: the
         //    holder saves, or its lease expires and can be taken over).
@@ -170,11 +330,11 @@ impl FleetStore {
             {
                 Ok(Some(lease)) => break lease,
                 Ok(None) => {}
-                Err(err) => return self.local(fetcher, &known, reason, err).await,
+                Err(err) => return self.uncoordinated(fetcher, &known, reason, err).await,
             }
             if Instant::now() >= give_up_at {
                 let err = StoreError::Unavailable("lease was not released in time".into());
-                return self.local(fetcher, &known, reason, err).await;
+                return self.uncoordinated(fetcher, &known, reason, err).await;
             }
             tokio::time::sleep(self.poll_interval).await;
             match self.load().await {
@@ -183,16 +343,16 @@ impl FleetStore {
                         version = stored.version,
                         "adopting token refreshed by another process"
                     );
-                    return Ok(Obtained::adopted(stored));
+                    return Ok(adopted(stored));
                 }
-                Ok(stored) => newest = stored,
-                Err(err) => return self.local(fetcher, &known, reason, err).await,
+                Ok(_) => {}
+                Err(err) => return self.uncoordinated(fetcher, &known, reason, err).await,
             }
         };
 
         // 3. We hold the lease: one more look, then refresh and save.
         let result = self
-            .refresh_with_lease(fetcher, &known, rejected, newest, reason)
+            .refresh_with_lease(fetcher, &known, rejected, reason, &lease)
             .await;
         if let Err(err) = self.timed(self.store.unlock(lease)).await {
             tracing::warn!(error = %err, "could not release the token lease; it will expire");
@@ -205,50 +365,110 @@ impl FleetStore {
         fetcher: &Fetcher,
         known: &Known,
         rejected: Option<&Token>,
-        newest: Option<StoredToken>,
         reason: RefreshReason,
+        lease: &Lease,
     ) -> Result<Obtained, RefreshError> {
-        let newest = match self.load().await {
-            Ok(Some(stored)) if known.adoptable(&stored, rejected) => {
-                return Ok(Obtained::adopted(stored));
+        let mut attempts = 0;
+        let (plan, presented) = loop {
+            attempts += 1;
+            let plan = match self.load().await {
+                Ok(Some(stored)) if known.adoptable(&stored, rejected) => {
+                    return Ok(adopted(stored));
+                }
+                Ok(stored) => Plan::new(known, stored),
+                Err(err) => return self.uncoordinated(fetcher, known, reason, err).await,
+            };
+            let Some(base) = plan.base.clone() else {
+                break (plan, None);
+            };
+            let Some(refresh_token) = base.refresh_token() else {
+                break (plan, None);
+            };
+            if let Some(why) = plan.withheld {
+                tracing::warn!(reason = why, "not presenting the refresh token");
+                break (plan, None);
             }
-            Ok(stored) => stored,
-            Err(err) => {
-                tracing::warn!(error = %err, "token store unavailable; refreshing locally");
-                newest
-            }
-        };
-        // The newest token known carries the refresh token that is still
-        // good: the stored one unless ours replaced it (a local refresh).
-        let (expected, base) = match newest {
-            Some(stored) if known.superseded_by(&stored) || known.version == stored.version => {
-                (stored.version, Some(Arc::new(stored.token)))
-            }
-            Some(stored) => (stored.version, known.token.clone()),
-            None => (0, known.token.clone()),
-        };
-        match fetcher.fetch(base, reason).await {
-            Ok(token) => match self
-                .timed(self.store.save(&self.key, &token, Some(expected)))
+            // 3. Mark the entry, then make sure the lease is still ours: a
+            //    process that takes the lease over after this point sees
+            //    the mark and leaves the refresh token alone.
+            let marked = base
+                .as_ref()
+                .clone()
+                .with_metadata(PRESENTED_KEY, crate::store::new_owner());
+            match self
+                .timed(self.store.save(&self.key, &marked, Some(plan.expected)))
                 .await
             {
-                Ok(version) => Ok(Obtained::saved(token, version)),
-                Err(err) => {
-                    tracing::warn!(error = %err, "could not save the refreshed token; using it locally");
-                    Ok(Obtained::fetched(token))
+                Ok(version) if !lease.is_expired() => {
+                    let spent = refresh_token.clone();
+                    break (
+                        Plan {
+                            expected: version,
+                            ..plan
+                        },
+                        Some(spent),
+                    );
                 }
-            },
+                Ok(_) => {
+                    let err = StoreError::Unavailable(
+                        "the lease expired before the refresh token was presented".into(),
+                    );
+                    return self.uncoordinated(fetcher, known, reason, err).await;
+                }
+                Err(StoreError::Conflict { .. }) if attempts < SAVE_ATTEMPTS => {}
+                Err(err) => return self.uncoordinated(fetcher, known, reason, err).await,
+            }
+        };
+
+        let withheld_refresh_token = presented.is_none()
+            && plan.withheld.is_some()
+            && plan
+                .base
+                .as_ref()
+                .is_some_and(|base| base.refresh_token().is_some());
+        let for_source = if presented.is_some() || plan.withheld.is_none() {
+            plan.base.clone()
+        } else {
+            withheld(plan.base.clone())
+        };
+        match fetcher.fetch(for_source, reason).await {
+            Ok(token) => {
+                let token = if is_marked(&token) {
+                    token.without_metadata(PRESENTED_KEY)
+                } else {
+                    token
+                };
+                Ok(self.save_refreshed(token, plan.expected, presented).await)
+            }
             Err(err) => {
-                // 4. Another process may have refreshed (and rotated) meanwhile:
+                if presented.is_some() && refresh_token_unchanged(&err) {
+                    if let Some(base) = &plan.base {
+                        let unmarked = base.as_ref().clone().without_metadata(PRESENTED_KEY);
+                        let _ = self
+                            .timed(self.store.save(&self.key, &unmarked, Some(plan.expected)))
+                            .await;
+                    }
+                }
+                // NOTE: a source that needs the withheld refresh token says
+                // "re-authorization required"; the refresh token may well be
+                // alive, so this is a failure, not a dead grant (bulk jobs
+                // delete dead grants).
+                let err = match err {
+                    RefreshError::Reauthorize(reauth) if withheld_refresh_token => {
+                        RefreshError::Failed(RefreshFailed::new(Arc::new(reauth)))
+                    }
+                    err => err,
+                };
+                // 6. Another process may have refreshed (and rotated) meanwhile:
                 //    look before declaring the refresh failed. Nothing is
                 //    deleted: what another process wrote stays.
                 if let Ok(Some(stored)) = self.load().await {
-                    if known.adoptable(&stored, rejected) {
+                    if known.adoptable(&stored, rejected) && !is_marked(&stored.token) {
                         tracing::debug!(
                             version = stored.version,
                             "refresh failed; adopting the token another process stored"
                         );
-                        return Ok(Obtained::adopted(stored));
+                        return Ok(adopted(stored));
                     }
                 }
                 Err(err)
@@ -256,26 +476,120 @@ impl FleetStore {
         }
     }
 
-    /// 5. The store is out of reach: refresh without it.
-    async fn local(
+    /// 5. Saves a refreshed token over `expected`. When another writer got
+    ///    there first and the stored refresh token is still the one this
+    ///    refresh spent, saves again over that version; when the stored
+    ///    token is a newer one, adopts it.
+    async fn save_refreshed(
+        &self,
+        token: Token,
+        mut expected: u64,
+        spent: Option<secrecy::SecretString>,
+    ) -> Obtained {
+        use secrecy::ExposeSecret;
+        for _ in 0..SAVE_ATTEMPTS {
+            match self
+                .timed(self.store.save(&self.key, &token, Some(expected)))
+                .await
+            {
+                Ok(version) => return Obtained::saved(token, version),
+                Err(StoreError::Conflict { .. }) => {}
+                Err(err) => {
+                    tracing::warn!(error = %err, "could not save the refreshed token; using it locally");
+                    return Obtained::fetched(token);
+                }
+            }
+            match self.load().await {
+                Ok(Some(stored)) => {
+                    let stored_rt = stored
+                        .token
+                        .refresh_token()
+                        .map(ExposeSecret::expose_secret);
+                    let still_spent = match &spent {
+                        Some(spent) => stored_rt == Some(spent.expose_secret()),
+                        None => is_marked(&stored.token),
+                    };
+                    if still_spent {
+                        tracing::debug!(
+                            version = stored.version,
+                            "the store changed under the lease; saving the new token again"
+                        );
+                        expected = stored.version;
+                    } else if !stored.token.is_expired() {
+                        tracing::debug!(
+                            version = stored.version,
+                            "another process stored a newer token; adopting it"
+                        );
+                        return adopted(stored);
+                    } else {
+                        expected = stored.version;
+                    }
+                }
+                Ok(None) => expected = 0,
+                Err(err) => {
+                    tracing::warn!(error = %err, "could not save the refreshed token; using it locally");
+                    return Obtained::fetched(token);
+                }
+            }
+        }
+        tracing::warn!(
+            "could not save the refreshed token after {SAVE_ATTEMPTS} attempts; using it locally"
+        );
+        Obtained::fetched(token)
+    }
+
+    /// 7. The process cannot coordinate with the fleet: the policy decides.
+    async fn uncoordinated(
         &self,
         fetcher: &Fetcher,
         known: &Known,
         reason: RefreshReason,
         err: StoreError,
     ) -> Result<Obtained, RefreshError> {
-        tracing::warn!(error = %err, "token store unavailable; refreshing locally");
-        let token = fetcher.fetch(known.token.clone(), reason).await?;
-        // Best effort, and only over the version this token replaces: a
-        // token another process saved meanwhile is never overwritten.
+        let why = err.to_string();
+        let cause: crate::error::SharedError = Arc::new(err);
+        match self.unreachable {
+            UnreachableStore::Fail => {
+                tracing::warn!(error = %why, "cannot coordinate the token refresh; failing it");
+                Err(RefreshError::Uncoordinated(StoreUnreachable::new(
+                    why,
+                    Some(cause),
+                )))
+            }
+            UnreachableStore::RefreshLocally => {
+                tracing::warn!(error = %why, "token store unavailable; refreshing locally");
+                let token = fetcher.fetch(known.token.clone(), reason).await?;
+                Ok(self.save_over(token, known.version).await)
+            }
+            UnreachableStore::InitialGrantOnly => {
+                tracing::warn!(
+                    error = %why,
+                    "cannot coordinate the token refresh; asking without the refresh token"
+                );
+                match fetcher.fetch(withheld(known.token.clone()), reason).await {
+                    Ok(token) => Ok(self.save_over(token, known.version).await),
+                    Err(fetch_err) => Err(RefreshError::Uncoordinated(StoreUnreachable::new(
+                        format!(
+                            "{why}; and no token could be had without the refresh token: {fetch_err}"
+                        ),
+                        Some(fetch_err.shared()),
+                    ))),
+                }
+            }
+        }
+    }
+
+    /// Best effort, and only over the version this token replaces: a token
+    /// another process saved meanwhile is never overwritten.
+    async fn save_over(&self, token: Token, version: u64) -> Obtained {
         match self
-            .timed(self.store.save(&self.key, &token, Some(known.version)))
+            .timed(self.store.save(&self.key, &token, Some(version)))
             .await
         {
-            Ok(version) => Ok(Obtained::saved(token, version)),
+            Ok(version) => Obtained::saved(token, version),
             Err(err) => {
-                tracing::debug!(error = %err, "locally refreshed token not saved");
-                Ok(Obtained::fetched(token))
+                tracing::debug!(error = %err, "locally obtained token not saved");
+                Obtained::fetched(token)
             }
         }
     }

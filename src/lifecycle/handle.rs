@@ -7,7 +7,7 @@ use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 
-use super::fleet::FleetStore;
+use super::fleet::{FleetStore, UnreachableStore};
 use super::manager::{ManagerConfig, TokenManager};
 use crate::{BoxError, Token, TokenInjector, TokenSource, TokenStore};
 
@@ -64,6 +64,7 @@ impl TokenHandle {
             initial: None,
             store: None,
             lease_ttl_set: false,
+            unreachable: UnreachableStore::default(),
         }
     }
 
@@ -131,8 +132,40 @@ impl TokenHandle {
     }
 
     /// Forgets the current token: the next request waits for a new one.
+    /// With [`revoke_on_clear`](TokenHandleBuilder::revoke_on_clear), the
+    /// forgotten token is also revoked, in a background task.
     pub fn clear(&self) {
+        let token = self.token();
         self.manager.clear();
+        if let (true, Some(token)) = (self.manager.config.revoke_on_clear, token) {
+            self.revoke_in_background(token);
+        }
+    }
+
+    /// Forgets the current token and revokes it at the server (for an
+    /// OAuth2 source with a revocation URL: its refresh token, RFC 7009),
+    /// so that nobody can use it any more: a logout. The token is forgotten
+    /// even when the revocation fails.
+    pub async fn revoke(&self) -> Result<(), BoxError> {
+        let token = self.token();
+        self.manager.clear();
+        match token {
+            Some(token) => self.manager.revoke(token).await,
+            None => Ok(()),
+        }
+    }
+
+    fn revoke_in_background(&self, token: Arc<Token>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!("no Tokio runtime: the cleared token was not revoked");
+            return;
+        };
+        let revoke = self.manager.revoke(token);
+        runtime.spawn(async move {
+            if let Err(err) = revoke.await {
+                tracing::warn!(error = %err, "revoking the cleared token failed");
+            }
+        });
     }
 }
 
@@ -145,6 +178,8 @@ pub struct TokenHandleBuilder {
     /// `store_timing` gave the lease ttl; otherwise it follows the refresh
     /// timeout, whatever the order of the builder calls.
     lease_ttl_set: bool,
+    /// What a refresh does when it cannot coordinate with the fleet.
+    unreachable: UnreachableStore,
 }
 
 impl fmt::Debug for TokenHandleBuilder {
@@ -221,7 +256,8 @@ impl TokenHandleBuilder {
     /// instead of fetching one (restarts make no token call), every refresh
     /// is saved, and processes sharing the store refresh once between them
     /// (the store's lease decides who; the others adopt the saved token).
-    /// When the store is out of reach, the token is refreshed locally.
+    /// When the store is out of reach, the refresh follows
+    /// [`when_store_unreachable`](Self::when_store_unreachable).
     pub fn store(mut self, store: impl TokenStore, key: impl Into<String>) -> Self {
         self.store = Some(FleetStore {
             store: Arc::new(store),
@@ -229,6 +265,7 @@ impl TokenHandleBuilder {
             lease_ttl: self.config.refresh_timeout + Duration::from_secs(5),
             poll_interval: Duration::from_millis(50),
             op_timeout: Duration::from_secs(2),
+            unreachable: UnreachableStore::default(),
         });
         self
     }
@@ -253,6 +290,35 @@ impl TokenHandleBuilder {
         self
     }
 
+    /// [`TokenHandle::clear`] also revokes the token it forgets, in a
+    /// background task (see [`TokenHandle::revoke`]).
+    pub fn revoke_on_clear(mut self) -> Self {
+        self.config.revoke_on_clear = true;
+        self
+    }
+
+    /// What a refresh does when it cannot coordinate with the other
+    /// processes sharing the store: the store does not answer, or the lease
+    /// cannot be had in time. Default [`UnreachableStore::InitialGrantOnly`]:
+    /// the refresh token is not presented (another process may have spent
+    /// it); the token source may use a grant that does not rotate.
+    ///
+    /// ```
+    /// use tower_auth_refresh::{MemoryStore, Token, TokenHandle, UnreachableStore, token_source_fn};
+    ///
+    /// let handle = TokenHandle::builder(token_source_fn(|_cx| async {
+    ///     Ok::<_, std::io::Error>(Token::bearer("t"))
+    /// }))
+    /// .store(MemoryStore::new(), "api")
+    /// .when_store_unreachable(UnreachableStore::Fail)
+    /// .build();
+    /// # let _ = handle;
+    /// ```
+    pub fn when_store_unreachable(mut self, policy: UnreachableStore) -> Self {
+        self.unreachable = policy;
+        self
+    }
+
     /// Starts with this token instead of fetching one on the first request.
     pub fn initial_token(mut self, token: Token) -> Self {
         self.initial = Some(token);
@@ -264,6 +330,9 @@ impl TokenHandleBuilder {
     pub fn build(mut self) -> TokenHandle {
         if let (Some(store), false) = (&mut self.store, self.lease_ttl_set) {
             store.lease_ttl = self.config.refresh_timeout + Duration::from_secs(5);
+        }
+        if let Some(store) = &mut self.store {
+            store.unreachable = self.unreachable;
         }
         TokenHandle {
             manager: TokenManager::new(self.source, self.store, self.config, self.initial),

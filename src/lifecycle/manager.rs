@@ -41,6 +41,8 @@ pub(crate) struct ManagerConfig {
     pub(crate) min_token_age: Duration,
     /// The `token` label of this handle's metrics.
     pub(crate) name: Arc<str>,
+    /// [`TokenHandle::clear`](crate::TokenHandle::clear) also revokes.
+    pub(crate) revoke_on_clear: bool,
 }
 
 impl Default for ManagerConfig {
@@ -54,6 +56,7 @@ impl Default for ManagerConfig {
             backoff_max: Duration::from_secs(60),
             min_token_age: Duration::from_secs(5),
             name: Arc::from("default"),
+            revoke_on_clear: false,
         }
     }
 }
@@ -410,6 +413,14 @@ impl TokenManager {
         state.last_error = None;
         state.consecutive_failures = 0;
         Ok(current)
+    }
+
+    /// Asks the token source to revoke `token` at the server.
+    pub(crate) fn revoke(
+        &self,
+        token: Arc<Token>,
+    ) -> futures::future::BoxFuture<'static, Result<(), crate::BoxError>> {
+        self.fetcher.revoke(token)
     }
 
     /// Forgets the current token; the next request fetches a new one.

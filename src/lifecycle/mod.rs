@@ -24,4 +24,5 @@ mod manager;
 
 pub(crate) use manager::{Acquired, Rejection, TokenManager};
 
+pub use fleet::UnreachableStore;
 pub use handle::{RefreshStats, TokenHandle, TokenHandleBuilder, TokenStatus};

@@ -121,6 +121,23 @@ pub enum TokenEndpointError {
 }
 
 impl TokenEndpointError {
+    /// `true` when the server certainly did not grant anything for this
+    /// request, so a refresh token it carried is still as it was: an error
+    /// answer from the server itself (an RFC 6749 error, a 4xx, a business
+    /// code), or a connection that could not be opened. A 5xx, a timeout or
+    /// an unreadable answer may come after the server rotated the token.
+    pub(crate) fn left_credential_unspent(&self) -> bool {
+        match self {
+            Self::OAuth(_) | Self::Business { .. } => true,
+            Self::Status { status, .. } => status.is_client_error(),
+            Self::Transport { source, .. } => super::endpoint::is_connect_error(&**source),
+            Self::Timeout { .. }
+            | Self::TooLarge { .. }
+            | Self::Malformed { .. }
+            | Self::MissingField { .. } => false,
+        }
+    }
+
     /// `true` for an `invalid_grant` error: the refresh token, authorization
     /// code or password was rejected.
     pub fn is_invalid_grant(&self) -> bool {

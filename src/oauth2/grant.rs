@@ -115,7 +115,14 @@ impl AuthorizationCode {
         self
     }
 
-    /// The PKCE `code_verifier` (RFC 7636).
+    /// The verifier of a [`Pkce`](super::Pkce) pair made for this code's
+    /// authorization request.
+    pub fn with_pkce(mut self, pkce: &super::Pkce) -> Self {
+        self.pkce_verifier = Some(pkce.verifier().clone());
+        self
+    }
+
+    /// The PKCE `code_verifier` (RFC 7636), when it was made elsewhere.
     pub fn with_pkce_verifier(mut self, verifier: impl Into<String>) -> Self {
         self.pkce_verifier = Some(SecretString::from(verifier.into()));
         self
@@ -155,6 +162,13 @@ pub(crate) enum GrantRequest<'a> {
 }
 
 impl GrantRequest<'_> {
+    /// `true` for a grant whose credential is used up once the server
+    /// processed it (a rotating refresh token, an authorization code): a
+    /// request that may have been processed must not be sent again.
+    pub(crate) fn spends_credential(&self) -> bool {
+        matches!(self, Self::Refresh(_) | Self::Code(..))
+    }
+
     pub(crate) fn grant_type(&self) -> &'static str {
         match self {
             Self::Initial(grant) => grant.grant_type(),

@@ -55,15 +55,16 @@ impl Default for RefreshAll {
 }
 
 impl RefreshAll {
-    /// Refreshes every stored token, 8 at a time, and deletes the ones the
-    /// server rejects for good.
+    /// Refreshes every stored token, 8 at a time. Tokens the server rejects
+    /// for good are reported, not deleted, unless
+    /// [`delete_dead`](Self::delete_dead) says so.
     pub fn new() -> Self {
         Self {
             concurrency: 8,
             used_within: None,
             expiring_within: None,
             dry_run: false,
-            delete_dead: true,
+            delete_dead: false,
             progress: None,
         }
     }
@@ -95,8 +96,11 @@ impl RefreshAll {
         self
     }
 
-    /// Whether a token the server rejects for good (re-authorization
-    /// required) is deleted from the store (default: yes).
+    /// Whether a token the server rejects for good
+    /// ([`ReauthorizationRequired`]: for an
+    /// `OAuth2Source`, an `invalid_grant` answer to
+    /// the refresh token) is deleted from the store (default: no, it is
+    /// reported as failed).
     pub fn delete_dead(mut self, delete: bool) -> Self {
         self.delete_dead = delete;
         self
@@ -250,9 +254,10 @@ impl TokenRegistry {
 
     /// Refreshes the stored tokens as `job` says, `job.concurrency` at a
     /// time, through each tenant's handle (so a fleet sharing the store
-    /// still refreshes each token once). A token the server rejects for good
-    /// ([`ReauthorizationRequired`]) is deleted, unless another process wrote
-    /// a new one meanwhile.
+    /// still refreshes each token once). With
+    /// [`delete_dead`](RefreshAll::delete_dead), a token the server rejects
+    /// for good ([`ReauthorizationRequired`]) is deleted, unless another
+    /// process wrote a new one meanwhile.
     ///
     /// ```
     /// # #[tokio::main(flavor = "current_thread")]
@@ -325,8 +330,16 @@ impl TokenRegistry {
         if job.dry_run {
             return Outcome::WouldRefresh;
         }
+        // NOTE: a tenant this job loads is unloaded again once handled: a
+        // job over every stored tenant must not keep them all in memory.
+        let was_loaded = self.is_loaded(tenant);
         let handle = self.get(tenant);
-        match handle.refresh_now().await {
+        let refreshed = handle.refresh_now().await;
+        drop(handle);
+        if !was_loaded {
+            self.unload(tenant);
+        }
+        match refreshed {
             Ok(_) => Outcome::Refreshed,
             Err(err) => {
                 let reason = err.to_string();
@@ -336,7 +349,7 @@ impl TokenRegistry {
                 // NOTE: delete only the version we saw dead: a token another
                 // process saved meanwhile is kept.
                 let version = match self.inner().store.load(&key).await {
-                    Ok(Some(now)) if now.token != stored.token => {
+                    Ok(Some(now)) if !now.token.same_secrets(&stored.token) => {
                         return Outcome::Failed(format!(
                             "{reason} (a newer token was stored meanwhile; kept)"
                         ));
@@ -359,6 +372,8 @@ impl TokenRegistry {
     /// Deletes the stored tokens of tenants not used for `older_than` (by the
     /// last-used time recorded in the store, or seen in this process).
     /// Tokens with no usage record are kept. With `dry_run`, only reports.
+    /// A tenant whose entry cannot be read is reported as failed; the job
+    /// goes on. Only listing the store can fail the whole job.
     pub async fn remove_idle(
         &self,
         older_than: Duration,
@@ -374,8 +389,15 @@ impl TokenRegistry {
         let cutoff = now_ms().saturating_sub(older_than.as_millis() as u64);
         for tenant in tenants {
             let key = self.store_key(&tenant);
-            let Some(stored) = self.inner().store.load(&key).await? else {
-                continue;
+            // NOTE: one bad entry (unreadable, a store error) is recorded
+            // and the job goes on: the report is what the operator sees.
+            let stored = match self.inner().store.load(&key).await {
+                Ok(Some(stored)) => stored,
+                Ok(None) => continue,
+                Err(err) => {
+                    report.failed.push((tenant, err.to_string()));
+                    continue;
+                }
             };
             let here = self
                 .last_used(&tenant)

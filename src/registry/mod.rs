@@ -9,4 +9,6 @@ mod tenants;
 pub use maintenance::{MaintenanceReport, Outcome, ProgressUpdate, RefreshAll};
 pub use origin::{InvalidOrigin, Origin};
 pub use routing::{AuthRouting, AuthRoutingLayer, UpstreamKey};
-pub use tenants::{LAST_USED_METADATA_KEY, Tenant, TokenRegistry, TokenRegistryBuilder};
+pub use tenants::{
+    FlushReport, LAST_USED_METADATA_KEY, Tenant, TokenRegistry, TokenRegistryBuilder,
+};

@@ -1,13 +1,12 @@
 //! [`TokenRegistry`]: one token manager per tenant, created lazily from a
 //! store.
 
-use std::collections::HashMap;
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use arc_swap::ArcSwap;
+use dashmap::DashMap;
 use futures::future::BoxFuture;
 
 use crate::detect::ExpiryDetector;
@@ -101,21 +100,36 @@ pub(crate) struct Inner {
     pub(crate) key_prefix: String,
     factory: Box<SourceFactory>,
     configure: Option<Box<Configure>>,
-    entries: ArcSwap<HashMap<Arc<str>, Arc<Entry>>>,
-    create: Mutex<()>,
+    /// NOTE: a sharded concurrent map: a lookup takes one shard's read
+    /// lock, a new tenant one shard's write lock (O(1), never a copy of
+    /// the map).
+    entries: DashMap<Arc<str>, Arc<Entry>>,
+    evict_idle: Option<Duration>,
+    /// When idle tenants were last swept out (unix milliseconds).
+    last_sweep_ms: AtomicU64,
     pub(crate) layer: Arc<LayerConfig>,
 }
 
 pub(crate) struct Entry {
     pub(crate) handle: TokenHandle,
     pub(crate) last_used_ms: Arc<AtomicU64>,
+    created_ms: u64,
+}
+
+impl Entry {
+    /// When the tenant was last used here, or loaded if it never was.
+    fn active_ms(&self) -> u64 {
+        self.last_used_ms
+            .load(Ordering::Relaxed)
+            .max(self.created_ms)
+    }
 }
 
 impl fmt::Debug for TokenRegistry {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("TokenRegistry")
             .field("key_prefix", &self.inner.key_prefix)
-            .field("tenants", &self.inner.entries.load().len())
+            .field("tenants", &self.inner.entries.len())
             .finish_non_exhaustive()
     }
 }
@@ -126,6 +140,7 @@ pub struct TokenRegistryBuilder {
     key_prefix: String,
     factory: Box<SourceFactory>,
     configure: Option<Box<Configure>>,
+    evict_idle: Option<Duration>,
     layer: AuthRefreshLayer,
 }
 
@@ -146,13 +161,24 @@ impl TokenRegistryBuilder {
     }
 
     /// Applies the same settings to each tenant's [`TokenHandleBuilder`]
-    /// (refresh-ahead, injector, timeouts …). The store is set by the
-    /// registry.
+    /// (refresh-ahead, injector, timeouts, store timing …). The store is set
+    /// by the registry, before `configure` runs.
     pub fn configure(
         mut self,
         configure: impl Fn(TokenHandleBuilder) -> TokenHandleBuilder + Send + Sync + 'static,
     ) -> Self {
         self.configure = Some(Box::new(configure));
+        self
+    }
+
+    /// Forgets (unloads) tenants not used in this process for `after`, so a
+    /// long-running service whose tenant ids come from its callers keeps a
+    /// bounded number of handles. Their stored tokens stay; a tenant used
+    /// again is loaded again from the store. Idle tenants are swept out
+    /// when new tenants are loaded, at most once per `after / 2`. Default:
+    /// tenants stay loaded until [`unload`](TokenRegistry::unload).
+    pub fn evict_idle(mut self, after: Duration) -> Self {
+        self.evict_idle = Some(after);
         self
     }
 
@@ -184,8 +210,9 @@ impl TokenRegistryBuilder {
                 key_prefix: self.key_prefix,
                 factory: self.factory,
                 configure: self.configure,
-                entries: ArcSwap::from_pointee(HashMap::new()),
-                create: Mutex::new(()),
+                entries: DashMap::new(),
+                evict_idle: self.evict_idle,
+                last_sweep_ms: AtomicU64::new(now_ms()),
                 layer: self.layer.config().clone(),
             }),
         }
@@ -208,6 +235,7 @@ impl TokenRegistry {
             key_prefix: String::new(),
             factory: Box::new(move |tenant| Box::new(source_for(tenant))),
             configure: None,
+            evict_idle: None,
             layer: AuthRefreshLayer::new(placeholder),
         }
     }
@@ -219,37 +247,65 @@ impl TokenRegistry {
     }
 
     pub(crate) fn entry(&self, tenant: &str) -> Arc<Entry> {
-        if let Some(entry) = self.inner.entries.load().get(tenant) {
+        if let Some(entry) = self.inner.entries.get(tenant) {
             return entry.clone();
         }
-        let _creating = self
-            .inner
-            .create
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        if let Some(entry) = self.inner.entries.load().get(tenant) {
-            return entry.clone();
-        }
+        // NOTE: built outside the map's locks (`configure` is the caller's
+        // code); when two callers race, the first insert wins and the
+        // other handle is dropped unused.
         let last_used_ms = Arc::new(AtomicU64::new(0));
         let source = UsageRecordingSource {
             inner: (self.inner.factory)(tenant),
             last_used_ms: last_used_ms.clone(),
         };
-        let mut builder = TokenHandle::builder(source);
+        // The store first, so that `configure` can tune its timing.
+        let mut builder =
+            TokenHandle::builder(source).store(self.inner.store.clone(), self.store_key(tenant));
         if let Some(configure) = &self.inner.configure {
             builder = configure(builder);
         }
-        let handle = builder
-            .store(self.inner.store.clone(), self.store_key(tenant))
-            .build();
-        let entry = Arc::new(Entry {
-            handle,
+        let built = Arc::new(Entry {
+            handle: builder.build(),
             last_used_ms,
+            created_ms: now_ms(),
         });
-        let mut entries = HashMap::clone(&self.inner.entries.load());
-        entries.insert(Arc::from(tenant), entry.clone());
-        self.inner.entries.store(Arc::new(entries));
+        let entry = self
+            .inner
+            .entries
+            .entry(Arc::from(tenant))
+            .or_insert(built)
+            .clone();
+        self.sweep_idle();
         entry
+    }
+
+    /// Unloads the tenants idle for longer than `evict_idle`, at most once
+    /// per half of it.
+    fn sweep_idle(&self) {
+        let Some(after) = self.inner.evict_idle else {
+            return;
+        };
+        let after_ms = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
+        let now = now_ms();
+        let last = self.inner.last_sweep_ms.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < after_ms / 2
+            || self
+                .inner
+                .last_sweep_ms
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let cutoff = now.saturating_sub(after_ms);
+        self.inner
+            .entries
+            .retain(|_, entry| entry.active_ms() >= cutoff);
+    }
+
+    /// `true` when `tenant` is loaded in this process.
+    pub(crate) fn is_loaded(&self, tenant: &str) -> bool {
+        self.inner.entries.contains_key(tenant)
     }
 
     /// The handle of `tenant` for a request: also notes that it was used now.
@@ -269,6 +325,11 @@ impl TokenRegistry {
         &self.inner
     }
 
+    /// The store the tenants' tokens are kept in.
+    pub fn store(&self) -> &Arc<dyn TokenStore> {
+        &self.inner.store
+    }
+
     /// The store key of `tenant`.
     pub fn store_key(&self, tenant: &str) -> String {
         format!("{}{}", self.inner.key_prefix, tenant)
@@ -279,9 +340,8 @@ impl TokenRegistry {
         let mut tenants: Vec<String> = self
             .inner
             .entries
-            .load()
-            .keys()
-            .map(|t| t.to_string())
+            .iter()
+            .map(|entry| entry.key().to_string())
             .collect();
         tenants.sort();
         tenants
@@ -289,11 +349,7 @@ impl TokenRegistry {
 
     /// The status of a loaded tenant's token (no secret).
     pub fn status(&self, tenant: &str) -> Option<TokenStatus> {
-        self.inner
-            .entries
-            .load()
-            .get(tenant)
-            .map(|e| e.handle.status())
+        self.inner.entries.get(tenant).map(|e| e.handle.status())
     }
 
     /// When `tenant` was last used by a request in this process.
@@ -301,7 +357,6 @@ impl TokenRegistry {
         let ms = self
             .inner
             .entries
-            .load()
             .get(tenant)?
             .last_used_ms
             .load(Ordering::Relaxed);
@@ -310,52 +365,97 @@ impl TokenRegistry {
 
     /// Forgets a loaded tenant (its stored token stays).
     pub fn unload(&self, tenant: &str) -> bool {
-        let _creating = self
-            .inner
-            .create
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        let mut entries = HashMap::clone(&self.inner.entries.load());
-        let removed = entries.remove(tenant).is_some();
-        self.inner.entries.store(Arc::new(entries));
-        removed
+        self.inner.entries.remove(tenant).is_some()
     }
 
     /// Writes each loaded tenant's last-used time into its stored token's
-    /// metadata (a compare-and-swap save; a token changed meanwhile by
-    /// another process is left alone). Returns how many tokens were updated.
-    /// Call it from time to time, or before a bulk job in another process.
-    pub async fn flush_usage(&self) -> Result<usize, crate::StoreError> {
-        let mut updated = 0;
-        let entries = self.inner.entries.load_full();
-        for (tenant, entry) in entries.iter() {
-            let used = entry.last_used_ms.load(Ordering::Relaxed);
-            if used == 0 {
-                continue;
+    /// metadata. Call it from time to time, or before a bulk job in another
+    /// process.
+    ///
+    /// NOTE: the write is made under the key's refresh lease, as a
+    /// compare-and-swap over the version just read, so it can never replace
+    /// a token a refresh is saving: a tenant whose lease is held (a refresh
+    /// is under way; it records the usage itself) is left for the next
+    /// flush and counted as `busy`. A store error on one tenant is recorded
+    /// in the report and the flush goes on.
+    pub async fn flush_usage(&self) -> FlushReport {
+        let mut report = FlushReport::default();
+        let entries: Vec<(Arc<str>, u64)> = self
+            .inner
+            .entries
+            .iter()
+            .map(|entry| {
+                (
+                    entry.key().clone(),
+                    entry.last_used_ms.load(Ordering::Relaxed),
+                )
+            })
+            .filter(|(_, used)| *used > 0)
+            .collect();
+        for (tenant, used) in entries {
+            match self.flush_one(&tenant, used).await {
+                Ok(Flushed::Updated) => report.updated += 1,
+                Ok(Flushed::Unchanged) => {}
+                Ok(Flushed::Busy) => report.busy += 1,
+                Err(err) => report.failed.push((tenant.to_string(), err.to_string())),
             }
-            let key = self.store_key(tenant);
-            let Some(stored) = self.inner.store.load(&key).await? else {
-                continue;
+        }
+        report
+    }
+
+    async fn flush_one(&self, tenant: &str, used: u64) -> Result<Flushed, crate::StoreError> {
+        let store = &self.inner.store;
+        let key = self.store_key(tenant);
+        let Some(lease) = store.try_lock(&key, FLUSH_LEASE_TTL).await? else {
+            return Ok(Flushed::Busy);
+        };
+        let result = async {
+            let Some(stored) = store.load(&key).await? else {
+                return Ok(Flushed::Unchanged);
             };
             if last_used_ms(&stored.token).is_some_and(|at| at >= used) {
-                continue;
+                return Ok(Flushed::Unchanged);
             }
             let token = stored
                 .token
                 .with_metadata(LAST_USED_METADATA_KEY, used.to_string());
-            match self
-                .inner
-                .store
-                .save(&key, &token, Some(stored.version))
-                .await
-            {
-                Ok(_) => updated += 1,
-                Err(crate::StoreError::Conflict { .. }) => {}
-                Err(err) => return Err(err),
+            match store.save(&key, &token, Some(stored.version)).await {
+                Ok(_) => Ok(Flushed::Updated),
+                Err(crate::StoreError::Conflict { .. }) => Ok(Flushed::Busy),
+                Err(err) => Err(err),
             }
         }
-        Ok(updated)
+        .await;
+        if let Err(err) = store.unlock(lease).await {
+            tracing::debug!(error = %err, "could not release the usage-flush lease; it will expire");
+        }
+        result
     }
+}
+
+/// How long a usage flush holds a key's lease at most: a load and a save.
+/// NOTE: short, so that a flush whose release is lost (the store paused
+/// mid-flush) delays a refresh by a second at most; should the flush
+/// outlive it, its compare-and-swap still cannot replace a newer token.
+const FLUSH_LEASE_TTL: Duration = Duration::from_secs(1);
+
+enum Flushed {
+    Updated,
+    Unchanged,
+    Busy,
+}
+
+/// What [`TokenRegistry::flush_usage`] did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct FlushReport {
+    /// Stored tokens whose last-used time was written.
+    pub updated: usize,
+    /// Tenants whose token was being refreshed (lease held, or the token
+    /// changed meanwhile): left for the next flush.
+    pub busy: usize,
+    /// Tenants whose flush failed, with the store's error (no secret).
+    pub failed: Vec<(String, String)>,
 }
 
 /// The last-used time recorded in a token's metadata, in unix milliseconds.

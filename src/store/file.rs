@@ -11,8 +11,13 @@
 //! - `<k>.lease`: the refresh lease, `owner` and expiry (unix milliseconds),
 //!   rewritten in place under an OS file lock on itself. A lease whose
 //!   expiry has passed (its holder crashed) is taken over.
-//! - `<k>.json.corrupt-<unix ms>`: a file that could not be read as a token,
-//!   put aside, never deleted.
+//! - `<k>.json.corrupt-<unix ms>`: a file that is not valid JSON, put
+//!   aside, never deleted.
+//!
+//! Deleting a key removes its three files. A process that locks `<k>.lock`
+//! or `<k>.lease` checks, once it holds the lock, that the path still names
+//! the file it locked (the deleter removes them while holding their locks),
+//! and starts over otherwise.
 
 use std::fmt;
 use std::fs::{self, File, OpenOptions};
@@ -40,9 +45,16 @@ const MAX_STEM_LEN: usize = 200;
 /// Several processes on one host can share a directory: saves are
 /// compare-and-swap under an OS file lock, and the refresh lease is a lease
 /// file guarded by an OS file lock, with a time to live so that a crashed
-/// holder does not block the others. A file that cannot be read as a token
-/// is renamed `<name>.corrupt-<unix ms>` and reported as
-/// [`StoreError::Corrupt`]; a manager then fetches a fresh token.
+/// holder does not block the others. A file that is not valid JSON is
+/// renamed `<name>.corrupt-<unix ms>` and reported as
+/// [`StoreError::Corrupt`]; a manager then fetches a fresh token. Fields
+/// written by a newer release are read and kept; valid JSON that is not a
+/// token is reported but left in place. A file that cannot be read (its
+/// permissions) is [`StoreError::Unavailable`], never moved.
+///
+/// Distinct keys get distinct file names, also where the filesystem
+/// ignores case (macOS, Windows: capital letters are escaped) and for the
+/// device names Windows reserves (`con`, `nul` …).
 ///
 /// ```
 /// use std::time::Duration;
@@ -149,6 +161,18 @@ impl FileStore {
     }
 }
 
+/// Why a stored file is not a token.
+enum Unreadable {
+    /// Not valid JSON: put aside.
+    NotJson(String),
+    /// Valid JSON, but not a token this release can read: left in place.
+    NotAToken {
+        reason: String,
+        /// Its `version`, when it has one.
+        version: Option<u64>,
+    },
+}
+
 /// The paths of one key.
 struct Paths {
     key: String,
@@ -157,6 +181,10 @@ struct Paths {
     token: PathBuf,
     lock: PathBuf,
     lease: PathBuf,
+    /// Where releases that did not escape capital letters kept the token
+    /// (`Seller-A.json`), when that differs: read while the new file is
+    /// missing, removed once the new one is written.
+    legacy_token: Option<PathBuf>,
 }
 
 impl Paths {
@@ -168,12 +196,14 @@ impl Paths {
                 reason: format!("longer than {MAX_STEM_LEN} bytes once encoded as a file name"),
             });
         }
+        let legacy = legacy_file_stem(key);
         Ok(Self {
             key: key.to_owned(),
             dir: dir.to_owned(),
             token: dir.join(format!("{stem}.json")),
             lock: dir.join(format!("{stem}.lock")),
             lease: dir.join(format!("{stem}.lease")),
+            legacy_token: (legacy != stem).then(|| dir.join(format!("{legacy}.json"))),
             stem,
         })
     }
@@ -197,21 +227,36 @@ impl Paths {
         options.read(true).write(true).create(true).truncate(false);
         #[cfg(unix)]
         std::os::unix::fs::OpenOptionsExt::mode(&mut options, 0o600);
-        let file = options.open(path).map_err(|e| io_error("open", path, e))?;
-        lock_bounded(&file, path)?;
-        Ok(file)
+        for _ in 0..8 {
+            let file = options.open(path).map_err(|e| io_error("open", path, e))?;
+            lock_bounded(&file, path)?;
+            // NOTE: a deleter may have removed the file between our open
+            // and our lock: a lock on a removed file guards nothing.
+            if still_at(&file, path) {
+                return Ok(file);
+            }
+        }
+        Err(io_error(
+            "lock",
+            path,
+            io::Error::other("the file kept being removed"),
+        ))
     }
 
     /// Reads `<k>.json`: `Ok(None)` when absent, `Err(Ok(reason))` when it
     /// is not a stored token.
-    fn read(&self) -> Result<Option<Result<StoredToken, String>>, StoreError> {
-        let bytes = match fs::read(&self.token) {
-            Ok(bytes) => bytes,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-                return Ok(Some(Err(format!("unreadable: {e}"))));
-            }
-            Err(e) => return Err(io_error("read", &self.token, e)),
+    /// A file that cannot be read (permissions, I/O) is an error of the
+    /// store, never a corrupt entry: it is not moved.
+    fn read(&self) -> Result<Option<Result<StoredToken, Unreadable>>, StoreError> {
+        let bytes = match read_file(&self.token)? {
+            Some(bytes) => bytes,
+            None => match &self.legacy_token {
+                Some(legacy) => match read_file(legacy)? {
+                    Some(bytes) => bytes,
+                    None => return Ok(None),
+                },
+                None => return Ok(None),
+            },
         };
         Ok(Some(
             serde_json::from_slice::<Entry>(&bytes)
@@ -219,7 +264,15 @@ impl Paths {
                     token: entry.token,
                     version: entry.version,
                 })
-                .map_err(describe),
+                .map_err(
+                    |err| match serde_json::from_slice::<serde_json::Value>(&bytes) {
+                        Ok(json) => Unreadable::NotAToken {
+                            reason: describe(err),
+                            version: json.get("version").and_then(serde_json::Value::as_u64),
+                        },
+                        Err(_) => Unreadable::NotJson(describe(err)),
+                    },
+                ),
         ))
     }
 
@@ -246,13 +299,14 @@ impl Paths {
         }
     }
 
-    /// The stored version, putting a corrupt file aside. Called with the
-    /// key's lock held.
+    /// The stored version, putting a file that is not JSON aside. Called
+    /// with the key's lock held.
     fn version_locked(&self) -> Result<Option<u64>, StoreError> {
         match self.read()? {
             None => Ok(None),
             Some(Ok(stored)) => Ok(Some(stored.version)),
-            Some(Err(reason)) => {
+            Some(Err(Unreadable::NotAToken { version, .. })) => Ok(version),
+            Some(Err(Unreadable::NotJson(reason))) => {
                 let err = self.put_aside(reason);
                 tracing::warn!(error = %err, "corrupt token file replaced");
                 Ok(None)
@@ -284,9 +338,60 @@ impl Paths {
             let _ = fs::remove_file(&temp);
             return Err(io_error("write", &self.token, e));
         }
+        if let Some(legacy) = &self.legacy_token {
+            let _ = fs::remove_file(legacy);
+        }
         sync_dir(&self.dir);
         Ok(())
     }
+
+    /// Removes the key's lease file (unless a live lease is in it) and its
+    /// lock file, each while holding its lock. Called with the key's lock
+    /// held, after the token file is gone.
+    #[cfg(unix)]
+    fn remove_lock_files(&self, lock: File) {
+        if let Ok(mut lease) = self.open_locked(&self.lease) {
+            let held = read_lease(&mut lease)
+                .ok()
+                .flatten()
+                .is_some_and(|(_, until)| until > unix_millis());
+            if !held {
+                let _ = fs::remove_file(&self.lease);
+            }
+        }
+        let _ = fs::remove_file(&self.lock);
+        drop(lock);
+    }
+
+    /// Without a way to tell a removed file from its path, lock files stay.
+    #[cfg(not(unix))]
+    fn remove_lock_files(&self, lock: File) {
+        drop(lock);
+    }
+}
+
+/// The bytes of `path`; `None` when it does not exist.
+fn read_file(path: &Path) -> Result<Option<Vec<u8>>, StoreError> {
+    match fs::read(path) {
+        Ok(bytes) => Ok(Some(bytes)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(io_error("read", path, e)),
+    }
+}
+
+/// `true` when `path` still names the open `file`.
+#[cfg(unix)]
+fn still_at(file: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (file.metadata(), fs::metadata(path)) {
+        (Ok(open), Ok(named)) => open.dev() == named.dev() && open.ino() == named.ino(),
+        _ => false,
+    }
+}
+
+#[cfg(not(unix))]
+fn still_at(_file: &File, _path: &Path) -> bool {
+    true
 }
 
 /// Takes the exclusive OS lock on `file`, waiting at most [`LOCK_WAIT`].
@@ -337,10 +442,37 @@ fn unix_millis() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
-/// The file name stem of `key`: ASCII letters, digits, `-` and `_` as they
-/// are, every other byte as `%XX`. Distinct keys give distinct names, and no
-/// key can name a path outside the directory.
+/// Device names Windows reserves whatever the extension (`con.json` is
+/// the console there).
+const RESERVED: [&str; 22] = [
+    "con", "prn", "aux", "nul", "com1", "com2", "com3", "com4", "com5", "com6", "com7", "com8",
+    "com9", "lpt1", "lpt2", "lpt3", "lpt4", "lpt5", "lpt6", "lpt7", "lpt8", "lpt9",
+];
+
+/// The file name stem of `key`: lowercase ASCII letters, digits, `-` and
+/// `_` as they are, every other byte (capital letters too) as `%XX`, and
+/// the first letter of a name Windows reserves (`con`, `nul` …) as `%XX`.
+///
+/// NOTE: distinct keys give names that are distinct even on a filesystem
+/// that ignores case (macOS, Windows): the only capital letters in a stem
+/// are the hex digits of escapes, and a `%` is never literal.
 pub(crate) fn file_stem(key: &str) -> String {
+    let reserved = RESERVED.contains(&key);
+    let mut stem = String::with_capacity(key.len());
+    for (i, byte) in key.bytes().enumerate() {
+        let plain =
+            byte.is_ascii_lowercase() || byte.is_ascii_digit() || byte == b'-' || byte == b'_';
+        if plain && !(reserved && i == 0) {
+            stem.push(char::from(byte));
+        } else {
+            stem.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    stem
+}
+
+/// The stem earlier releases gave `key` (capital letters as they are).
+fn legacy_file_stem(key: &str) -> String {
     let mut stem = String::with_capacity(key.len());
     for byte in key.bytes() {
         if byte.is_ascii_alphanumeric() || byte == b'-' || byte == b'_' {
@@ -352,8 +484,8 @@ pub(crate) fn file_stem(key: &str) -> String {
     stem
 }
 
-/// The key of a file name stem made by [`file_stem`]; `None` for names the
-/// store did not make.
+/// The key of a file name stem made by [`file_stem`] (or by an earlier
+/// release); `None` for names the store did not make.
 fn key_of(stem: &str) -> Option<String> {
     let mut bytes = Vec::with_capacity(stem.len());
     let mut rest = stem.as_bytes();
@@ -403,7 +535,14 @@ impl TokenStore for FileStore {
                 let result = match paths.read()? {
                     None => Ok(None),
                     Some(Ok(stored)) => Ok(Some(stored)),
-                    Some(Err(reason)) => Err(paths.put_aside(reason)),
+                    // Valid JSON this release cannot read as a token: left
+                    // where it is (a newer release may need it).
+                    Some(Err(Unreadable::NotAToken { reason, .. })) => Err(StoreError::Corrupt {
+                        key: paths.key.clone(),
+                        reason,
+                        kept_at: None,
+                    }),
+                    Some(Err(Unreadable::NotJson(reason))) => Err(paths.put_aside(reason)),
                 };
                 drop(lock);
                 result
@@ -443,7 +582,7 @@ impl TokenStore for FileStore {
         expected_version: Option<u64>,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         self.blocking(key, move |paths| {
-            if !paths.token.exists() {
+            if !paths.token.exists() && !paths.legacy_token.as_ref().is_some_and(|p| p.exists()) {
                 return Ok(false);
             }
             let lock = paths.open_locked(&paths.lock)?;
@@ -458,9 +597,16 @@ impl TokenStore for FileStore {
                     found: Some(found),
                 });
             }
-            fs::remove_file(&paths.token).map_err(|e| io_error("remove", &paths.token, e))?;
+            match fs::remove_file(&paths.token) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(io_error("remove", &paths.token, e)),
+            }
+            if let Some(legacy) = &paths.legacy_token {
+                let _ = fs::remove_file(legacy);
+            }
+            paths.remove_lock_files(lock);
             sync_dir(&paths.dir);
-            drop(lock);
             Ok(true)
         })
     }
@@ -486,6 +632,7 @@ impl TokenStore for FileStore {
                     }
                 }
                 keys.sort();
+                keys.dedup();
                 Ok(keys)
             })
             .await;
@@ -541,5 +688,39 @@ mod tests {
         assert_eq!(file_stem("seller-42"), "seller-42");
         assert_eq!(key_of(".hidden"), None);
         assert_eq!(key_of("%4"), None);
+    }
+
+    #[test]
+    fn file_names_stay_distinct_where_case_is_ignored() {
+        let keys = ["Seller-A", "seller-a", "SELLER-A", "%41", "A", "a"];
+        let folded: std::collections::HashSet<String> = keys
+            .iter()
+            .map(|key| file_stem(key).to_lowercase())
+            .collect();
+        assert_eq!(folded.len(), keys.len(), "{folded:?}");
+        for key in keys {
+            assert_eq!(key_of(&file_stem(key)).as_deref(), Some(key));
+        }
+    }
+
+    #[test]
+    fn windows_device_names_are_escaped() {
+        for key in RESERVED {
+            let stem = file_stem(key);
+            assert!(!RESERVED.contains(&stem.to_lowercase().as_str()), "{stem}");
+            assert_eq!(key_of(&stem).as_deref(), Some(key));
+        }
+        assert_eq!(file_stem("console"), "console");
+    }
+
+    #[test]
+    fn an_unreadable_file_is_a_store_error_not_a_corrupt_entry() {
+        let dir = std::env::temp_dir().join(format!("tar-unreadable-{}", std::process::id()));
+        let paths = Paths::new(&dir, "k").unwrap();
+        // A directory where the file should be: reading it fails.
+        std::fs::create_dir_all(&paths.token).unwrap();
+        let read = paths.read();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(matches!(read, Err(StoreError::Unavailable(_))));
     }
 }

@@ -8,8 +8,9 @@
 //!   atomic compare-and-swap.
 //! - `<prefix>lease:<key>`: the refresh lease, `SET … NX PX ttl` with a
 //!   random owner value, released by a compare-and-delete script.
-//! - `<prefix>corrupt:<key>:<unix ms>`: an entry that could not be read as
-//!   a token, renamed aside, never deleted.
+//! - `<prefix>corrupt:<key>:<unix ms>`: an entry that is not valid JSON (or
+//!   not a hash), renamed aside, never deleted. Valid JSON that is not a
+//!   token this release can read is left in place.
 //!
 //! Every operation is bounded by the connect and response timeouts: an
 //! unreachable Redis is a quick [`StoreError::Unavailable`], and the
@@ -27,7 +28,14 @@ use tokio::sync::OnceCell;
 use super::{Lease, StoreError, StoredToken, TokenStore, new_owner};
 use crate::Token;
 
+/// NOTE: every check comes before the first write: Redis does not roll a
+/// script back, so a script that fails half-way leaves half a save. A time
+/// to live of 0 means none (`PERSIST`).
 const SAVE: &str = r"
+local ttl = tonumber(ARGV[3])
+if not ttl or ttl < 0 then
+  return redis.error_reply('invalid time to live')
+end
 local found = tonumber(redis.call('HGET', KEYS[1], 'version') or '0') or 0
 local expected = tonumber(ARGV[1])
 if expected >= 0 and found ~= expected then
@@ -35,9 +43,17 @@ if expected >= 0 and found ~= expected then
 end
 local version = found + 1
 redis.call('HSET', KEYS[1], 'version', version, 'token', ARGV[2])
-redis.call('PEXPIRE', KEYS[1], ARGV[3])
+if ttl > 0 then
+  redis.call('PEXPIRE', KEYS[1], ttl)
+else
+  redis.call('PERSIST', KEYS[1])
+end
 return {1, version}
 ";
+
+/// The longest time to live the store sets (about 100 years): far below
+/// what makes Redis refuse an expiry.
+const TTL_CEILING: Duration = Duration::from_secs(100 * 365 * 24 * 3600);
 
 const DELETE: &str = r"
 local found = redis.call('HGET', KEYS[1], 'version')
@@ -83,11 +99,16 @@ return 1
 /// The connection is opened on first use and re-opened by the connection
 /// manager after a failure; each operation is bounded by the connect and
 /// response timeouts (default 1 s each), so an unreachable Redis gives a
-/// quick [`StoreError::Unavailable`] and a manager refreshes locally.
+/// quick [`StoreError::Unavailable`] and a manager follows its
+/// [`UnreachableStore`](crate::UnreachableStore) policy.
 ///
 /// A stored token lives until its refresh token expires (or its access
-/// token, when it has no refresh token), plus a minute, at most
-/// [`max_ttl`](RedisStoreBuilder::max_ttl) (default 30 days).
+/// token, when it has no refresh token), plus a minute. A refresh token
+/// whose expiry is unknown (Google, Microsoft, Auth0 send none) keeps its
+/// entry with no time to live, as [`FileStore`](crate::FileStore) does:
+/// clean idle tenants up with
+/// [`TokenRegistry::remove_idle`](crate::TokenRegistry::remove_idle), or
+/// set a [`max_ttl`](RedisStoreBuilder::max_ttl).
 ///
 /// ```no_run
 /// use std::time::Duration;
@@ -120,7 +141,7 @@ struct Inner {
     prefix: String,
     connect_timeout: Duration,
     response_timeout: Duration,
-    max_ttl: Duration,
+    max_ttl: Option<Duration>,
     save: Script,
     delete: Script,
     unlock: Script,
@@ -148,7 +169,7 @@ pub struct RedisStoreBuilder {
     prefix: String,
     connect_timeout: Duration,
     response_timeout: Duration,
-    max_ttl: Duration,
+    max_ttl: Option<Duration>,
 }
 
 impl fmt::Debug for RedisStoreBuilder {
@@ -179,10 +200,12 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// The longest time to live of a stored token (default 30 days), for
-    /// tokens whose expiry is unknown or far away.
+    /// The longest time to live of a stored token, also given to tokens
+    /// whose expiry is unknown (default: none; such entries are kept until
+    /// deleted). Between 1 s and about 100 years: a longer one is taken as
+    /// the ceiling (`Duration::MAX` is fine).
     pub fn max_ttl(mut self, max_ttl: Duration) -> Self {
-        self.max_ttl = max_ttl;
+        self.max_ttl = Some(max_ttl.clamp(Duration::from_secs(1), TTL_CEILING));
         self
     }
 
@@ -198,7 +221,7 @@ impl RedisStoreBuilder {
                 prefix: self.prefix,
                 connect_timeout: self.connect_timeout,
                 response_timeout: self.response_timeout,
-                max_ttl: self.max_ttl.max(Duration::from_secs(1)),
+                max_ttl: self.max_ttl,
                 save: Script::new(SAVE),
                 delete: Script::new(DELETE),
                 unlock: Script::new(UNLOCK),
@@ -222,7 +245,7 @@ impl RedisStore {
             prefix: "tower-auth-refresh:".to_owned(),
             connect_timeout: Duration::from_secs(1),
             response_timeout: Duration::from_secs(1),
-            max_ttl: Duration::from_secs(30 * 24 * 3600),
+            max_ttl: None,
         }
     }
 
@@ -293,21 +316,23 @@ impl RedisStore {
     }
 
     /// Time to live of a stored token: until the refresh token (or, without
-    /// one, the access token) expires, plus a minute, within 1 s ..= max.
-    fn ttl_for(&self, token: &Token) -> Duration {
+    /// one, the access token) expires, plus a minute, within 1 s ..= max;
+    /// `None` (kept) when that expiry is unknown and there is no max.
+    fn ttl_for(&self, token: &Token) -> Option<Duration> {
         let until = if token.refresh_token().is_some() {
             token.refresh_expires_at()
         } else {
             token.expires_at()
         };
+        let max = self.inner.max_ttl.unwrap_or(TTL_CEILING);
         let left = match until {
-            None => self.inner.max_ttl,
+            None => self.inner.max_ttl?,
             Some(at) => at
                 .duration_since(SystemTime::now())
                 .unwrap_or(Duration::ZERO)
                 .saturating_add(Duration::from_secs(60)),
         };
-        left.clamp(Duration::from_secs(1), self.inner.max_ttl)
+        Some(left.clamp(Duration::from_secs(1), max))
     }
 
     /// Renames a bad entry aside and reports it.
@@ -435,6 +460,20 @@ impl TokenStore for RedisStore {
             };
             match parsed {
                 Ok(stored) => Ok(Some(stored)),
+                // Valid JSON this release cannot read as a token: left where
+                // it is (a newer release may need it); only what is not JSON
+                // is put aside.
+                Err(reason)
+                    if token
+                        .as_deref()
+                        .is_some_and(|t| serde_json::from_str::<serde_json::Value>(t).is_ok()) =>
+                {
+                    Err(StoreError::Corrupt {
+                        key: key.to_owned(),
+                        reason,
+                        kept_at: None,
+                    })
+                }
                 Err(reason) => Err(self.put_aside(key, (version, token), reason).await),
             }
         })
@@ -449,7 +488,10 @@ impl TokenStore for RedisStore {
         Box::pin(async move {
             let json =
                 serde_json::to_string(token).map_err(|e| StoreError::Unavailable(e.into()))?;
-            let ttl_ms = u64::try_from(self.ttl_for(token).as_millis()).unwrap_or(u64::MAX);
+            // 0: no time to live.
+            let ttl_ms = self.ttl_for(token).map_or(0, |ttl| {
+                u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+            });
             let expected = expected_version.map_or(-1, |v| i64::try_from(v).unwrap_or(i64::MAX));
             let token_key = self.token_key(key);
             let reply = self
@@ -596,18 +638,34 @@ mod tests {
             .unwrap();
         let hour = Duration::from_secs(3600);
         // No expiry known: the cap.
-        assert_eq!(store.ttl_for(&Token::bearer("a")), hour);
+        assert_eq!(store.ttl_for(&Token::bearer("a")), Some(hour));
         // Access token only: its expiry plus a minute.
-        let short = store.ttl_for(&Token::bearer("a").with_expires_in(Duration::from_secs(120)));
+        let short = store
+            .ttl_for(&Token::bearer("a").with_expires_in(Duration::from_secs(120)))
+            .unwrap();
         assert!(short > Duration::from_secs(170) && short <= Duration::from_secs(180));
         // A refresh token without expiry keeps the entry for the cap.
         let refreshable = Token::bearer("a")
             .with_expires_in(Duration::from_secs(120))
             .with_refresh_token("r");
-        assert_eq!(store.ttl_for(&refreshable), hour);
+        assert_eq!(store.ttl_for(&refreshable), Some(hour));
         // Expired long ago: still kept a moment, never 0 (PX 0 is an error).
         let dead = Token::bearer("a").with_expires_at(UNIX_EPOCH);
-        assert_eq!(store.ttl_for(&dead), Duration::from_secs(60));
+        assert_eq!(store.ttl_for(&dead), Some(Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn without_a_max_a_refresh_token_of_unknown_expiry_keeps_its_entry() {
+        let store = RedisStore::new("redis://127.0.0.1:1/").unwrap();
+        let refreshable = Token::bearer("a")
+            .with_expires_in(Duration::from_secs(120))
+            .with_refresh_token("r");
+        assert_eq!(store.ttl_for(&refreshable), None);
+        let huge = RedisStore::builder("redis://127.0.0.1:1/")
+            .max_ttl(Duration::MAX)
+            .build()
+            .unwrap();
+        assert_eq!(huge.ttl_for(&refreshable), Some(TTL_CEILING));
     }
 
     #[test]

@@ -24,6 +24,10 @@ use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 
+mod strict;
+#[allow(unused_imports)]
+pub use strict::{StrictCounts, StrictServer, unix_ms};
+
 /// Polls `done` every 20 ms for at most `limit`; panics with `what` after.
 pub fn wait_until(limit: Duration, what: &str, mut done: impl FnMut() -> bool) {
     let start = Instant::now();
@@ -434,6 +438,8 @@ struct WorkerLog {
     ready: bool,
     serial: Option<String>,
     done: Option<String>,
+    /// `(unix ms, kind)` of each failed request.
+    failures: Vec<(u128, String)>,
 }
 
 /// What a worker reported when stopped.
@@ -445,6 +451,8 @@ pub struct Done {
     pub refreshes: u64,
     pub adopted: u64,
     pub serial: String,
+    /// `(unix ms, kind)` of each failed request.
+    pub failures: Vec<(u128, String)>,
 }
 
 /// A fleet worker process.
@@ -457,10 +465,16 @@ pub struct Worker {
 impl Worker {
     /// Starts a worker on `store` (`redis://…` or `file:<dir>`).
     pub fn start(server: &TokenServer, store: &str, extra: &[&str]) -> Self {
+        Self::start_on(&server.token_url(), &server.upstream_url(), store, extra)
+    }
+
+    /// Starts a worker on `store` against the given token endpoint and
+    /// upstream.
+    pub fn start_on(token_url: &str, upstream_url: &str, store: &str, extra: &[&str]) -> Self {
         let mut child = Command::new(worker_binary())
             .args(["--store", store])
-            .args(["--token-url", &server.token_url()])
-            .args(["--upstream-url", &server.upstream_url()])
+            .args(["--token-url", token_url])
+            .args(["--upstream-url", upstream_url])
             .args(extra)
             .env("RUST_LOG", "warn")
             .stdin(Stdio::piped())
@@ -481,6 +495,13 @@ impl Worker {
                     log.serial = Some(serial.to_owned());
                 } else if line.starts_with("done ") {
                     log.done = Some(line);
+                } else if let Some(fail) = line.strip_prefix("fail ") {
+                    let mut parts = fail.split_whitespace();
+                    if let (Some(at), Some(kind)) = (parts.next(), parts.next()) {
+                        if let Ok(at) = at.parse() {
+                            log.failures.push((at, kind.to_owned()));
+                        }
+                    }
                 }
             }
         });
@@ -501,6 +522,17 @@ impl Worker {
         self.log.lock().unwrap().serial.clone()
     }
 
+    /// Stops the process (SIGSTOP): it holds whatever it holds, and answers
+    /// nothing, until [`resume`](Self::resume).
+    pub fn pause(&self) {
+        signal(self.pid(), "-STOP");
+    }
+
+    /// Resumes a stopped process (SIGCONT).
+    pub fn resume(&self) {
+        signal(self.pid(), "-CONT");
+    }
+
     /// Kills the process at once (SIGKILL): no clean-up, no lease release.
     pub fn kill(&mut self) {
         let _ = self.child.kill();
@@ -518,6 +550,7 @@ impl Worker {
         });
         let _ = self.child.wait();
         let line = log.lock().unwrap().done.clone().unwrap();
+        let failures = std::mem::take(&mut log.lock().unwrap().failures);
         let field = |name: &str| {
             line.split_whitespace()
                 .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
@@ -532,8 +565,18 @@ impl Worker {
             refreshes: number("refreshes"),
             adopted: number("adopted"),
             serial: field("serial"),
+            failures,
         }
     }
+}
+
+/// Sends a signal with `kill(1)`.
+fn signal(pid: u32, signal: &str) {
+    let status = Command::new("kill")
+        .args([signal, &pid.to_string()])
+        .status()
+        .expect("kill(1) runs");
+    assert!(status.success(), "kill {signal} {pid} failed");
 }
 
 impl Drop for Worker {
