@@ -102,9 +102,16 @@ where
         let (header, generation) = self.manager.wait_for_token().await?;
         self.generation = generation;
         self.manager.config.injector.apply(&header, &mut request);
-        // `inner` was made ready before the wait; it is called once here and
-        // made ready again before a retry.
-        let response = self.inner.call(request).await.map_err(Into::into)?;
+        // NOTE: `inner` is an unready clone (the ready service was let go
+        // before the wait, see `dispatch`): it is made ready only now that
+        // the request can go.
+        let response = (&mut self.inner)
+            .ready()
+            .await
+            .map_err(Into::into)?
+            .call(request)
+            .await
+            .map_err(Into::into)?;
         match self.verdict(&response) {
             HeadVerdict::NotExpired => Ok(response.map(ResponseBody::new)),
             verdict => self.recover(response, verdict).await,
@@ -153,7 +160,9 @@ where
                 return Ok(response);
             }
         };
-        let (header, generation) = wait.await?;
+        let Some((header, generation)) = wait.await? else {
+            return Ok(self.skip(response, SkipReason::TokenTooFresh));
+        };
         drop(response);
 
         let (parts, ()) = self.head.into_parts();

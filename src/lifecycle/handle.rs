@@ -63,7 +63,7 @@ impl TokenHandle {
             config: ManagerConfig::default(),
             initial: None,
             store: None,
-            lease_ttl_set: false,
+            store_timing: None,
         }
     }
 
@@ -136,10 +136,18 @@ pub struct TokenHandleBuilder {
     source: Box<dyn TokenSource>,
     config: ManagerConfig,
     initial: Option<Token>,
-    store: Option<FleetStore>,
-    /// `store_timing` gave the lease ttl; otherwise it follows the refresh
-    /// timeout, whatever the order of the builder calls.
-    lease_ttl_set: bool,
+    store: Option<(Arc<dyn TokenStore>, String)>,
+    /// Set by `store_timing`; applied at `build`, whatever the order of the
+    /// builder calls.
+    store_timing: Option<StoreTiming>,
+}
+
+/// The timings of the fleet protocol, as given to `store_timing`.
+#[derive(Debug, Clone, Copy)]
+struct StoreTiming {
+    lease_ttl: Duration,
+    poll_interval: Duration,
+    op_timeout: Duration,
 }
 
 impl fmt::Debug for TokenHandleBuilder {
@@ -210,33 +218,32 @@ impl TokenHandleBuilder {
     /// (the store's lease decides who; the others adopt the saved token).
     /// When the store is out of reach, the token is refreshed locally.
     pub fn store(mut self, store: impl TokenStore, key: impl Into<String>) -> Self {
-        self.store = Some(FleetStore {
-            store: Arc::new(store),
-            key: key.into(),
-            lease_ttl: self.config.refresh_timeout + Duration::from_secs(5),
-            poll_interval: Duration::from_millis(50),
-            op_timeout: Duration::from_secs(2),
-        });
+        self.store = Some((Arc::new(store), key.into()));
         self
     }
 
     /// How long a refresh lease is held at most (default: the refresh timeout
     /// plus 5 s), how often a process waiting for another's refresh re-reads
     /// the store (default 50 ms), and how long one store operation may take
-    /// before the store counts as unavailable (default 2 s). Call after
-    /// [`store`](Self::store).
+    /// before the store counts as unavailable (default 2 s). Without
+    /// [`store`](Self::store) these are not used; with it, the order of the
+    /// calls does not matter.
+    ///
+    /// The lease never ends before the refresh it guards could: a `lease_ttl`
+    /// shorter than the refresh timeout plus `op_timeout` (the save after
+    /// the token call) is raised to that, with a warning, so that two
+    /// processes never present the same refresh token.
     pub fn store_timing(
         mut self,
         lease_ttl: Duration,
         poll_interval: Duration,
         op_timeout: Duration,
     ) -> Self {
-        if let Some(store) = &mut self.store {
-            self.lease_ttl_set = true;
-            store.lease_ttl = lease_ttl;
-            store.poll_interval = poll_interval;
-            store.op_timeout = op_timeout;
-        }
+        self.store_timing = Some(StoreTiming {
+            lease_ttl,
+            poll_interval,
+            op_timeout,
+        });
         self
     }
 
@@ -248,13 +255,44 @@ impl TokenHandleBuilder {
 
     /// Builds the handle. An initial token that cannot be made into a
     /// header is dropped (the first request fetches one).
-    pub fn build(mut self) -> TokenHandle {
-        if let (Some(store), false) = (&mut self.store, self.lease_ttl_set) {
-            store.lease_ttl = self.config.refresh_timeout + Duration::from_secs(5);
-        }
+    pub fn build(self) -> TokenHandle {
+        let store = self
+            .store
+            .map(|(store, key)| fleet_store(store, key, self.store_timing, &self.config));
         TokenHandle {
-            manager: TokenManager::new(self.source, self.store, self.config, self.initial),
+            manager: TokenManager::new(self.source, store, self.config, self.initial),
         }
+    }
+}
+
+/// The store with its timings: the defaults, or those given, with the lease
+/// long enough for the refresh it guards.
+fn fleet_store(
+    store: Arc<dyn TokenStore>,
+    key: String,
+    timing: Option<StoreTiming>,
+    config: &ManagerConfig,
+) -> FleetStore {
+    let refresh_timeout = config.refresh_timeout;
+    let timing = timing.unwrap_or(StoreTiming {
+        lease_ttl: refresh_timeout.saturating_add(Duration::from_secs(5)),
+        poll_interval: Duration::from_millis(50),
+        op_timeout: Duration::from_secs(2),
+    });
+    let shortest = refresh_timeout.saturating_add(timing.op_timeout);
+    if timing.lease_ttl < shortest {
+        tracing::warn!(
+            lease_ttl_ms = u64::try_from(timing.lease_ttl.as_millis()).unwrap_or(u64::MAX),
+            raised_to_ms = u64::try_from(shortest.as_millis()).unwrap_or(u64::MAX),
+            "store lease shorter than the refresh timeout plus the store timeout; raised"
+        );
+    }
+    FleetStore {
+        store,
+        key,
+        lease_ttl: timing.lease_ttl.max(shortest),
+        poll_interval: timing.poll_interval,
+        op_timeout: timing.op_timeout,
     }
 }
 
@@ -335,5 +373,64 @@ mod ser {
 
     pub(super) fn time_ms<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
         duration_ms(&t.and_then(|t| t.duration_since(UNIX_EPOCH).ok()), s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{MemoryStore, RefreshContext, token_source_fn};
+
+    fn builder() -> TokenHandleBuilder {
+        TokenHandle::builder(token_source_fn(|_cx: RefreshContext| async {
+            Ok::<_, std::io::Error>(Token::bearer("t"))
+        }))
+    }
+
+    fn lease_ttl(handle: &TokenHandle) -> Duration {
+        handle.manager.store_lease_ttl().unwrap()
+    }
+
+    #[test]
+    fn extreme_durations_build_without_panicking() {
+        let handle = builder()
+            .refresh_timeout(Duration::MAX)
+            .backoff(Duration::MAX, Duration::MAX)
+            .min_token_age(Duration::MAX)
+            .refresh_ahead(Duration::MAX)
+            .min_validity(Duration::MAX)
+            .store(MemoryStore::new(), "k")
+            .build();
+        assert_eq!(lease_ttl(&handle), Duration::MAX);
+    }
+
+    #[test]
+    fn store_timing_counts_before_or_after_store() {
+        let ms = Duration::from_millis;
+        let timing = (Duration::from_secs(60), ms(10), ms(500));
+        let before = builder()
+            .store_timing(timing.0, timing.1, timing.2)
+            .store(MemoryStore::new(), "k")
+            .build();
+        let after = builder()
+            .store(MemoryStore::new(), "k")
+            .store_timing(timing.0, timing.1, timing.2)
+            .build();
+        assert_eq!(lease_ttl(&before), Duration::from_secs(60));
+        assert_eq!(lease_ttl(&after), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_lease_shorter_than_the_refresh_is_raised() {
+        let handle = builder()
+            .refresh_timeout(Duration::from_secs(30))
+            .store(MemoryStore::new(), "k")
+            .store_timing(
+                Duration::from_secs(1),
+                Duration::from_millis(50),
+                Duration::from_secs(2),
+            )
+            .build();
+        assert_eq!(lease_ttl(&handle), Duration::from_secs(32));
     }
 }
