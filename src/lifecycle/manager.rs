@@ -90,6 +90,15 @@ pub(crate) enum Rejection {
 /// A token that arrives with no lifetime left is used at least this long.
 const MIN_FLOOR: Duration = Duration::from_secs(1);
 
+/// Where an installed token comes from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// A refresh (the token source or the store).
+    Refresh,
+    /// `set_token` or the initial token.
+    Application,
+}
+
 /// How a refresh task ended, as its waiters see it.
 #[derive(Clone)]
 enum Outcome {
@@ -334,7 +343,12 @@ impl TokenManager {
             }
         }
         let current = self
-            .install(&mut state, stored.token, Some(stored.version))
+            .install(
+                &mut state,
+                stored.token,
+                Some(stored.version),
+                Origin::Refresh,
+            )
             .map_err(|err| RefreshError::Failed(RefreshFailed::new(Arc::new(err))).into_box())?;
         Counters::bump(&self.counters.adopted);
         tracing::debug!(
@@ -514,9 +528,14 @@ impl TokenManager {
         guard.finished = true;
         let installed = result.and_then(|obtained| {
             let adopted = obtained.adopted;
-            self.install(&mut state, obtained.token, obtained.store_version)
-                .map(|current| (current, adopted))
-                .map_err(|err| RefreshError::Failed(RefreshFailed::new(Arc::new(err))))
+            self.install(
+                &mut state,
+                obtained.token,
+                obtained.store_version,
+                Origin::Refresh,
+            )
+            .map(|current| (current, adopted))
+            .map_err(|err| RefreshError::Failed(RefreshFailed::new(Arc::new(err))))
         });
         match installed {
             Ok((current, adopted)) => {
@@ -561,24 +580,30 @@ impl TokenManager {
         state: &mut RefreshState,
         token: Token,
         store_version: Option<u64>,
+        origin: Origin,
     ) -> Result<Arc<Current>, crate::InvalidTokenValue> {
         let header = self.config.injector.prepare(&token)?;
         state.next_generation += 1;
-        // A token with no lifetime left counts into back-off: it is used for
-        // one back-off step (at least 1 s), doubling while it lasts.
-        let floor = if token.is_expired() {
-            let window = next_backoff(state.backoff_window, &self.config);
-            state.backoff_window = window;
-            let floor = window.max(MIN_FLOOR);
-            tracing::warn!(
-                used_for_ms = u64::try_from(floor.as_millis()).unwrap_or(u64::MAX),
-                "the new token has no lifetime left (expires_in 0, or an expiry \
-                 behind the local clock); using it for a while"
-            );
-            floor
-        } else {
-            state.backoff_window = Duration::ZERO;
-            MIN_FLOOR
+        // A refresh that brings a token with no lifetime left counts into
+        // back-off: the token is used for one back-off step (at least 1 s),
+        // doubling while it lasts. A token the application sets already
+        // expired is refreshed before it is used, as usual.
+        let floor = match origin {
+            Origin::Refresh if token.is_expired() => {
+                let window = next_backoff(state.backoff_window, &self.config);
+                state.backoff_window = window;
+                let floor = window.max(MIN_FLOOR);
+                tracing::warn!(
+                    used_for_ms = u64::try_from(floor.as_millis()).unwrap_or(u64::MAX),
+                    "the new token has no lifetime left (expires_in 0, or an expiry \
+                     behind the local clock); using it for a while"
+                );
+                floor
+            }
+            _ => {
+                state.backoff_window = Duration::ZERO;
+                Duration::ZERO
+            }
         };
         let timing = Timing {
             refresh_ahead: self.config.refresh_ahead,
@@ -603,7 +628,7 @@ impl TokenManager {
     /// Installs a token given by the application; resets the back-off.
     pub(crate) fn set_token(&self, token: Token) -> Result<Arc<Current>, crate::InvalidTokenValue> {
         let mut state = self.lock();
-        let current = self.install(&mut state, token, None)?;
+        let current = self.install(&mut state, token, None, Origin::Application)?;
         if let Some(store) = &self.store {
             store.save_in_background(current.token.clone());
         }
