@@ -105,7 +105,8 @@ where
         // NOTE: `inner` is an unready clone (the ready service was let go
         // before the wait, see `dispatch`): it is made ready only now that
         // the request can go.
-        let response = (&mut self.inner)
+        let response = self
+            .inner
             .ready()
             .await
             .map_err(Into::into)?

@@ -13,7 +13,6 @@ use std::time::Duration;
 use axum::routing::post;
 use bytes::Bytes;
 use common::{Upstream, body_text, client, get};
-use futures::FutureExt;
 use futures::future::BoxFuture;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;

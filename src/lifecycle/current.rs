@@ -142,9 +142,7 @@ impl Current {
     /// Without a runtime (or without an expiry) readers keep reading the
     /// clock. The timer stops when the token is dropped.
     pub(crate) fn arm_timer(self: &Arc<Self>) -> Option<AbortHandle> {
-        if self.wait_at.is_none() {
-            return None;
-        }
+        self.wait_at?;
         let runtime = tokio::runtime::Handle::try_current().ok()?;
         let now = Instant::now();
         let timed = match self.clock_says(now) {
@@ -254,13 +252,9 @@ impl Current {
     pub(crate) fn is_usable(&self) -> bool {
         match self.freshness.load(Ordering::Acquire) {
             EXPIRED => false,
-            CLOCKED | CLOCKED_REFRESHING => {
-                if self.clock_says(Instant::now()) == EXPIRED {
-                    self.freshness.store(EXPIRED, Ordering::Release);
-                    false
-                } else {
-                    true
-                }
+            CLOCKED | CLOCKED_REFRESHING if self.clock_says(Instant::now()) == EXPIRED => {
+                self.freshness.store(EXPIRED, Ordering::Release);
+                false
             }
             _ => true,
         }
