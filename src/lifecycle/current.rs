@@ -14,8 +14,8 @@
 //!   reader claims it again.
 //! - `EXPIRED` is final for a token: nothing moves it back.
 
-use std::sync::atomic::{AtomicU8, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 use http::HeaderValue;
@@ -78,6 +78,9 @@ pub(crate) struct Current {
     /// after `installed_at`; 0: none).
     retry_at: AtomicU64,
     freshness: AtomicU8,
+    /// A timer was armed once (it is not armed again if it dies).
+    armed: AtomicBool,
+    timer: Mutex<Option<AbortHandle>>,
 }
 
 impl Current {
@@ -130,7 +133,10 @@ impl Current {
             refresh_at,
             wait_at,
             retry_at: AtomicU64::new(0),
-            freshness: AtomicU8::new(CLOCKED),
+            // A token without an expiry never ages: nothing to time.
+            freshness: AtomicU8::new(if wait_at.is_some() { CLOCKED } else { FRESH }),
+            armed: AtomicBool::new(false),
+            timer: Mutex::new(None),
         });
         if current.clock_says(now) == EXPIRED {
             current.freshness.store(EXPIRED, Ordering::Release);
@@ -138,15 +144,22 @@ impl Current {
         current
     }
 
-    /// Arms the timer that ages this token, on the runtime of the caller.
-    /// Without a runtime (or without an expiry) readers keep reading the
-    /// clock. The timer stops when the token is dropped.
-    pub(crate) fn arm_timer(self: &Arc<Self>) -> Option<AbortHandle> {
-        self.wait_at?;
-        let runtime = tokio::runtime::Handle::try_current().ok()?;
-        let now = Instant::now();
-        let timed = match self.clock_says(now) {
-            EXPIRED => return None,
+    /// Arms the timer that ages this token, on the runtime of the caller,
+    /// once. Without a runtime (or without an expiry) readers keep reading
+    /// the clock; a reader on a runtime arms it later. A timer that dies is
+    /// not armed again: readers read the clock until the next token.
+    pub(crate) fn arm_timer(self: &Arc<Self>) {
+        if self.wait_at.is_none() || self.armed.load(Ordering::Acquire) {
+            return;
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.armed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let timed = match self.clock_says(Instant::now()) {
+            EXPIRED => return,
             STALE => STALE,
             _ => FRESH,
         };
@@ -158,28 +171,56 @@ impl Current {
             .compare_exchange(CLOCKED, timed, Ordering::AcqRel, Ordering::Acquire)
             .is_ok();
         if !set {
-            return None;
+            return;
         }
         let guard = TimerGuard {
             current: Arc::downgrade(self),
         };
-        Some(runtime.spawn(freshness_timer(guard)).abort_handle())
+        let task = runtime.spawn(freshness_timer(guard)).abort_handle();
+        if let Ok(mut timer) = self.timer.lock() {
+            *timer = Some(task);
+        }
+    }
+
+    /// Stops the timer (the token was replaced).
+    pub(crate) fn stop_timer(&self) {
+        if let Some(task) = self.timer.lock().ok().and_then(|mut timer| timer.take()) {
+            task.abort();
+        }
     }
 
     /// The hot path: may a reader send this token? Reads the clock only
     /// when no live timer ages it.
     #[inline]
-    pub(crate) fn use_now(&self) -> Use {
-        match self.freshness.load(Ordering::Acquire) {
-            FRESH | REFRESHING => Use::Send,
-            STALE => self.claim_proactive(STALE, REFRESHING),
-            EXPIRED => Use::Wait,
-            state => self.use_by_clock(state),
+    pub(crate) fn use_now(self: &Arc<Self>) -> Use {
+        let state = self.freshness.load(Ordering::Acquire);
+        match self.use_timed(state) {
+            Some(verdict) => verdict,
+            None => self.use_by_clock(state),
+        }
+    }
+
+    /// `use_now` for a state that needs no clock.
+    #[inline]
+    fn use_timed(&self, state: u8) -> Option<Use> {
+        match state {
+            FRESH | REFRESHING => Some(Use::Send),
+            STALE => Some(self.claim_proactive(STALE, REFRESHING)),
+            EXPIRED => Some(Use::Wait),
+            _ => None,
         }
     }
 
     #[cold]
-    fn use_by_clock(&self, state: u8) -> Use {
+    fn use_by_clock(self: &Arc<Self>, state: u8) -> Use {
+        // A token installed outside a runtime gets its timer from the first
+        // reader on one.
+        if state == CLOCKED && self.retry_at.load(Ordering::Acquire) == 0 {
+            self.arm_timer();
+            if let Some(verdict) = self.use_timed(self.freshness.load(Ordering::Acquire)) {
+                return verdict;
+            }
+        }
         let now = Instant::now();
         match self.clock_says(now) {
             EXPIRED => {
@@ -306,6 +347,12 @@ impl Current {
     /// When this token was installed (wall clock).
     pub(crate) fn installed_wall(&self) -> SystemTime {
         self.installed_wall
+    }
+}
+
+impl Drop for Current {
+    fn drop(&mut self) {
+        self.stop_timer();
     }
 }
 

@@ -162,7 +162,6 @@ struct RefreshState {
     consecutive_failures: u32,
     last_refresh_at: Option<SystemTime>,
     last_refresh_took: Option<Duration>,
-    timer: Option<AbortHandle>,
 }
 
 /// Counters kept by the manager; read with `TokenHandle::stats`.
@@ -617,11 +616,10 @@ impl TokenManager {
             store_version.unwrap_or(0),
             timing,
         );
-        if let Some(timer) = state.timer.take() {
-            timer.abort();
+        current.arm_timer();
+        if let Some(replaced) = self.current.swap(Some(current.clone())) {
+            replaced.stop_timer();
         }
-        state.timer = current.arm_timer();
-        self.current.store(Some(current.clone()));
         Ok(current)
     }
 
@@ -641,11 +639,10 @@ impl TokenManager {
     /// Forgets the current token; the next request fetches a new one.
     pub(crate) fn clear(&self) {
         let mut state = self.lock();
-        if let Some(timer) = state.timer.take() {
-            timer.abort();
-        }
         state.next_generation += 1;
-        self.current.store(None);
+        if let Some(replaced) = self.current.swap(None) {
+            replaced.stop_timer();
+        }
     }
 
     pub(crate) fn snapshot(&self) -> Snapshot {
@@ -668,8 +665,8 @@ impl TokenManager {
 
 impl Drop for TokenManager {
     fn drop(&mut self) {
-        if let Some(timer) = self.lock().timer.take() {
-            timer.abort();
+        if let Some(current) = self.current.load_full() {
+            current.stop_timer();
         }
     }
 }
