@@ -26,7 +26,10 @@ struct Api {
 
 impl Api {
     fn revoke(&self, token: &str) {
-        self.revoked.lock().unwrap().insert(format!("Bearer {token}"));
+        self.revoked
+            .lock()
+            .unwrap()
+            .insert(format!("Bearer {token}"));
     }
 
     fn seen(&self) -> Vec<String> {
@@ -85,7 +88,10 @@ async fn the_guard_lasts_at_most_a_quarter_of_a_short_tokens_life() {
     let response = send().await.unwrap();
     assert_eq!(response.status(), 401);
     assert_eq!(
-        response.extensions().get::<RetrySkipped>().map(|m| m.reason),
+        response
+            .extensions()
+            .get::<RetrySkipped>()
+            .map(|m| m.reason),
         Some(SkipReason::TokenTooFresh)
     );
 

@@ -232,7 +232,8 @@ impl TokenHandleBuilder {
     /// The lease never ends before the refresh it guards could: a `lease_ttl`
     /// shorter than the refresh timeout plus `op_timeout` (the save after
     /// the token call) is raised to that, with a warning, so that two
-    /// processes never present the same refresh token.
+    /// processes never present the same refresh token. No lease lasts more
+    /// than a day.
     pub fn store_timing(
         mut self,
         lease_ttl: Duration,
@@ -265,6 +266,10 @@ impl TokenHandleBuilder {
     }
 }
 
+/// No lease is held longer than this, whatever the settings (stores keep
+/// lease expiries as instants and timestamps).
+const MAX_LEASE_TTL: Duration = Duration::from_secs(24 * 3600);
+
 /// The store with its timings: the defaults, or those given, with the lease
 /// long enough for the refresh it guards.
 fn fleet_store(
@@ -290,7 +295,7 @@ fn fleet_store(
     FleetStore {
         store,
         key,
-        lease_ttl: timing.lease_ttl.max(shortest),
+        lease_ttl: timing.lease_ttl.max(shortest).min(MAX_LEASE_TTL),
         poll_interval: timing.poll_interval,
         op_timeout: timing.op_timeout,
     }
@@ -401,7 +406,7 @@ mod tests {
             .min_validity(Duration::MAX)
             .store(MemoryStore::new(), "k")
             .build();
-        assert_eq!(lease_ttl(&handle), Duration::MAX);
+        assert_eq!(lease_ttl(&handle), Duration::from_secs(24 * 3600));
     }
 
     #[test]
