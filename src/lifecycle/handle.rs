@@ -198,6 +198,11 @@ impl TokenHandleBuilder {
     /// The back-off window after a failed refresh: starts at `min`, doubles
     /// on each further failure up to `max`, with ±10 % jitter. Default
     /// 500 ms to 60 s.
+    ///
+    /// A refresh that brings a token with no lifetime left (`expires_in`
+    /// of 0, or an expiry behind the local clock) counts into the same
+    /// window: the token is used (the upstream decides) for one back-off
+    /// step, at least 1 s, instead of being refreshed on every request.
     pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
         self.config.backoff_min = min;
         self.config.backoff_max = max;
@@ -206,7 +211,13 @@ impl TokenHandleBuilder {
 
     /// A token rejected by the upstream before it is this old is not
     /// refreshed again; the upstream's answer is returned instead (an
-    /// endpoint that always answers 401 is a permission problem). Default 5 s.
+    /// endpoint that always answers 401 is a permission problem). Default
+    /// 5 s, and never more than a quarter of the token's lifetime.
+    ///
+    /// With a [`store`](Self::store), the store is read first: when another
+    /// process saved a newer token (servers that revoke the old access token
+    /// when they rotate the refresh token do this to a fleet), or is saving
+    /// one (its lease is held), the request is retried with it.
     pub fn min_token_age(mut self, age: Duration) -> Self {
         self.config.min_token_age = age;
         self

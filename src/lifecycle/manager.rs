@@ -3,7 +3,8 @@
 //!
 //! NOTE: the invariants of this file.
 //! - Readers (`acquire`) take no lock: one `ArcSwapOption` load and one
-//!   atomic load of the token's freshness (see `current.rs`).
+//!   atomic load of the token's freshness (see `current.rs`; a token no
+//!   live timer ages costs a clock read too).
 //! - `refresh` decides under the `state` mutex (never held across `.await`)
 //!   whether to join the in-flight refresh, fail fast (back-off) or start a
 //!   new one. A refresh runs as a spawned task shared through
@@ -233,8 +234,8 @@ impl TokenManager {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The hot path: the current token's header and generation, with no lock
-    /// and no clock read.
+    /// The hot path: the current token's header and generation, with no lock,
+    /// and no clock read while a live timer ages the token.
     #[inline]
     pub(crate) fn acquire(&self) -> Acquired {
         let guard = self.current.load();
