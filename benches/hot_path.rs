@@ -7,6 +7,9 @@
 //! - `bare`: the inner service alone;
 //! - `tower_http_bearer`: tower-http's `AddAuthorization::bearer`, a static
 //!   header clone (the floor);
+//! - `tower_retry_bearer`: tower's `Retry` (a policy that clones the request
+//!   and retries a 401 once) around `AddAuthorization`: what a generic
+//!   "retry once and add a header" stack costs;
 //! - `ours/*`: `AuthRefreshLayer` with replay off, with replay on and an
 //!   empty body, with replay on and a 1 KiB body, and with the JSON body rule
 //!   added to the detector (a 200 JSON answer is then peeked);
@@ -219,6 +222,44 @@ where
     }
 }
 
+/// Retries a 401 once, cloning the request before it is sent: a generic
+/// "retry once and add a header" stack.
+#[derive(Clone)]
+struct RetryUnauthorizedOnce {
+    left: usize,
+}
+
+impl<Res, E> tower::retry::Policy<Request<Full<Bytes>>, Response<Res>, E>
+    for RetryUnauthorizedOnce
+{
+    type Future = std::future::Ready<()>;
+
+    fn retry(
+        &mut self,
+        _: &mut Request<Full<Bytes>>,
+        result: &mut Result<Response<Res>, E>,
+    ) -> Option<Self::Future> {
+        match result {
+            Ok(response)
+                if response.status() == http::StatusCode::UNAUTHORIZED && self.left > 0 =>
+            {
+                self.left -= 1;
+                Some(std::future::ready(()))
+            }
+            _ => None,
+        }
+    }
+
+    fn clone_request(&mut self, request: &Request<Full<Bytes>>) -> Option<Request<Full<Bytes>>> {
+        let mut clone = Request::new(request.body().clone());
+        *clone.method_mut() = request.method().clone();
+        *clone.uri_mut() = request.uri().clone();
+        *clone.version_mut() = request.version();
+        *clone.headers_mut() = request.headers().clone();
+        Some(clone)
+    }
+}
+
 /// A token endpoint on loopback for `middle`'s client-credentials flow.
 async fn token_endpoint() -> url::Url {
     use axum::routing::post;
@@ -262,6 +303,16 @@ fn hot_path(c: &mut Criterion) {
         .layer(Noop);
     group.bench_function("tower_http_bearer", |b| {
         b.iter(|| send(&mut floor, empty()))
+    });
+
+    let mut retry_floor = tower::ServiceBuilder::new()
+        .layer(tower::retry::RetryLayer::new(RetryUnauthorizedOnce {
+            left: 1,
+        }))
+        .layer(tower_http::auth::AddAuthorizationLayer::bearer(&token_string()).as_sensitive(true))
+        .service(Noop);
+    group.bench_function("tower_retry_bearer", |b| {
+        b.iter(|| send(&mut retry_floor, empty()))
     });
 
     let shared = handle();

@@ -2,14 +2,14 @@
 # Runs every bench with short settings and writes BENCHMARKS.md: medians,
 # each with its baseline from the same run, and the ratios between them.
 #
-#   benches/report.sh            # all benches (about 10 minutes on 2 cores)
+#   benches/report.sh            # all benches (about 15 minutes on 2 cores)
 #   benches/report.sh hot_path   # one bench; the report keeps the others' last run
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 benches=("$@")
 if [ ${#benches[@]} -eq 0 ]; then
-    benches=(hot_path contention stampede replay detect)
+    benches=(e2e hot_path contention stampede replay detect)
 fi
 
 mkdir -p target/bench-logs
@@ -63,13 +63,50 @@ w(f"Machine: {cpu()}, {os.cpu_count()} cores, {platform.system()} {platform.rele
   "(criterion, 1 s warm-up, 2 s measurement). Figures are medians; every ratio compares two "
   "figures from the same run. The machine is shared and noisy: read ratios, not absolute times.\n")
 
+# end to end
+w("## End to end: a real hyper-util client and hyper server on loopback\n")
+w("Client on one thread, server on another, 900-byte token. *CPU* is the client thread's CPU time "
+  "per request (thread CPU time, not wall); *overhead* is that minus `bare`'s; *throughput* is "
+  "bare's wall time per request over the stack's. All from the same run.\n")
+w("| stack | case | client CPU / req | overhead | throughput / bare |")
+w("|---|---|---|---|---|")
+cases = ["get_c1", "get_c32", "post4k_c1", "post4k_c32"]
+stacks = ["bare", "tower_http_bearer", "tower_retry_bearer", "ours", "ours_json", "tenants_1", "tenants_1000"]
+cpu_of = {}
+for st in stacks:
+    for cs in cases:
+        cpu_ = median("e2e_cpu", f"{st}/{cs}")
+        wall = median("e2e_wall", f"{st}/{cs}")
+        if cpu_ is None:
+            continue
+        cpu_of[(st, cs)] = cpu_
+        bare_cpu = median("e2e_cpu", f"bare/{cs}")
+        bare_wall = median("e2e_wall", f"bare/{cs}")
+        over = "n/a" if bare_cpu is None else f"{(cpu_ - bare_cpu) / 1e3:+.2f} µs"
+        w(f"| {st} | {cs} | {fmt(cpu_)} | {over} | {ratio(bare_wall, wall)} |")
+def over(st, cs):
+    a, b = cpu_of.get((st, cs)), cpu_of.get(("bare", cs))
+    return None if a is None or b is None else a - b
+w("")
+for cs in cases:
+    o, r = over("ours", cs), over("tower_retry_bearer", cs)
+    if o is not None and r:
+        w(f"- {cs}: ours' overhead / tower Retry + AddAuthorization overhead: **{o / r:.2f}×** (target ≤ 1)")
+j, o = over("ours_json", "get_c32"), over("ours", "get_c32")
+if j is not None and o:
+    w(f"- get_c32: JSON rule overhead / default detector overhead: **{j / o:.2f}×** (target ≤ 1.5×)")
+t1, t1000 = cpu_of.get(("tenants_1", "get_c32")), cpu_of.get(("tenants_1000", "get_c32"))
+if t1 and t1000:
+    w(f"- get_c32: 1,000 tenants / 1 tenant, client CPU per request: **{t1000 / t1:.2f}×** (target ≤ 1.1×)")
+w("")
+
 # hot path
 g = "hot_path"
 floor = median(g, "tower_http_bearer")
 w("## Hot path: one request, valid token, no-op inner service\n")
 w("| variant | median | / tower-http floor |")
 w("|---|---|---|")
-rows = ["bare", "tower_http_bearer", "ours/replay_off", "ours/replay_on_empty_body",
+rows = ["bare", "tower_http_bearer", "tower_retry_bearer", "ours/replay_off", "ours/replay_on_empty_body",
         "tower_http_bearer_1kib_body", "ours/replay_on_1kib_body", "ours/detector_json_rule",
         "mutex_layer", "rwlock_layer", "middle", "aliri_tokens"]
 for r in rows:
@@ -80,6 +117,7 @@ for r in rows:
 ours = median(g, "ours_replay_on_empty_body") or median(g, "ours/replay_on_empty_body")
 w("")
 w(f"- ours (replay on, empty body) / floor: **{ratio(ours, floor)}** (target ≤ 1.25×)")
+w(f"- ours (replay on, empty body) / tower Retry + AddAuthorization: **{ratio(ours, median(g, 'tower_retry_bearer'))}** (target ≤ 1)")
 kib_ours = median(g, "ours_replay_on_1kib_body")
 kib_floor = median(g, "tower_http_bearer_1kib_body")
 w(f"- ours with a 1 KiB body / floor with the same body: **{ratio(kib_ours, kib_floor)}**")

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Instructions per request for `hot_path` variants, counted by
+# `valgrind --tool=callgrind` (a count, not a time: the same on a loaded
+# machine). Also prints where the instructions of the first variant go,
+# function by function, against the second.
+#
+#   benches/callgrind.sh tower_retry_bearer ours/replay_on_empty_body
+#   benches/callgrind.sh ours/replay_on_empty_body ours/detector_json_rule
+#
+# Per request = instructions inside `hot_path::send` / calls of it, so the
+# bench's set-up is not counted.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+command -v valgrind >/dev/null || { echo "valgrind is not installed (apt-get install valgrind)" >&2; exit 1; }
+
+cargo bench --bench hot_path --no-run 2>/dev/null
+bin=$(ls -t target/release/deps/hot_path-* | grep -v '\.d$' | head -n 1)
+out=target/callgrind
+mkdir -p "$out"
+
+for variant in "$@"; do
+    name=${variant//\//_}
+    valgrind --tool=callgrind --callgrind-out-file="$out/$name.out" \
+        "$bin" --bench --profile-time 1 "hot_path/$variant\$" >"$out/$name.log" 2>&1
+    callgrind_annotate --inclusive=yes "$out/$name.out" >"$out/$name.inclusive" 2>/dev/null
+    callgrind_annotate --threshold=100 "$out/$name.out" >"$out/$name.self" 2>/dev/null
+done
+
+python3 - "$out" "$@" <<'PY'
+import re, sys
+
+out, variants = sys.argv[1], sys.argv[2:]
+
+def calls_of_send(path):
+    names, current, calls = {}, None, 0
+    for line in open(path, errors="replace"):
+        m = re.match(r"c?fn=\((\d+)\)(?: (.*))?", line)
+        if m:
+            if m.group(2):
+                names[m.group(1)] = m.group(2)
+            if line.startswith("cfn="):
+                current = names.get(m.group(1))
+            continue
+        m = re.match(r"calls=(\d+)", line)
+        if m and current and current.endswith("hot_path::send"):
+            calls += int(m.group(1))
+    return calls
+
+def table(path, per):
+    rows = {}
+    for line in open(path):
+        m = re.match(r"\s*([\d,]+) \(\s*[\d.]+%\)\s+(.*?)(?: \[.*)?$", line)
+        if m:
+            rows[m.group(2)] = int(m.group(1).replace(",", "")) / per
+    return rows
+
+per_request, self_costs = {}, {}
+for v in variants:
+    name = v.replace("/", "_")
+    calls = calls_of_send(f"{out}/{name}.out")
+    inclusive = 0
+    for line in open(f"{out}/{name}.inclusive"):
+        if re.search(r"\?\?\?:hot_path::send \[", line):
+            inclusive = int(line.split()[0].replace(",", ""))
+            break
+    per_request[v] = inclusive / calls if calls else float("nan")
+    self_costs[v] = table(f"{out}/{name}.self", calls or 1)
+    print(f"{v}: {per_request[v]:.0f} instructions per request ({calls} requests)")
+
+if len(variants) >= 2:
+    a, b = variants[0], variants[1]
+    print(f"\n{b} - {a}: {per_request[b] - per_request[a]:+.0f} per request; largest differences by function (self cost per request; set-up included, so ignore set-up functions):")
+    keys = set(self_costs[a]) | set(self_costs[b])
+    diff = sorted(keys, key=lambda k: -abs(self_costs[b].get(k, 0) - self_costs[a].get(k, 0)))
+    for k in diff[:25]:
+        x, y = self_costs[a].get(k, 0), self_costs[b].get(k, 0)
+        if k != "PROGRAM TOTALS":
+            print(f"{y - x:+8.0f}  {k[:140]}")
+PY
