@@ -14,6 +14,9 @@
 //! 5. When the store cannot be reached, warn and refresh locally: serving
 //!    requests beats coordination. The local token is saved only over the
 //!    version it replaces, so it never overwrites another process's token.
+//! 6. After a rejection of a token too young to refresh (the storm guard),
+//!    `newer_than` only looks: a newer stored token, or the one a lease
+//!    holder is about to save. It never calls the token source.
 //!
 //! "Newer" is decided by `Known::superseded_by`: a higher version in the
 //! same line of versions or, for a token that is not from that line (a local
