@@ -18,6 +18,12 @@ use http_body_util::Full;
 use tower::{ServiceBuilder, ServiceExt, service_fn};
 use tower_auth_refresh::{AuthRefreshLayer, ReplayBody, RetrySkipped, SkipReason, TokenHandle};
 
+type Upstream = tower::util::BoxCloneService<
+    http::Request<ReplayBody<Full<Bytes>>>,
+    http::Response<Full<Bytes>>,
+    Infallible,
+>;
+
 #[derive(Clone, Default)]
 struct Api {
     revoked: Arc<Mutex<HashSet<String>>>,
@@ -36,13 +42,7 @@ impl Api {
         self.seen.lock().unwrap().clone()
     }
 
-    fn service(
-        &self,
-    ) -> tower::util::BoxCloneService<
-        http::Request<ReplayBody<Full<Bytes>>>,
-        http::Response<Full<Bytes>>,
-        Infallible,
-    > {
+    fn service(&self) -> Upstream {
         let api = self.clone();
         tower::util::BoxCloneService::new(service_fn(
             move |req: http::Request<ReplayBody<Full<Bytes>>>| {
