@@ -31,7 +31,7 @@ fn body(size: usize) -> Vec<u8> {
 fn classify(detector: &dyn ExpiryDetector, head: &ResponseHead<'_>, body: &[u8]) -> bool {
     match detector.check_head(head) {
         HeadVerdict::Expired => true,
-        HeadVerdict::NotExpired => false,
+        HeadVerdict::NotExpired | HeadVerdict::Veto => false,
         HeadVerdict::NeedBody => detector.check_body(head, body),
     }
 }

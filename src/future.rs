@@ -14,7 +14,6 @@ use tower_service::Service;
 
 use crate::BoxError;
 use crate::body::{ReplayBody, ResponseBody};
-use crate::detect::HeadVerdict;
 use crate::retry::RetryCtx;
 
 type SlowPath<ResB> = BoxFuture<'static, Result<Response<ResponseBody<ResB>>, BoxError>>;
@@ -101,7 +100,7 @@ where
                         return Poll::Ready(Ok(response.map(ResponseBody::new)));
                     };
                     let verdict = retry.verdict(&response);
-                    if verdict == HeadVerdict::NotExpired {
+                    if verdict.is_not_expired() {
                         return Poll::Ready(Ok(response.map(ResponseBody::new)));
                     }
                     let fut = Box::pin(retry.recover(response, verdict));

@@ -11,10 +11,25 @@ use crate::error::InvalidTokenValue;
 
 /// Where the token is put on each request.
 ///
-/// The value is built once per token (when the token is installed), marked
-/// sensitive, and cloned onto each request. A request that already carries
-/// the target header or query parameter is left alone: the caller's explicit
-/// token wins, and such a request is passed through without refresh or retry.
+/// The value is built once per token (when the token is installed) and
+/// cloned onto each request. A header value is marked sensitive (hyper and
+/// HTTP/2 HPACK keep it out of their tables, and `Debug` of the header map
+/// hides it). A request that already carries the target header or query
+/// parameter is left alone: the caller's explicit token wins, and such a
+/// request is passed through without refresh or retry. A query parameter
+/// counts as present when its name, decoded as a server decodes it
+/// (`access%5Ftoken` is `access_token`), is the injector's name.
+///
+/// # Query placement exposes the token
+///
+/// A token in the query string ([`TokenInjector::query`]) is part of the
+/// request's URI, and nothing can mark a URI sensitive. Every layer inside
+/// this one sees it (a `TraceLayer` that records the URI logs the token),
+/// as do the HTTP client's own errors and logs, proxies, and the server's
+/// access logs. The reqwest adapter strips the URL from the
+/// `reqwest::Error`s it returns when the token is in the query, but the
+/// layers and systems between the client and the server are out of its
+/// reach. Use a header whenever the API accepts one.
 ///
 /// ```
 /// use http::header::HeaderName;
@@ -71,6 +86,10 @@ impl TokenInjector {
     }
 
     /// The token as a query parameter (`?access_token=…`), percent-encoded.
+    ///
+    /// The token is then part of the URI that inner layers, client errors,
+    /// logs and proxies see: read "Query placement exposes the token" on
+    /// [`TokenInjector`] first.
     pub fn query(name: impl Into<String>) -> Self {
         Self {
             placement: Placement::Query { name: name.into() },
@@ -99,12 +118,12 @@ impl TokenInjector {
             }
         };
         let mut value = HeaderValue::try_from(text).map_err(|_| InvalidTokenValue::new())?;
+        // NOTE: this only hides the value where it is a header; a query
+        // pair ends up in the URI, which has no such flag.
         value.set_sensitive(true);
         Ok(value)
     }
 
-    /// `true` when the request already carries a token where this injector
-    /// would put one.
     /// The header the token goes in, when it goes in a header.
     #[cfg_attr(not(feature = "reqwest"), allow(dead_code))]
     pub(crate) fn header_name(&self) -> Option<&HeaderName> {
@@ -123,14 +142,15 @@ impl TokenInjector {
         }
     }
 
+    /// `true` when the request already carries a token where this injector
+    /// would put one.
     pub(crate) fn is_present<B>(&self, request: &Request<B>) -> bool {
         match &self.placement {
             Placement::Header { name, .. } => request.headers().contains_key(name),
-            Placement::Query { name } => request.uri().query().is_some_and(|query| {
-                query
-                    .split('&')
-                    .any(|pair| pair.split('=').next() == Some(name.as_str()))
-            }),
+            Placement::Query { name } => request
+                .uri()
+                .query()
+                .is_some_and(|query| query_has_key(query, name)),
         }
     }
 
@@ -147,6 +167,13 @@ impl TokenInjector {
             }
         }
     }
+}
+
+/// Whether `query` has a pair whose key, decoded as
+/// `application/x-www-form-urlencoded` (as servers and `url` decode it), is
+/// `name`. Both the tower and the reqwest paths ask this.
+pub(crate) fn query_has_key(query: &str, name: &str) -> bool {
+    form_urlencoded::parse(query.as_bytes()).any(|(key, _)| key == name)
 }
 
 fn with_query_pair(uri: &Uri, pair: &[u8]) -> Option<Uri> {
@@ -221,6 +248,24 @@ mod tests {
         let mut bare = request("/p");
         injector.apply(&value, &mut bare);
         assert_eq!(bare.uri().to_string(), "/p?access_token=a%20b%2Bc%2F%3D");
+    }
+
+    #[test]
+    fn query_keys_are_compared_decoded() {
+        let injector = TokenInjector::query("access_token");
+        for (uri, present) in [
+            ("/p?access_token=x", true),
+            ("/p?access%5Ftoken=x", true),
+            ("/p?a=1&access_token", true),
+            ("/p?access_token_x=1", false),
+            ("/p?x=access_token", false),
+            ("/p", false),
+        ] {
+            assert_eq!(injector.is_present(&request(uri)), present, "{uri}");
+        }
+        let spaced = TokenInjector::query("access token");
+        assert!(spaced.is_present(&request("/p?access+token=x")));
+        assert!(spaced.is_present(&request("/p?access%20token=x")));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 use std::fmt;
 use std::sync::Arc;
+use std::time::Duration;
 
 use tower_layer::Layer;
 
@@ -13,17 +14,39 @@ use crate::{AuthRefresh, TokenHandle, TokenSource, Unauthorized};
 pub const DEFAULT_MAX_REPLAY_BYTES: usize = 1024 * 1024;
 /// Default cap on the response body a detector may look at: 64 KiB.
 pub const DEFAULT_PEEK_LIMIT: usize = 64 * 1024;
+/// Default time a response of unknown length may wait for a detector: 5 ms.
+pub const DEFAULT_PEEK_DEADLINE: Duration = Duration::from_millis(5);
 
 /// The per-layer settings shared by every service and future.
 #[derive(Clone)]
 pub(crate) struct LayerConfig {
     pub(crate) detector: Arc<dyn ExpiryDetector>,
     pub(crate) peek_limit: usize,
+    pub(crate) peek_deadline: Duration,
     pub(crate) max_replay_bytes: usize,
     pub(crate) origin: Option<Origin>,
+    /// DPoP proofs on every attempt, and nonce challenges answered.
+    #[cfg(feature = "dpop")]
+    pub(crate) dpop: Option<crate::dpop::DpopKey>,
 }
 
 impl LayerConfig {
+    /// Puts the token on one attempt of a request and, with DPoP, a fresh
+    /// proof. Without DPoP this is the injector alone.
+    pub(crate) fn authorize<B>(
+        &self,
+        injector: &crate::TokenInjector,
+        header: &http::HeaderValue,
+        request: &mut http::Request<B>,
+    ) -> Result<(), crate::BoxError> {
+        injector.apply(header, request);
+        #[cfg(feature = "dpop")]
+        if let Some(key) = &self.dpop {
+            crate::dpop::stamp(key, request)?;
+        }
+        Ok(())
+    }
+
     /// Whether a request to `uri` gets the token: always, unless the layer
     /// is bound to one origin.
     pub(crate) fn sends_token_to(&self, uri: &http::Uri) -> bool {
@@ -33,12 +56,26 @@ impl LayerConfig {
     }
 }
 
+impl LayerConfig {
+    #[cfg(feature = "dpop")]
+    fn dpop_key(&self) -> Option<&crate::dpop::DpopKey> {
+        self.dpop.as_ref()
+    }
+
+    #[cfg(not(feature = "dpop"))]
+    fn dpop_key(&self) -> Option<()> {
+        None
+    }
+}
+
 impl fmt::Debug for LayerConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LayerConfig")
             .field("peek_limit", &self.peek_limit)
+            .field("peek_deadline", &self.peek_deadline)
             .field("max_replay_bytes", &self.max_replay_bytes)
             .field("origin", &self.origin)
+            .field("dpop", &self.dpop_key())
             .finish_non_exhaustive()
     }
 }
@@ -85,8 +122,11 @@ impl AuthRefreshLayer {
             config: Arc::new(LayerConfig {
                 detector: Arc::new(Unauthorized::new()),
                 peek_limit: DEFAULT_PEEK_LIMIT,
+                peek_deadline: DEFAULT_PEEK_DEADLINE,
                 max_replay_bytes: DEFAULT_MAX_REPLAY_BYTES,
                 origin: None,
+                #[cfg(feature = "dpop")]
+                dpop: None,
             }),
         }
     }
@@ -106,6 +146,36 @@ impl AuthRefreshLayer {
     /// A longer body is never counted as expired.
     pub fn peek_limit(mut self, limit: usize) -> Self {
         Arc::make_mut(&mut self.config).peek_limit = limit;
+        self
+    }
+
+    /// How long a response whose body has no known length may wait for a
+    /// detector that asked for the body (default 5 ms).
+    ///
+    /// The response head is handed to the caller once the body has ended,
+    /// passed the [peek limit](Self::peek_limit), or this deadline has
+    /// passed, whichever comes first. A body not complete by then is passed
+    /// on undetected (with a `tracing` debug event), the bytes read so far
+    /// first: a stream of JSON events is never held back for longer than
+    /// this. A body with a `Content-Length` within the peek limit is read
+    /// whole, without a deadline (the caller waits for those bytes anyway).
+    ///
+    /// Whatever the deadline, these bodies are never read by a detector and
+    /// count as not expired:
+    ///
+    /// - streams: a content type with a `stream=` parameter (Kubernetes'
+    ///   `application/json;stream=watch`), `text/event-stream`,
+    ///   `application/x-ndjson`, `application/jsonl`, `application/json-seq`,
+    ///   `application/stream+json`;
+    /// - compressed bodies: any `Content-Encoding` other than `identity`.
+    ///   To have compressed JSON read, put the decompression layer *inside*
+    ///   this one (between it and the client, e.g. tower-http's
+    ///   `DecompressionLayer` after `AuthRefreshLayer` in a
+    ///   `ServiceBuilder`), so that the detector sees decoded bytes.
+    ///   reqwest decodes bodies itself when its `gzip`/`brotli`/… features
+    ///   are on, before any middleware sees them.
+    pub fn peek_deadline(mut self, deadline: Duration) -> Self {
+        Arc::make_mut(&mut self.config).peek_deadline = deadline;
         self
     }
 
@@ -134,6 +204,21 @@ impl AuthRefreshLayer {
     /// ```
     pub fn origin(mut self, origin: Origin) -> Self {
         Arc::make_mut(&mut self.config).origin = Some(origin);
+        self
+    }
+
+    /// DPoP (RFC 9449, feature `dpop`) for tokens bound to `key`: each
+    /// attempt of each request goes out as `Authorization: DPoP <token>` with
+    /// a fresh `DPoP` proof (`htm`, `htu`, `iat`, `jti`, `ath`, and the
+    /// origin's latest nonce). A `401` with `WWW-Authenticate: DPoP
+    /// error="use_dpop_nonce"` and a `DPoP-Nonce` is answered once, through
+    /// the same replay as a refresh retry, with a new proof carrying that
+    /// nonce; it is not a refresh. Every `DPoP-Nonce` response header updates
+    /// the origin's nonce. Use the key the token source binds its tokens to
+    /// ([`OAuth2SourceBuilder::dpop`](crate::oauth2::OAuth2SourceBuilder::dpop)).
+    #[cfg(feature = "dpop")]
+    pub fn dpop(mut self, key: crate::dpop::DpopKey) -> Self {
+        Arc::make_mut(&mut self.config).dpop = Some(key);
         self
     }
 

@@ -84,9 +84,13 @@
 
 mod body;
 mod detect;
+#[cfg(feature = "dpop")]
+pub mod dpop;
 mod error;
 mod future;
 mod inject;
+#[cfg(feature = "oauth2")]
+mod jose;
 mod layer;
 mod lifecycle;
 #[cfg(feature = "oauth2")]
@@ -99,6 +103,11 @@ mod service;
 mod source;
 mod store;
 mod token;
+
+// The README's examples, compiled and run as doctests.
+#[cfg(all(doctest, feature = "dpop"))]
+#[doc = include_str!("../README.md")]
+mod readme_doctests {}
 
 /// The error type of the middleware, as in tower.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
@@ -113,7 +122,9 @@ pub use detect::{
 pub use error::{InvalidTokenValue, ReauthorizationRequired, RefreshFailed, RefreshTimedOut};
 pub use future::ResponseFuture;
 pub use inject::TokenInjector;
-pub use layer::{AuthRefreshLayer, DEFAULT_MAX_REPLAY_BYTES, DEFAULT_PEEK_LIMIT};
+pub use layer::{
+    AuthRefreshLayer, DEFAULT_MAX_REPLAY_BYTES, DEFAULT_PEEK_DEADLINE, DEFAULT_PEEK_LIMIT,
+};
 pub use lifecycle::{RefreshStats, TokenHandle, TokenHandleBuilder, TokenStatus};
 pub use registry::{
     AuthRouting, AuthRoutingLayer, InvalidOrigin, LAST_USED_METADATA_KEY, MaintenanceReport,

@@ -8,11 +8,11 @@ use ::reqwest::{Request, Response, ResponseBuilderExt};
 use http::{Extensions, HeaderValue};
 use reqwest_middleware::{Middleware, Next};
 
-use crate::body::peek;
 use crate::detect::{ExpiryDetector, HeadVerdict, ResponseHead};
+use crate::inject::query_has_key;
 use crate::layer::LayerConfig;
 use crate::lifecycle::{Acquired, Counters, Rejection, TokenManager};
-use crate::retry::mark_skipped;
+use crate::retry::{judge_body, mark_skipped};
 use crate::{
     AuthRefreshLayer, BoxError, ReauthorizationRequired, RefreshFailed, RefreshTimedOut,
     SkipReason, StoreError, TokenHandle, TokenInjector,
@@ -31,6 +31,9 @@ use crate::{
 /// had, the request is not sent: the error is a
 /// [`reqwest_middleware::Error::Middleware`] whose `anyhow::Error` downcasts
 /// to [`RefreshFailed`], [`RefreshTimedOut`] or [`ReauthorizationRequired`].
+/// With [`TokenInjector::query`], the `reqwest::Error`s it returns carry no
+/// URL (the URL holds the token); middlewares between this one and the
+/// client still see the URL.
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -89,7 +92,7 @@ impl AuthRefreshMiddleware {
             response.headers(),
         ));
         match verdict {
-            HeadVerdict::NotExpired => (false, response),
+            HeadVerdict::NotExpired | HeadVerdict::Veto => (false, response),
             HeadVerdict::Expired => (true, response),
             HeadVerdict::NeedBody => {
                 // NOTE: the conversion to `http::Response` drops the response's
@@ -100,13 +103,8 @@ impl AuthRefreshMiddleware {
                 if let Ok(with_url) = http::Response::builder().url(url).body(()) {
                     parts.extensions.extend(with_url.into_parts().0.extensions);
                 }
-                let peeked = peek(body, self.config.peek_limit).await;
-                let head = ResponseHead::new(parts.status, parts.version, &parts.headers);
-                let expired = peeked
-                    .complete
-                    .as_ref()
-                    .is_some_and(|bytes| self.config.detector.check_body(&head, bytes));
-                let body = ::reqwest::Body::wrap(peeked.body);
+                let (expired, body) = judge_body(&self.config, &parts, body).await;
+                let body = ::reqwest::Body::wrap(body);
                 (
                     expired,
                     Response::from(http::Response::from_parts(parts, body)),
@@ -134,7 +132,24 @@ fn is_present(injector: &TokenInjector, request: &Request) -> bool {
         return request.headers().contains_key(name);
     }
     let name = injector.query_name().unwrap_or_default();
-    request.url().query_pairs().any(|(key, _)| key == name)
+    request
+        .url()
+        .query()
+        .is_some_and(|query| query_has_key(query, name))
+}
+
+/// A `reqwest::Error` shows its URL; with the token in the query, that URL
+/// carries the token, so it is stripped.
+fn without_token_url(
+    injector: &TokenInjector,
+    result: reqwest_middleware::Result<Response>,
+) -> reqwest_middleware::Result<Response> {
+    match result {
+        Err(reqwest_middleware::Error::Reqwest(err)) if injector.query_name().is_some() => {
+            Err(reqwest_middleware::Error::Reqwest(err.without_url()))
+        }
+        other => other,
+    }
 }
 
 /// Wraps the crate's own errors as themselves, so that
@@ -190,7 +205,7 @@ impl Middleware for AuthRefreshMiddleware {
             }
         };
         apply(injector, &header, &mut request);
-        let response = next.clone().run(request, extensions).await?;
+        let response = without_token_url(injector, next.clone().run(request, extensions).await)?;
         let (expired, response) = self.expired(response).await;
         if !expired {
             return Ok(response);
@@ -215,6 +230,6 @@ impl Middleware for AuthRefreshMiddleware {
         apply(injector, &header, &mut retry);
         Counters::bump(&manager.counters.retries);
         tracing::debug!(generation, "retrying request with refreshed token");
-        next.run(retry, extensions).await
+        without_token_url(injector, next.run(retry, extensions).await)
     }
 }

@@ -174,7 +174,9 @@ where
     };
     match acquired {
         Acquired::Ready(header, generation) => {
-            injector.apply(&header, &mut request);
+            if let Err(err) = config.authorize(injector, &header, &mut request) {
+                return ResponseFuture::slow(Box::pin(async move { Err(err) }));
+            }
             ctx.generation = generation;
             // NOTE: the service that was made ready is called here and kept
             // for the retry, which makes it ready again before calling it.
@@ -188,6 +190,60 @@ where
             let spare = ctx.inner.clone();
             drop(std::mem::replace(&mut ctx.inner, spare));
             ResponseFuture::slow(Box::pin(ctx.wait_then_send(request)))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use bytes::Bytes;
+    use futures::channel::mpsc;
+    use http_body::Frame;
+    use http_body_util::{BodyExt, StreamBody};
+    use tower::ServiceExt;
+
+    use super::*;
+    use crate::{Token, token_source_fn};
+
+    type Fed = StreamBody<mpsc::UnboundedReceiver<Result<Frame<Bytes>, std::io::Error>>>;
+
+    #[tokio::test]
+    async fn an_upload_answered_not_expired_holds_no_replay_buffer() {
+        let handle = TokenHandle::new(token_source_fn(|_| async {
+            Ok::<_, std::io::Error>(Token::bearer("t"))
+        }));
+        // The upstream answers at once and keeps the request body to read
+        // it afterwards, as a server answering a client-streaming upload
+        // early does.
+        let kept: Arc<Mutex<Option<ReplayBody<Fed>>>> = Arc::default();
+        let slot = kept.clone();
+        let inner = tower::service_fn(move |request: Request<ReplayBody<Fed>>| {
+            let slot = slot.clone();
+            async move {
+                *slot.lock().unwrap() = Some(request.into_body());
+                Ok::<_, BoxError>(Response::new(http_body_util::Empty::<Bytes>::new()))
+            }
+        });
+        let (tx, rx) = mpsc::unbounded();
+        let chunk = |byte: u8| Ok(Frame::data(Bytes::from(vec![byte; 4096])));
+        tx.unbounded_send(chunk(0)).unwrap();
+        let service = AuthRefresh::new(inner, handle);
+        let response = service
+            .oneshot(Request::new(StreamBody::new(rx)))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+
+        let mut body = kept.lock().unwrap().take().unwrap();
+        for byte in 0..50 {
+            if byte > 0 {
+                tx.unbounded_send(chunk(byte)).unwrap();
+            }
+            let data = body.frame().await.unwrap().unwrap().into_data().unwrap();
+            assert_eq!(data[0], byte);
+            assert_eq!(body.buffered_bytes(), 0, "chunk {byte} was not kept");
         }
     }
 }

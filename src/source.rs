@@ -79,17 +79,34 @@ pub struct RefreshContext {
 pub trait TokenSource: Send + Sync + 'static {
     /// Fetches a new token.
     fn fetch(&self, cx: RefreshContext) -> BoxFuture<'static, Result<Token, BoxError>>;
+
+    /// Revokes `token` at the server, for
+    /// [`TokenHandle::revoke`](crate::TokenHandle::revoke). The default does
+    /// nothing; an [`OAuth2Source`](crate::oauth2::OAuth2Source) with a
+    /// revocation URL revokes the refresh token (RFC 7009).
+    fn revoke(&self, token: Arc<Token>) -> BoxFuture<'static, Result<(), BoxError>> {
+        let _ = token;
+        Box::pin(async { Ok(()) })
+    }
 }
 
 impl<T: TokenSource + ?Sized> TokenSource for Arc<T> {
     fn fetch(&self, cx: RefreshContext) -> BoxFuture<'static, Result<Token, BoxError>> {
         (**self).fetch(cx)
     }
+
+    fn revoke(&self, token: Arc<Token>) -> BoxFuture<'static, Result<(), BoxError>> {
+        (**self).revoke(token)
+    }
 }
 
 impl<T: TokenSource + ?Sized> TokenSource for Box<T> {
     fn fetch(&self, cx: RefreshContext) -> BoxFuture<'static, Result<Token, BoxError>> {
         (**self).fetch(cx)
+    }
+
+    fn revoke(&self, token: Arc<Token>) -> BoxFuture<'static, Result<(), BoxError>> {
+        (**self).revoke(token)
     }
 }
 

@@ -113,3 +113,27 @@ async fn the_retry_reads_the_token_current_when_it_is_sent() {
         "the retry replays the same body"
     );
 }
+
+#[tokio::test]
+async fn a_percent_encoded_query_key_counts_as_the_callers_token() {
+    // `access%5Ftoken` is `access_token` once decoded, as a server (and the
+    // reqwest adapter) reads it: the caller's own token, left alone.
+    let upstream = Upstream::start().await;
+    let issuer = Issuer::new(&upstream);
+    let handle = TokenHandle::builder(issuer.source())
+        .injector(TokenInjector::query("access_token"))
+        .build();
+    let service = ServiceBuilder::new()
+        .layer(AuthRefreshLayer::new(handle))
+        .service(client());
+    service
+        .oneshot(get(&upstream.url("/p?access%5Ftoken=mine")))
+        .await
+        .unwrap();
+    assert_eq!(issuer.calls(), 0, "not ours to refresh");
+    assert_eq!(
+        upstream.seen()[0].query.as_deref(),
+        Some("access%5Ftoken=mine"),
+        "no second token added"
+    );
+}

@@ -212,12 +212,19 @@ proptest! {
         prop_assert_ne!(bearer, HeadVerdict::NeedBody);
         prop_assert_ne!(unauthorized, HeadVerdict::NeedBody);
         if status != 401 {
+            prop_assert_ne!(unauthorized, HeadVerdict::Expired);
+        }
+        if status == 200 {
             prop_assert_eq!(unauthorized, HeadVerdict::NotExpired);
         }
         // `invalid_token` cannot appear out of nothing (quoted-pair escapes aside).
         let unescaped: String = texts.concat().replace('\\', "");
         if !unescaped.contains("invalid_token") {
-            prop_assert_eq!(bearer, HeadVerdict::NotExpired);
+            prop_assert_ne!(bearer, HeadVerdict::Expired);
+        }
+        // A veto comes from a challenge naming an error: both detectors agree on 4xx.
+        if status != 200 {
+            prop_assert_eq!(bearer == HeadVerdict::Veto, unauthorized == HeadVerdict::Veto);
         }
         // An `invalid_token` challenge on a 401 is expiry for both detectors.
         if bearer == HeadVerdict::Expired {
@@ -248,21 +255,21 @@ proptest! {
         };
         let error = model_error(&challenges);
         let (bearer, unauthorized) = verdicts(401, &values);
-        let expected_bearer = if error == Some("invalid_token") {
-            HeadVerdict::Expired
-        } else {
-            HeadVerdict::NotExpired
+        let expected_bearer = match error {
+            Some("invalid_token") => HeadVerdict::Expired,
+            Some(_) => HeadVerdict::Veto,
+            None => HeadVerdict::NotExpired,
         };
         prop_assert_eq!(bearer, expected_bearer, "{:?}", values);
         let expected_unauthorized = match error {
             None | Some("invalid_token") => HeadVerdict::Expired,
-            Some(_) => HeadVerdict::NotExpired,
+            Some(_) => HeadVerdict::Veto,
         };
         prop_assert_eq!(unauthorized, expected_unauthorized, "{:?}", values);
         if error == Some("insufficient_scope") {
-            prop_assert_eq!(bearer, HeadVerdict::NotExpired);
-            prop_assert_eq!(unauthorized, HeadVerdict::NotExpired);
-            prop_assert_eq!(verdicts(403, &values).0, HeadVerdict::NotExpired);
+            prop_assert_eq!(bearer, HeadVerdict::Veto);
+            prop_assert_eq!(unauthorized, HeadVerdict::Veto);
+            prop_assert_eq!(verdicts(403, &values), (HeadVerdict::Veto, HeadVerdict::Veto));
         }
     }
 }
@@ -272,7 +279,8 @@ proptest! {
 
 /// The default codes and keywords, as documented on `JsonBodyRule::default_rules`.
 const CODES: [i64; 4] = [401, 40001, 40002, 40003];
-const KEYWORDS: [&str; 12] = [
+const SUCCESS_CODES: [i64; 2] = [0, 200];
+const KEYWORDS: [&str; 15] = [
     "token过期",
     "token已过期",
     "无效token",
@@ -280,12 +288,17 @@ const KEYWORDS: [&str; 12] = [
     "token异常",
     "token失效",
     "登录过期",
-    "expired",
     "invalid token",
     "invalid_token",
     "token invalid",
-    "unauthorized",
+    "token is invalid",
+    "token expired",
+    "token has expired",
+    "token is expired",
+    "expired token",
 ];
+/// Bare words the defaults used to match; successes use them freely.
+const WORDS: [&str; 4] = ["expired", "unauthorized", "Expired", "UNAUTHORIZED"];
 
 fn json_expired(body: &[u8]) -> bool {
     let mut headers = HeaderMap::new();
@@ -332,9 +345,25 @@ fn recase(text: &str, flips: &[bool]) -> String {
         .collect()
 }
 
-/// A code that is not one of the default codes.
+/// A code that is neither an expiry code nor a success code of the defaults.
 fn other_code() -> impl Strategy<Value = i64> {
-    any::<i64>().prop_filter("not a default code", |c| !CODES.contains(c))
+    any::<i64>().prop_filter("not a default code", |c| {
+        !CODES.contains(c) && !SUCCESS_CODES.contains(c)
+    })
+}
+
+/// Any message, often with the phrases and words expired tokens are named by.
+fn any_message() -> impl Strategy<Value = String> {
+    (
+        ".{0,12}",
+        prop_oneof![
+            prop::sample::select(KEYWORDS.to_vec()),
+            prop::sample::select(WORDS.to_vec()),
+            Just(""),
+        ],
+        ".{0,12}",
+    )
+        .prop_map(|(a, k, b)| format!("{a}{k}{b}"))
 }
 
 proptest! {
@@ -399,6 +428,40 @@ proptest! {
         let text = format!("{prefix}{}{suffix}", recase(keyword, &flips));
         let body = json!({ "code": code, field: text });
         prop_assert!(json_expired(&serde_json::to_vec(&body).unwrap()), "{}", body);
+    }
+
+    #[test]
+    fn success_envelopes_are_never_expired(
+        code in prop::sample::select(SUCCESS_CODES.to_vec()),
+        as_string in any::<bool>(),
+        status in prop::sample::select(vec![200u16, 201, 202, 204, 400, 401, 403, 500]),
+        msg in any_message(),
+        message in any_message(),
+        error in any_message(),
+        data in any_json(),
+        bom in any::<bool>(),
+    ) {
+        let code = if as_string { Value::from(code.to_string()) } else { Value::from(code) };
+        let body = json!({
+            "code": code, "msg": msg, "message": message, "error": error,
+            "error_description": error, "data": data,
+        });
+        let mut text = if bom { "\u{feff}".as_bytes().to_vec() } else { Vec::new() };
+        text.extend_from_slice(&serde_json::to_vec(&body).unwrap());
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("application/json"));
+        let head = ResponseHead::new(StatusCode::from_u16(status).unwrap(), Version::HTTP_11, &headers);
+        prop_assert!(!JsonBodyRule::default_rules().check_body(&head, &text), "{} {}", status, body);
+    }
+
+    #[test]
+    fn a_2xx_without_a_code_is_never_expired(
+        msg in any_message(),
+        message in any_message(),
+        data in any_json(),
+    ) {
+        let body = json!({ "msg": msg, "message": message, "error": msg, "data": data });
+        prop_assert!(!json_expired(&serde_json::to_vec(&body).unwrap()), "{}", body);
     }
 
     #[test]

@@ -15,7 +15,7 @@ use http_body_util::StreamBody;
 use reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
 use tower_auth_refresh::{
     AuthRefreshLayer, AuthRefreshMiddleware, JsonBodyRule, Origin, RefreshReason, RetrySkipped,
-    SkipReason, Token, TokenHandle,
+    SkipReason, Token, TokenHandle, TokenInjector,
 };
 
 fn handle(issuer: &Issuer) -> TokenHandle {
@@ -258,4 +258,46 @@ async fn a_failed_refresh_is_a_typed_error_and_no_request_goes_out() {
         "{err:?}"
     );
     assert!(upstream.seen().is_empty(), "never sent without a token");
+}
+
+#[tokio::test]
+async fn a_query_token_is_not_in_the_errors_the_adapter_returns() {
+    // A port nothing listens on: the request fails with a connection error.
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    drop(listener);
+    let issuer = Issuer::detached();
+    let handle = TokenHandle::builder(issuer.source())
+        .injector(TokenInjector::query("access_token"))
+        .build();
+    let client = client(AuthRefreshMiddleware::new(handle));
+    let err = client
+        .get(format!("http://{addr}/items?page=2"))
+        .send()
+        .await
+        .unwrap_err();
+    let shown = format!("{err} {err:?}");
+    assert!(!shown.contains("tok-1"), "{shown}");
+    assert!(!shown.contains("access_token"), "{shown}");
+    assert!(err.is_connect(), "{shown}");
+}
+
+#[tokio::test]
+async fn a_percent_encoded_query_key_counts_as_the_callers_token() {
+    let upstream = Upstream::start().await;
+    let issuer = Issuer::new(&upstream);
+    let handle = TokenHandle::builder(issuer.source())
+        .injector(TokenInjector::query("access_token"))
+        .build();
+    let client = client(AuthRefreshMiddleware::new(handle));
+    client
+        .get(upstream.url("/p?access%5Ftoken=mine"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(issuer.calls(), 0, "not ours to refresh");
+    assert_eq!(
+        upstream.seen()[0].query.as_deref(),
+        Some("access%5Ftoken=mine")
+    );
 }

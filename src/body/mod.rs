@@ -4,6 +4,6 @@ mod peek;
 mod replay;
 
 pub use peek::ResponseBody;
-pub(crate) use peek::peek;
+pub(crate) use peek::{not_peekable, peek};
 pub use replay::ReplayBody;
 pub(crate) use replay::{NotReplayable, Replay};

@@ -6,8 +6,11 @@ use std::collections::VecDeque;
 use std::fmt;
 use std::pin::Pin;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
+use http::HeaderMap;
+use http::header::{CONTENT_ENCODING, CONTENT_TYPE};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use pin_project_lite::pin_project;
@@ -68,7 +71,8 @@ impl<B> ResponseBody<B> {
 pub(crate) struct Peeked<B> {
     /// The whole body, to hand to the caller.
     pub(crate) body: ResponseBody<B>,
-    /// The whole body's bytes, when it ended within the limit.
+    /// The whole body's bytes, when it ended within the limit (and, for a
+    /// body of unknown length, within the deadline).
     pub(crate) complete: Option<Bytes>,
 }
 
@@ -76,10 +80,55 @@ fn to_bytes<D: Buf>(mut data: D) -> Bytes {
     data.copy_to_bytes(data.remaining())
 }
 
-/// Reads `body` until it ends or more than `limit` bytes were read (at most
-/// one frame past the limit is held), and gives back the body to hand on
-/// plus, when it ended within the limit, all of its bytes.
-pub(crate) async fn peek<B>(body: B, limit: usize) -> Peeked<B>
+/// Why a response's body is handed on without being read, whatever the
+/// detector asks: a body that never ends (a stream of JSON documents or
+/// events) or that could not be matched (compressed).
+pub(crate) fn not_peekable(headers: &HeaderMap) -> Option<&'static str> {
+    let identity = headers.get_all(CONTENT_ENCODING).iter().all(|value| {
+        value.to_str().is_ok_and(|v| {
+            v.split(',').all(|coding| {
+                coding.trim().is_empty() || coding.trim().eq_ignore_ascii_case("identity")
+            })
+        })
+    });
+    if !identity {
+        return Some("content-encoding");
+    }
+    let content_type = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok())?;
+    let mut parts = content_type.split(';');
+    let essence = parts.next().unwrap_or("").trim();
+    let streaming_type = STREAMING_TYPES
+        .iter()
+        .any(|t| essence.eq_ignore_ascii_case(t));
+    let stream_parameter = parts.any(|param| {
+        param
+            .split('=')
+            .next()
+            .is_some_and(|name| name.trim().eq_ignore_ascii_case("stream"))
+    });
+    (streaming_type || stream_parameter).then_some("streaming content-type")
+}
+
+/// Media types whose bodies are streams of documents or events.
+const STREAMING_TYPES: [&str; 5] = [
+    "text/event-stream",
+    "application/x-ndjson",
+    "application/jsonl",
+    "application/json-seq",
+    "application/stream+json",
+];
+
+/// Reads the start of `body` for a detector and gives back the body to hand
+/// on plus, when the whole body could be read, all of its bytes.
+///
+/// The head must never wait long for a detector, so:
+/// - a body whose length is known (`Content-Length`) is read whole if it is
+///   within `limit`, and not at all if it is longer;
+/// - a body of unknown length is read until it ends, passes `limit` (at
+///   most one frame past it is held) or `deadline` passes, whichever comes
+///   first. After the deadline the frames read so far are handed on first
+///   and the body is not judged.
+pub(crate) async fn peek<B>(body: B, limit: usize, deadline: Duration) -> Peeked<B>
 where
     B: Body,
     B::Data: Buf,
@@ -91,12 +140,35 @@ where
     let mut total: u64 = 0;
     let mut error = None;
     let mut inner_done = inner.is_end_stream();
-    let too_long = inner.size_hint().lower() > limit as u64;
+    let hint = inner.size_hint();
+    let too_long = hint.lower() > limit as u64;
+    // NOTE: a known length within the limit is read whole, without a
+    // deadline: those bytes are all the caller is waiting for too.
+    let known_length = hint.exact().is_some();
+    let sleep = tokio::time::sleep(if known_length {
+        Duration::MAX
+    } else {
+        deadline
+    });
+    tokio::pin!(sleep);
 
     let mut complete = !too_long;
     if !inner_done && !too_long {
         loop {
-            match inner.as_mut().frame().await {
+            let frame = tokio::select! {
+                biased;
+                frame = inner.frame() => frame,
+                () = &mut sleep, if !known_length => {
+                    tracing::debug!(
+                        deadline_ms = deadline.as_millis() as u64,
+                        peeked_bytes = total,
+                        "response body not complete within the peek deadline; passed on undetected"
+                    );
+                    complete = false;
+                    break;
+                }
+            };
+            match frame {
                 None => {
                     inner_done = true;
                     break;
@@ -235,6 +307,9 @@ mod tests {
 
     type Frames = Vec<Result<Frame<Bytes>, std::io::Error>>;
 
+    /// A deadline no test reaches unless its body stalls.
+    const WAIT: Duration = Duration::from_secs(3600);
+
     fn stream(
         frames: Frames,
     ) -> StreamBody<futures::stream::Iter<<Frames as IntoIterator>::IntoIter>> {
@@ -270,7 +345,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_short_body_is_complete_and_handed_back_whole() {
-        let peeked = peek(Full::new(Bytes::from_static(b"{\"code\":40003}")), 64).await;
+        let peeked = peek(Full::new(Bytes::from_static(b"{\"code\":40003}")), 64, WAIT).await;
         assert_eq!(peeked.complete.as_deref(), Some(&b"{\"code\":40003}"[..]));
         assert_eq!(peeked.body.size_hint().exact(), Some(14));
         let body: ResponseBody<Full<Bytes>> = peeked.body;
@@ -282,7 +357,7 @@ mod tests {
     async fn a_long_streamed_body_is_not_complete_and_arrives_byte_for_byte() {
         let parts: Vec<String> = (0..100).map(|i| format!("chunk-{i:03};")).collect();
         let refs: Vec<&str> = parts.iter().map(String::as_str).collect();
-        let peeked = peek(stream(chunks(&refs)), 35).await;
+        let peeked = peek(stream(chunks(&refs)), 35, WAIT).await;
         assert!(peeked.complete.is_none());
         assert!(
             peeked.body.buffered_len <= 35 + 10,
@@ -295,9 +370,9 @@ mod tests {
 
     #[tokio::test]
     async fn the_limit_is_inclusive() {
-        let peeked = peek(stream(chunks(&["12345", "67890"])), 10).await;
+        let peeked = peek(stream(chunks(&["12345", "67890"])), 10, WAIT).await;
         assert_eq!(peeked.complete.as_deref(), Some(&b"1234567890"[..]));
-        let peeked = peek(stream(chunks(&["12345", "678901"])), 10).await;
+        let peeked = peek(stream(chunks(&["12345", "678901"])), 10, WAIT).await;
         assert!(peeked.complete.is_none());
         let (bytes, _, _) = read_all(Box::pin(peeked.body)).await;
         assert_eq!(bytes, b"12345678901");
@@ -305,7 +380,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_known_long_body_is_not_read() {
-        let peeked = peek(Full::new(Bytes::from(vec![b'x'; 100])), 10).await;
+        let peeked = peek(Full::new(Bytes::from(vec![b'x'; 100])), 10, WAIT).await;
         assert!(peeked.complete.is_none());
         assert_eq!(peeked.body.buffered_len, 0);
         let (bytes, _, _) = read_all(Box::pin(peeked.body)).await;
@@ -317,7 +392,7 @@ mod tests {
         let mut frames = chunks(&["abc", "def"]);
         frames.push(Err(std::io::Error::other("connection reset")));
         frames.push(Ok(Frame::data(Bytes::from_static(b"never"))));
-        let peeked = peek(stream(frames), 1024).await;
+        let peeked = peek(stream(frames), 1024, WAIT).await;
         assert!(peeked.complete.is_none());
         let (bytes, _, err) = read_all(Box::pin(peeked.body)).await;
         assert_eq!(bytes, b"abcdef");
@@ -330,7 +405,7 @@ mod tests {
         trailers.insert("grpc-status", "0".parse().unwrap());
         let mut frames = chunks(&["body"]);
         frames.push(Ok(Frame::trailers(trailers.clone())));
-        let peeked = peek(stream(frames), 1024).await;
+        let peeked = peek(stream(frames), 1024, WAIT).await;
         assert_eq!(peeked.complete.as_deref(), Some(&b"body"[..]));
         let (bytes, got, _) = read_all(Box::pin(peeked.body)).await;
         assert_eq!(bytes, b"body");
@@ -339,9 +414,90 @@ mod tests {
 
     #[tokio::test]
     async fn an_empty_body_is_complete() {
-        let peeked = peek(http_body_util::Empty::<Bytes>::new(), 10).await;
+        let peeked = peek(http_body_util::Empty::<Bytes>::new(), 10, WAIT).await;
         assert_eq!(peeked.complete.as_deref(), Some(&b""[..]));
         assert!(peeked.body.is_end_stream());
         let _: Result<(), Infallible> = Ok(());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stalled_body_is_handed_on_after_the_deadline() {
+        let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Frame<Bytes>, std::io::Error>>();
+        tx.unbounded_send(Ok(Frame::data(Bytes::from_static(
+            b"{\"type\":\"ADDED\"}\n",
+        ))))
+        .unwrap();
+        let started = tokio::time::Instant::now();
+        let peeked = peek(StreamBody::new(rx), 1024, Duration::from_millis(5)).await;
+        assert_eq!(started.elapsed(), Duration::from_millis(5));
+        assert!(peeked.complete.is_none(), "not judged");
+        let mut body = Box::pin(peeked.body);
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first, "{\"type\":\"ADDED\"}\n");
+        tx.unbounded_send(Ok(Frame::data(Bytes::from_static(b"next"))))
+            .unwrap();
+        drop(tx);
+        let (rest, _, _) = read_all(body).await;
+        assert_eq!(rest, b"next");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_known_length_is_read_whole_without_a_deadline() {
+        let peeked = peek(Full::new(Bytes::from_static(b"{}")), 64, Duration::ZERO).await;
+        assert_eq!(peeked.complete.as_deref(), Some(&b"{}"[..]));
+    }
+
+    #[test]
+    fn streams_and_compressed_bodies_are_not_peekable() {
+        let headers = |pairs: &[(&'static str, &'static str)]| {
+            let mut headers = HeaderMap::new();
+            for (name, value) in pairs {
+                headers.append(*name, value.parse().unwrap());
+            }
+            headers
+        };
+        for (pairs, want) in [
+            (vec![("content-type", "application/json")], None),
+            (
+                vec![
+                    ("content-type", "application/json"),
+                    ("content-encoding", "identity"),
+                ],
+                None,
+            ),
+            (vec![], None),
+            (
+                vec![("content-type", "application/json;stream=watch")],
+                Some("streaming content-type"),
+            ),
+            (
+                vec![("content-type", "application/x-ndjson")],
+                Some("streaming content-type"),
+            ),
+            (
+                vec![("content-type", "application/json-seq")],
+                Some("streaming content-type"),
+            ),
+            (
+                vec![("content-type", "Text/Event-Stream; charset=utf-8")],
+                Some("streaming content-type"),
+            ),
+            (
+                vec![
+                    ("content-type", "application/json"),
+                    ("content-encoding", "gzip"),
+                ],
+                Some("content-encoding"),
+            ),
+            (
+                vec![
+                    ("content-type", "application/json"),
+                    ("content-encoding", "identity, br"),
+                ],
+                Some("content-encoding"),
+            ),
+        ] {
+            assert_eq!(not_peekable(&headers(&pairs)), want, "{pairs:?}");
+        }
     }
 }

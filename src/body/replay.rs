@@ -19,7 +19,13 @@
 //!   of waiting for bytes that now go to the replay.
 //! - Trailers are the last frame: once the caller's body yields them it has
 //!   ended, and every replay yields them after the buffered chunks.
+//! - When the [`Replay`] handle is dropped (the response said "not expired",
+//!   or the one retry has started) no replay can happen any more: the chunks
+//!   the current attempt has yielded are freed, new chunks are no longer
+//!   kept, and the chunks a retry has still to yield are freed as it yields
+//!   them. A client-streaming upload answered early holds no buffer.
 
+use std::collections::VecDeque;
 use std::fmt;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -110,9 +116,13 @@ struct Shared<B> {
 struct State<B> {
     /// The caller's body, read by the current attempt.
     body: Pin<Box<B>>,
-    buffered: Vec<Bytes>,
+    buffered: VecDeque<Bytes>,
+    /// Buffered frames the current attempt has yielded.
+    cursor: usize,
     /// Bytes counted against the cap (each frame counts `MIN_FRAME_COST` at least).
     cost: usize,
+    /// The [`Replay`] handle is gone: nothing is kept any more.
+    released: bool,
     trailers: Option<HeaderMap>,
     ended: bool,
     capped: bool,
@@ -127,8 +137,6 @@ struct State<B> {
 struct Reader<B> {
     shared: Arc<Shared<B>>,
     attempt: u32,
-    /// Buffered frames this attempt has yielded.
-    cursor: usize,
     /// Bytes this attempt has yielded.
     yielded: u64,
     trailers_sent: bool,
@@ -167,8 +175,10 @@ impl<B: Body> ReplayBody<B> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 body: Box::pin(body),
-                buffered: Vec::new(),
+                buffered: VecDeque::new(),
+                cursor: 0,
                 cost: 0,
+                released: false,
                 trailers: None,
                 ended: false,
                 capped: false,
@@ -213,6 +223,7 @@ impl<B> Replay<B> {
                     return Err(NotReplayable::TooLarge);
                 }
                 state.attempt += 1;
+                state.cursor = 0;
                 if let Some(waker) = state.waiting.take() {
                     waker.wake();
                 }
@@ -238,7 +249,6 @@ impl<B> Reader<B> {
         Self {
             shared,
             attempt,
-            cursor: 0,
             yielded: 0,
             trailers_sent: false,
         }
@@ -259,12 +269,9 @@ where
                 "request body superseded by a replay of the request".into(),
             )));
         }
-        if !state.capped {
-            if let Some(chunk) = state.buffered.get(self.cursor) {
-                self.cursor += 1;
-                self.yielded += chunk.len() as u64;
-                return Poll::Ready(Some(Ok(Frame::data(chunk.clone()))));
-            }
+        if let Some(chunk) = state.next_buffered() {
+            self.yielded += chunk.len() as u64;
+            return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
         if state.ended {
             if !self.trailers_sent {
@@ -303,7 +310,6 @@ where
             Ok(mut data) => {
                 let chunk = data.copy_to_bytes(data.remaining());
                 state.keep(&chunk, shared.max_bytes);
-                self.cursor = state.buffered.len();
                 self.yielded += chunk.len() as u64;
                 Frame::data(chunk)
             }
@@ -327,7 +333,7 @@ where
         if state.attempt != self.attempt {
             return false;
         }
-        let buffered_left = !state.capped && self.cursor < state.buffered.len();
+        let buffered_left = state.cursor < state.buffered.len();
         let trailers_left = !self.trailers_sent && state.trailers.is_some();
         if state.ended {
             return !buffered_left && !trailers_left;
@@ -350,18 +356,73 @@ impl<B> State<B> {
     /// Keeps `chunk` for a replay, or gives up keeping anything once the
     /// body is over the cap.
     fn keep(&mut self, chunk: &Bytes, max_bytes: usize) {
-        if self.capped {
+        if self.capped || self.released {
             return;
         }
-        let cost = self.cost + chunk.len().max(MIN_FRAME_COST);
+        let cost = self.cost + frame_cost(chunk);
         if cost > max_bytes.max(MIN_FRAME_COST) {
             self.capped = true;
-            self.buffered = Vec::new();
+            self.buffered = VecDeque::new();
+            self.cursor = 0;
             self.cost = 0;
             return;
         }
         self.cost = cost;
-        self.buffered.push(chunk.clone());
+        self.buffered.push_back(chunk.clone());
+        self.cursor = self.buffered.len();
+    }
+
+    /// The next buffered chunk for the current attempt; once released, it
+    /// is handed over and no longer kept.
+    fn next_buffered(&mut self) -> Option<Bytes> {
+        if !self.released {
+            let chunk = self.buffered.get(self.cursor)?.clone();
+            self.cursor += 1;
+            return Some(chunk);
+        }
+        let chunk = self.buffered.pop_front()?;
+        self.cost = self.cost.saturating_sub(frame_cost(&chunk));
+        if self.buffered.is_empty() {
+            self.buffered = VecDeque::new();
+        }
+        Some(chunk)
+    }
+
+    /// No replay can happen any more: frees what the current attempt has
+    /// yielded and keeps nothing new.
+    fn release(&mut self) {
+        self.released = true;
+        for chunk in self.buffered.drain(..self.cursor) {
+            self.cost = self.cost.saturating_sub(frame_cost(&chunk));
+        }
+        self.cursor = 0;
+        if self.buffered.is_empty() {
+            self.buffered = VecDeque::new();
+        }
+    }
+}
+
+/// What a buffered chunk counts against the cap.
+fn frame_cost(chunk: &Bytes) -> usize {
+    chunk.len().max(MIN_FRAME_COST)
+}
+
+impl<B> Drop for Replay<B> {
+    fn drop(&mut self) {
+        if let ReplayKind::Tee(shared) = &self.kind {
+            shared.lock().release();
+        }
+    }
+}
+
+impl<B> ReplayBody<B> {
+    /// Bytes of the request body held for a replay.
+    #[cfg(test)]
+    pub(crate) fn buffered_bytes(&self) -> usize {
+        match &self.kind {
+            Kind::Tee { reader } => reader.shared.lock().buffered.iter().map(Bytes::len).sum(),
+            _ => 0,
+        }
     }
 }
 
@@ -583,6 +644,80 @@ mod tests {
             NotReplayable::TooLarge,
             "100 frames of one byte cost more than 1 KiB of bookkeeping"
         );
+    }
+
+    type Fed = Result<Frame<Bytes>, std::io::Error>;
+
+    /// A streamed body fed by the test, one chunk at a time.
+    fn fed() -> (
+        futures::channel::mpsc::UnboundedSender<Fed>,
+        StreamBody<futures::channel::mpsc::UnboundedReceiver<Fed>>,
+    ) {
+        let (tx, rx) = futures::channel::mpsc::unbounded();
+        (tx, StreamBody::new(rx))
+    }
+
+    fn chunk(byte: u8) -> Result<Frame<Bytes>, std::io::Error> {
+        Ok(Frame::data(Bytes::from(vec![byte; 4096])))
+    }
+
+    #[tokio::test]
+    async fn no_buffer_is_held_once_the_replay_handle_is_gone() {
+        let (tx, body) = fed();
+        let (mut first, replay) = ReplayBody::new(body, 1024 * 1024);
+        for byte in 0..3 {
+            tx.unbounded_send(chunk(byte)).unwrap();
+            first.frame().await.unwrap().unwrap();
+        }
+        assert_eq!(
+            first.buffered_bytes(),
+            3 * 4096,
+            "kept while a replay may come"
+        );
+
+        // The response said "not expired": the future drops its handle.
+        drop(replay);
+        assert_eq!(first.buffered_bytes(), 0, "freed at once");
+        let mut streamed = 0;
+        for byte in 3..200 {
+            tx.unbounded_send(chunk(byte)).unwrap();
+            let data = first.frame().await.unwrap().unwrap().into_data().unwrap();
+            assert_eq!(data[0], byte);
+            streamed += data.len();
+            assert_eq!(first.buffered_bytes(), 0, "nothing new is kept");
+        }
+        drop(tx);
+        assert!(first.frame().await.is_none());
+        assert_eq!(streamed, 197 * 4096, "the body still streams whole");
+    }
+
+    #[tokio::test]
+    async fn a_retry_frees_each_chunk_once_it_has_sent_it() {
+        let (tx, body) = fed();
+        let (mut first, replay) = ReplayBody::new(body, 1024 * 1024);
+        for byte in 0..4 {
+            tx.unbounded_send(chunk(byte)).unwrap();
+            first.frame().await.unwrap().unwrap();
+        }
+        let mut retry = replay.try_replay().unwrap();
+        drop(replay);
+        assert_eq!(
+            retry.buffered_bytes(),
+            4 * 4096,
+            "the retry has yet to send them"
+        );
+        for byte in 0..4u8 {
+            let data = retry.frame().await.unwrap().unwrap().into_data().unwrap();
+            assert_eq!(data[0], byte);
+            assert_eq!(retry.buffered_bytes(), (3 - usize::from(byte)) * 4096);
+        }
+        tx.unbounded_send(chunk(4)).unwrap();
+        drop(tx);
+        let data = retry.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(data[0], 4);
+        assert_eq!(retry.buffered_bytes(), 0);
+        assert!(retry.frame().await.is_none());
+        assert!(retry.is_end_stream());
     }
 
     #[test]

@@ -7,7 +7,9 @@ use super::{ExpiryDetector, HeadVerdict, ResponseHead};
 
 /// Expired when a `WWW-Authenticate` header carries a `Bearer` challenge
 /// with `error="invalid_token"` (RFC 6750 §3.1), whatever the status.
-/// `insufficient_scope` and the other errors are not expiry.
+/// `insufficient_scope` and the other errors are a firm "not expired"
+/// ([`HeadVerdict::Veto`]): in an [`Or`](crate::Or), no other detector can
+/// overrule them.
 ///
 /// The header is parsed with a real challenge parser (several challenges per
 /// header, several headers, quoted strings with escapes, any scheme case);
@@ -41,7 +43,8 @@ impl ExpiryDetector for BearerChallenge {
     fn check_head(&self, head: &ResponseHead<'_>) -> HeadVerdict {
         match bearer_error(head.headers()) {
             Some(error) if error == "invalid_token" => HeadVerdict::Expired,
-            _ => HeadVerdict::NotExpired,
+            Some(_) => HeadVerdict::Veto,
+            None => HeadVerdict::NotExpired,
         }
     }
 }
@@ -99,11 +102,11 @@ mod tests {
         );
         assert_eq!(
             verdict(&[r#"Bearer error="insufficient_scope", scope="admin""#]),
-            HeadVerdict::NotExpired
+            HeadVerdict::Veto
         );
         assert_eq!(
             verdict(&[r#"Bearer error="invalid_request""#]),
-            HeadVerdict::NotExpired
+            HeadVerdict::Veto
         );
         assert_eq!(verdict(&[r#"Bearer realm="x""#]), HeadVerdict::NotExpired);
         assert_eq!(verdict(&[]), HeadVerdict::NotExpired);

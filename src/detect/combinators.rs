@@ -5,26 +5,66 @@ use std::fmt;
 
 use super::{ExpiryDetector, HeadVerdict, ResponseHead};
 
-/// Expired when either detector says so; see [`ExpiryDetectorExt::or`].
+/// Expired when either detector says so, unless one of them vetoes; see
+/// [`ExpiryDetectorExt::or`].
+///
+/// The head verdict of `a.or(b)` (symmetric in `a` and `b`):
+///
+/// | `a` \ `b`   | `Veto` | `Expired` | `NeedBody` | `NotExpired` |
+/// |--------------|--------|-----------|------------|--------------|
+/// | `Veto`       | `Veto` | `Veto`    | `Veto`     | `Veto`       |
+/// | `Expired`    | `Veto` | `Expired` | `Expired`  | `Expired`    |
+/// | `NeedBody`   | `Veto` | `Expired` | `NeedBody` | `NeedBody`   |
+/// | `NotExpired` | `Veto` | `Expired` | `NeedBody` | `NotExpired` |
+///
+/// A [`HeadVerdict::Veto`] (a `Bearer` challenge naming another error than
+/// `invalid_token`, from [`Unauthorized`](crate::Unauthorized) or
+/// [`BearerChallenge`](crate::BearerChallenge)) wins over everything: the
+/// body is not read and the response is handed on. On `NeedBody`, the body
+/// is shown to each side that asked for it, and the response is expired
+/// when one of them says so.
+///
+/// ```
+/// use http::{HeaderMap, StatusCode, Version};
+/// use tower_auth_refresh::{ExpiryDetector, ExpiryDetectorExt, HeadVerdict, JsonBodyRule, ResponseHead, Unauthorized};
+///
+/// let detector = Unauthorized::new().or(JsonBodyRule::default_rules());
+/// let mut headers = HeaderMap::new();
+/// headers.insert("content-type", "application/json".parse().unwrap());
+/// headers.insert("www-authenticate", r#"Bearer error="insufficient_scope""#.parse().unwrap());
+/// let head = ResponseHead::new(StatusCode::UNAUTHORIZED, Version::HTTP_11, &headers);
+/// // The JSON rule would ask for the body; the challenge settles it.
+/// assert_eq!(detector.check_head(&head), HeadVerdict::Veto);
+/// ```
 #[derive(Debug, Clone)]
 pub struct Or<A, B> {
     first: A,
     second: B,
 }
 
+/// The head verdict of an [`Or`] of two verdicts.
+fn either(a: HeadVerdict, b: HeadVerdict) -> HeadVerdict {
+    use HeadVerdict::{Expired, NeedBody, NotExpired, Veto};
+    match (a, b) {
+        (Veto, _) | (_, Veto) => Veto,
+        (Expired, _) | (_, Expired) => Expired,
+        (NeedBody, _) | (_, NeedBody) => NeedBody,
+        (NotExpired, NotExpired) => NotExpired,
+    }
+}
+
 impl<A: ExpiryDetector, B: ExpiryDetector> ExpiryDetector for Or<A, B> {
     fn check_head(&self, head: &ResponseHead<'_>) -> HeadVerdict {
-        match (self.first.check_head(head), self.second.check_head(head)) {
-            (HeadVerdict::Expired, _) | (_, HeadVerdict::Expired) => HeadVerdict::Expired,
-            (HeadVerdict::NeedBody, _) | (_, HeadVerdict::NeedBody) => HeadVerdict::NeedBody,
-            _ => HeadVerdict::NotExpired,
-        }
+        either(self.first.check_head(head), self.second.check_head(head))
     }
 
     fn check_body(&self, head: &ResponseHead<'_>, body: &[u8]) -> bool {
-        (self.first.check_head(head) == HeadVerdict::NeedBody && self.first.check_body(head, body))
-            || (self.second.check_head(head) == HeadVerdict::NeedBody
-                && self.second.check_body(head, body))
+        let (first, second) = (self.first.check_head(head), self.second.check_head(head));
+        if either(first, second) != HeadVerdict::NeedBody {
+            return either(first, second) == HeadVerdict::Expired;
+        }
+        (first == HeadVerdict::NeedBody && self.first.check_body(head, body))
+            || (second == HeadVerdict::NeedBody && self.second.check_body(head, body))
     }
 }
 
@@ -40,8 +80,9 @@ impl<A: ExpiryDetector, B: ExpiryDetector> ExpiryDetector for Or<A, B> {
 /// # let _ = detector;
 /// ```
 pub trait ExpiryDetectorExt: ExpiryDetector + Sized {
-    /// Expired when `self` or `other` says so. The body is read only if one
-    /// of them asks for it.
+    /// Expired when `self` or `other` says so, unless one of them vetoes
+    /// (the truth table is on [`Or`]). The body is read only if one of them
+    /// asks for it.
     fn or<D: ExpiryDetector>(self, other: D) -> Or<Self, D> {
         Or {
             first: self,
@@ -158,6 +199,64 @@ mod tests {
         assert_eq!(detector.check_head(&ok_json), HeadVerdict::NeedBody);
         assert!(detector.check_body(&ok_json, br#"{"code":40003}"#));
         assert!(!detector.check_body(&ok_json, br#"{"code":0}"#));
+    }
+
+    #[test]
+    fn the_truth_table() {
+        use HeadVerdict::{Expired, NeedBody, NotExpired, Veto};
+        let all = [Veto, Expired, NeedBody, NotExpired];
+        for a in all {
+            for b in all {
+                let want = if a == Veto || b == Veto {
+                    Veto
+                } else if a == Expired || b == Expired {
+                    Expired
+                } else if a == NeedBody || b == NeedBody {
+                    NeedBody
+                } else {
+                    NotExpired
+                };
+                let detector = Fixed(a).or(Fixed(b));
+                let plain = HeaderMap::new();
+                let head = ResponseHead::new(StatusCode::OK, Version::HTTP_11, &plain);
+                assert_eq!(detector.check_head(&head), want, "{a:?} or {b:?}");
+                // The body decides only when the head left it open.
+                assert_eq!(
+                    detector.check_body(&head, b"expired"),
+                    want == Expired || want == NeedBody,
+                    "{a:?} or {b:?}"
+                );
+            }
+        }
+    }
+
+    /// A detector with a fixed head verdict; its body check says "expired".
+    struct Fixed(HeadVerdict);
+
+    impl ExpiryDetector for Fixed {
+        fn check_head(&self, _: &ResponseHead<'_>) -> HeadVerdict {
+            self.0
+        }
+        fn check_body(&self, _: &ResponseHead<'_>, _: &[u8]) -> bool {
+            true
+        }
+    }
+
+    #[test]
+    fn an_insufficient_scope_challenge_vetoes_the_body_rule() {
+        let detector = Unauthorized::new().or(JsonBodyRule::default_rules());
+        for status in [StatusCode::UNAUTHORIZED, StatusCode::FORBIDDEN] {
+            let mut headers = HeaderMap::new();
+            headers.insert("content-type", "application/json".parse().unwrap());
+            headers.insert(
+                "www-authenticate",
+                r#"Bearer error="insufficient_scope""#.parse().unwrap(),
+            );
+            let head = ResponseHead::new(status, Version::HTTP_11, &headers);
+            assert_eq!(detector.check_head(&head), HeadVerdict::Veto);
+            assert!(!detector.check_body(&head, br#"{"statusCode":401,"message":"Unauthorized"}"#));
+            assert!(!detector.check_body(&head, r#"{"code":40003,"msg":"token过期"}"#.as_bytes()));
+        }
     }
 
     #[test]

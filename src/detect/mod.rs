@@ -56,17 +56,56 @@ impl<'a> ResponseHead<'a> {
 }
 
 /// What a detector says about a response head.
+///
+/// `NotExpired` is "nothing here for this detector": another detector
+/// combined with [`Or`] may still find an expired token. `Veto` is a firm
+/// "not expired" that no other detector may overrule: the response names
+/// another cause, such as a `Bearer` challenge with
+/// `error="insufficient_scope"` (refreshing the token would not help).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum HeadVerdict {
     /// The token was rejected.
     Expired,
-    /// The response has nothing to do with the token.
+    /// This detector finds nothing about the token in this response.
     NotExpired,
     /// Cannot tell without the body: call [`ExpiryDetector::check_body`].
     NeedBody,
+    /// Firmly not expired: the response says why it failed, and it is not
+    /// the token's age. Overrules every other detector in an [`Or`].
+    Veto,
+}
+
+impl HeadVerdict {
+    /// Whether the response is handed on as it is: no body read, no
+    /// refresh ([`NotExpired`](Self::NotExpired) or [`Veto`](Self::Veto)).
+    pub fn is_not_expired(self) -> bool {
+        matches!(self, Self::NotExpired | Self::Veto)
+    }
 }
 
 /// Decides whether a response means the token expired.
+///
+/// [`check_head`](Self::check_head) answers from the status and headers:
+/// [`Expired`](HeadVerdict::Expired), [`NotExpired`](HeadVerdict::NotExpired)
+/// ("nothing here for me"), [`Veto`](HeadVerdict::Veto) ("firmly not
+/// expired, whatever the others say") or [`NeedBody`](HeadVerdict::NeedBody).
+/// A detector written as a closure ([`detector_fn`]) answers `Expired` or
+/// `NotExpired`; implement the trait to veto.
+///
+/// Detectors combined with [`or`](ExpiryDetectorExt::or) decide by this
+/// table (symmetric):
+///
+/// | `a` \ `b`   | `Veto` | `Expired` | `NeedBody` | `NotExpired` |
+/// |--------------|--------|-----------|------------|--------------|
+/// | `Veto`       | `Veto` | `Veto`    | `Veto`     | `Veto`       |
+/// | `Expired`    | `Veto` | `Expired` | `Expired`  | `Expired`    |
+/// | `NeedBody`   | `Veto` | `Expired` | `NeedBody` | `NeedBody`   |
+/// | `NotExpired` | `Veto` | `Expired` | `NeedBody` | `NotExpired` |
+///
+/// On `NeedBody` the layer reads the body only when it can be judged at
+/// once (see [`AuthRefreshLayer::peek_deadline`](crate::AuthRefreshLayer::peek_deadline)):
+/// never a stream or a compressed body. A body it could not read counts as
+/// not expired.
 ///
 /// ```
 /// use http::StatusCode;

@@ -8,6 +8,9 @@ use super::{ExpiryDetector, HeadVerdict, ResponseHead, bearer_error};
 /// The default detector: a `401 Unauthorized` means the token expired,
 /// unless its `Bearer` challenge names another error than `invalid_token`
 /// (`insufficient_scope`, `invalid_request`: refreshing would not help).
+/// Such a challenge, on a 401 or any other 4xx (RFC 6750 sends
+/// `insufficient_scope` with a 403), is a [`HeadVerdict::Veto`]: in an
+/// [`Or`](crate::Or), no body rule can turn it into an expired token.
 ///
 /// ```
 /// use http::{HeaderMap, StatusCode, Version};
@@ -20,7 +23,7 @@ use super::{ExpiryDetector, HeadVerdict, ResponseHead, bearer_error};
 /// let mut scope = HeaderMap::new();
 /// scope.insert("www-authenticate", r#"Bearer error="insufficient_scope""#.parse().unwrap());
 /// let head = ResponseHead::new(StatusCode::UNAUTHORIZED, Version::HTTP_11, &scope);
-/// assert_eq!(Unauthorized::new().check_head(&head), HeadVerdict::NotExpired);
+/// assert_eq!(Unauthorized::new().check_head(&head), HeadVerdict::Veto);
 /// ```
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Unauthorized;
@@ -34,12 +37,14 @@ impl Unauthorized {
 
 impl ExpiryDetector for Unauthorized {
     fn check_head(&self, head: &ResponseHead<'_>) -> HeadVerdict {
-        if head.status() != StatusCode::UNAUTHORIZED {
+        // NOTE: the hot path: a success is judged on its status alone.
+        if !head.status().is_client_error() {
             return HeadVerdict::NotExpired;
         }
         match bearer_error(head.headers()) {
-            Some(error) if error != "invalid_token" => HeadVerdict::NotExpired,
-            _ => HeadVerdict::Expired,
+            Some(error) if error != "invalid_token" => HeadVerdict::Veto,
+            _ if head.status() == StatusCode::UNAUTHORIZED => HeadVerdict::Expired,
+            _ => HeadVerdict::NotExpired,
         }
     }
 }
@@ -112,10 +117,14 @@ mod tests {
         );
         assert_eq!(
             verdict(401, Some(r#"Bearer error="insufficient_scope""#)),
-            HeadVerdict::NotExpired
+            HeadVerdict::Veto
         );
         assert_eq!(
             verdict(403, Some(r#"Bearer error="insufficient_scope""#)),
+            HeadVerdict::Veto
+        );
+        assert_eq!(
+            verdict(200, Some(r#"Bearer error="insufficient_scope""#)),
             HeadVerdict::NotExpired
         );
         assert_eq!(verdict(403, None), HeadVerdict::NotExpired);

@@ -51,6 +51,16 @@ impl Fetcher {
     }
 }
 
+impl Fetcher {
+    /// Asks the token source to revoke `token` at the server.
+    pub(crate) fn revoke(
+        &self,
+        token: Arc<Token>,
+    ) -> futures::future::BoxFuture<'static, Result<(), crate::BoxError>> {
+        self.source.revoke(token)
+    }
+}
+
 fn panicked() -> RefreshError {
     RefreshError::Failed(RefreshFailed::from_message("token source panicked"))
 }

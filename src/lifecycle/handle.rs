@@ -126,8 +126,40 @@ impl TokenHandle {
     }
 
     /// Forgets the current token: the next request waits for a new one.
+    /// With [`revoke_on_clear`](TokenHandleBuilder::revoke_on_clear), the
+    /// forgotten token is also revoked, in a background task.
     pub fn clear(&self) {
+        let token = self.token();
         self.manager.clear();
+        if let (true, Some(token)) = (self.manager.config.revoke_on_clear, token) {
+            self.revoke_in_background(token);
+        }
+    }
+
+    /// Forgets the current token and revokes it at the server (for an
+    /// OAuth2 source with a revocation URL: its refresh token, RFC 7009),
+    /// so that nobody can use it any more: a logout. The token is forgotten
+    /// even when the revocation fails.
+    pub async fn revoke(&self) -> Result<(), BoxError> {
+        let token = self.token();
+        self.manager.clear();
+        match token {
+            Some(token) => self.manager.revoke(token).await,
+            None => Ok(()),
+        }
+    }
+
+    fn revoke_in_background(&self, token: Arc<Token>) {
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            tracing::warn!("no Tokio runtime: the cleared token was not revoked");
+            return;
+        };
+        let revoke = self.manager.revoke(token);
+        runtime.spawn(async move {
+            if let Err(err) = revoke.await {
+                tracing::warn!(error = %err, "revoking the cleared token failed");
+            }
+        });
     }
 }
 
@@ -256,6 +288,13 @@ impl TokenHandleBuilder {
             poll_interval,
             op_timeout,
         });
+        self
+    }
+
+    /// [`TokenHandle::clear`] also revokes the token it forgets, in a
+    /// background task (see [`TokenHandle::revoke`]).
+    pub fn revoke_on_clear(mut self) -> Self {
+        self.config.revoke_on_clear = true;
         self
     }
 

@@ -54,6 +54,8 @@ pub(crate) struct ManagerConfig {
     pub(crate) backoff_min: Duration,
     pub(crate) backoff_max: Duration,
     pub(crate) min_token_age: Duration,
+    /// [`TokenHandle::clear`](crate::TokenHandle::clear) also revokes.
+    pub(crate) revoke_on_clear: bool,
 }
 
 impl Default for ManagerConfig {
@@ -66,6 +68,7 @@ impl Default for ManagerConfig {
             backoff_min: Duration::from_millis(500),
             backoff_max: Duration::from_secs(60),
             min_token_age: Duration::from_secs(5),
+            revoke_on_clear: false,
         }
     }
 }
@@ -635,6 +638,14 @@ impl TokenManager {
         state.last_error = None;
         state.consecutive_failures = 0;
         Ok(current)
+    }
+
+    /// Asks the token source to revoke `token` at the server.
+    pub(crate) fn revoke(
+        &self,
+        token: Arc<Token>,
+    ) -> futures::future::BoxFuture<'static, Result<(), crate::BoxError>> {
+        self.fetcher.revoke(token)
     }
 
     /// Forgets the current token; the next request fetches a new one.

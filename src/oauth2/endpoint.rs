@@ -157,6 +157,9 @@ pub(crate) struct TokenEndpoint {
     pub(crate) timeout: Duration,
     pub(crate) max_response_bytes: usize,
     pub(crate) extra_params: Arc<Vec<(String, String)>>,
+    /// Proofs on every token request, and DPoP-bound tokens expected back.
+    #[cfg(feature = "dpop")]
+    pub(crate) dpop: Option<crate::dpop::DpopKey>,
 }
 
 impl fmt::Debug for TokenEndpoint {
@@ -172,7 +175,7 @@ impl fmt::Debug for TokenEndpoint {
     }
 }
 
-enum Attempt {
+pub(crate) enum Attempt {
     Answer(StatusCode, HeaderMap, Bytes),
     Transport(BoxError),
 }
@@ -246,7 +249,42 @@ impl TokenEndpoint {
         }
     }
 
-    async fn send(&self, body: Bytes) -> Result<Attempt, TokenEndpointError> {
+    /// One attempt as the retry policy counts it. With DPoP, a
+    /// `use_dpop_nonce` challenge is answered here, once, with a fresh proof
+    /// carrying the new nonce: that is not a retry of the policy.
+    pub(crate) async fn send(&self, body: Bytes) -> Result<Attempt, TokenEndpointError> {
+        let attempt = self.send_once(body.clone()).await?;
+        #[cfg(feature = "dpop")]
+        if let (Some(dpop), Attempt::Answer(status, headers, bytes)) = (&self.dpop, &attempt) {
+            let got_nonce = dpop.nonces().update(&self.url, headers);
+            if got_nonce && crate::dpop::is_use_dpop_nonce(*status, bytes) {
+                tracing::debug!("token endpoint asked for a DPoP nonce, sending again");
+                let again = self.send_once(body).await?;
+                if let Attempt::Answer(_, headers, _) = &again {
+                    dpop.nonces().update(&self.url, headers);
+                }
+                return Ok(again);
+            }
+        }
+        Ok(attempt)
+    }
+
+    /// Sends the form once: a fresh client assertion and a fresh DPoP proof
+    /// each time (each has its own `jti`).
+    async fn send_once(&self, body: Bytes) -> Result<Attempt, TokenEndpointError> {
+        let body = match self
+            .auth
+            .assertion_form(&self.url.to_string())
+            .map_err(|e| TokenEndpointError::malformed(format!("client assertion: {e}")))?
+        {
+            Some(assertion) => {
+                let mut with = bytes::BytesMut::with_capacity(body.len() + assertion.len());
+                with.extend_from_slice(&body);
+                with.extend_from_slice(assertion.as_bytes());
+                with.freeze()
+            }
+            None => body,
+        };
         let mut request = Request::builder()
             .method(Method::POST)
             .uri(self.url.clone())
@@ -259,6 +297,15 @@ impl TokenEndpoint {
             .map_err(|e| TokenEndpointError::malformed(format!("cannot build the request: {e}")))?;
         if let Some(header) = self.auth.header() {
             request.headers_mut().insert(AUTHORIZATION, header);
+        }
+        #[cfg(feature = "dpop")]
+        if let Some(dpop) = &self.dpop {
+            let proof = dpop
+                .proof(&Method::POST, &self.url, None)
+                .map_err(|e| TokenEndpointError::malformed(format!("DPoP proof: {e}")))?;
+            let value = HeaderValue::try_from(proof)
+                .map_err(|e| TokenEndpointError::malformed(format!("DPoP proof: {e}")))?;
+            request.headers_mut().insert(crate::dpop::DPOP, value);
         }
         let response = match self.http.clone().oneshot(request).await {
             Ok(response) => response,
@@ -297,9 +344,34 @@ impl TokenEndpoint {
             }
             ResponseFormat::Envelope(envelope) => envelope.parse(map),
         }
+        .and_then(|token| self.check_binding(token))
     }
 
-    fn parse_failure(&self, status: StatusCode, bytes: &[u8], attempts: u32) -> TokenEndpointError {
+    #[cfg(not(feature = "dpop"))]
+    fn check_binding(&self, token: Token) -> Result<Token, TokenEndpointError> {
+        Ok(token)
+    }
+
+    /// With DPoP, the server must have bound the token to the key: a
+    /// `Bearer` token in answer to a proof means it ignored the proof, and
+    /// presenting that token with proofs would fail at the resource server.
+    #[cfg(feature = "dpop")]
+    fn check_binding(&self, token: Token) -> Result<Token, TokenEndpointError> {
+        if self.dpop.is_some() && !token.token_type().eq_ignore_ascii_case("dpop") {
+            return Err(TokenEndpointError::malformed(format!(
+                "a DPoP proof was sent but the token is of type `{}`, not `DPoP`",
+                token.token_type()
+            )));
+        }
+        Ok(token)
+    }
+
+    pub(crate) fn parse_failure(
+        &self,
+        status: StatusCode,
+        bytes: &[u8],
+        attempts: u32,
+    ) -> TokenEndpointError {
         if let Ok(map) = json_object(bytes) {
             if let Some(err) = parse_error(status, &map) {
                 return TokenEndpointError::OAuth(err);

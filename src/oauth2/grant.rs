@@ -115,7 +115,14 @@ impl AuthorizationCode {
         self
     }
 
-    /// The PKCE `code_verifier` (RFC 7636).
+    /// The verifier of a [`Pkce`](super::Pkce) pair made for this code's
+    /// authorization request.
+    pub fn with_pkce(mut self, pkce: &super::Pkce) -> Self {
+        self.pkce_verifier = Some(pkce.verifier().clone());
+        self
+    }
+
+    /// The PKCE `code_verifier` (RFC 7636), when it was made elsewhere.
     pub fn with_pkce_verifier(mut self, verifier: impl Into<String>) -> Self {
         self.pkce_verifier = Some(SecretString::from(verifier.into()));
         self

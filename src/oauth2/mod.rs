@@ -28,14 +28,19 @@ mod endpoint;
 mod envelope;
 mod error;
 mod grant;
+mod pkce;
 #[cfg(test)]
 mod properties;
 mod response;
+mod revocation;
 mod source;
 
+pub use crate::jose::{KeyError, SigningKey};
 pub use client_auth::ClientAuth;
 pub use endpoint::{DEFAULT_MAX_RESPONSE_BYTES, RetryPolicy, TokenRequestBody};
 pub use envelope::{Envelope, ExpiryFormat};
 pub use error::{InvalidTokenUrl, OAuthError, TokenEndpointError};
 pub use grant::{AuthorizationCode, Grant};
+pub use pkce::Pkce;
+pub use revocation::RevocationNotConfigured;
 pub use source::{OAuth2Source, OAuth2SourceBuilder};

@@ -20,6 +20,7 @@ use super::endpoint::{
 use super::envelope::Envelope;
 use super::error::{InvalidTokenUrl, TokenEndpointError};
 use super::grant::{AuthorizationCode, Grant, GrantRequest};
+use super::revocation::{RevocationNotConfigured, TokenTypeHint};
 use crate::{BoxError, ReauthorizationRequired, RefreshContext, Token, TokenHandle, TokenSource};
 
 type ReauthorizeHook =
@@ -73,6 +74,7 @@ pub struct OAuth2Source {
 
 struct Inner {
     endpoint: TokenEndpoint,
+    revocation: Option<TokenEndpoint>,
     initial: Option<Grant>,
     scope: Option<String>,
     redirect_uri: Option<String>,
@@ -86,6 +88,10 @@ impl fmt::Debug for OAuth2Source {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("OAuth2Source")
             .field("endpoint", &self.inner.endpoint)
+            .field(
+                "revocation",
+                &self.inner.revocation.as_ref().map(|r| &r.url),
+            )
             .field("initial_grant", &self.inner.initial)
             .field("scope", &self.inner.scope)
             .field("redirect_uri", &self.inner.redirect_uri)
@@ -110,7 +116,10 @@ impl OAuth2Source {
             initial: None,
             scope: None,
             redirect_uri: None,
+            revocation_url: None,
             reauthorize: None,
+            #[cfg(feature = "dpop")]
+            dpop: None,
         }
     }
 
@@ -147,6 +156,24 @@ impl OAuth2Source {
         code: impl Into<AuthorizationCode>,
     ) -> Result<Token, TokenEndpointError> {
         self.inner.exchange(&code.into()).await
+    }
+
+    /// Revokes `token` at the revocation endpoint (RFC 7009): its refresh
+    /// token when it has one (a server then also ends the access tokens of
+    /// that grant), otherwise its access token.
+    pub async fn revoke_token(&self, token: &Token) -> Result<(), BoxError> {
+        let Some(endpoint) = &self.inner.revocation else {
+            return Err(boxed(RevocationNotConfigured));
+        };
+        let result = match token.refresh_token() {
+            Some(refresh) => endpoint.revoke(refresh, TokenTypeHint::RefreshToken).await,
+            None => {
+                endpoint
+                    .revoke(token.access_token(), TokenTypeHint::AccessToken)
+                    .await
+            }
+        };
+        result.map_err(boxed)
     }
 
     /// Runs the configured initial grant and returns the token, without
@@ -305,6 +332,11 @@ impl TokenSource for OAuth2Source {
         let inner = self.inner.clone();
         Box::pin(async move { inner.obtain(cx.previous).await })
     }
+
+    fn revoke(&self, token: Arc<Token>) -> BoxFuture<'static, Result<(), BoxError>> {
+        let source = self.clone();
+        Box::pin(async move { source.revoke_token(&token).await })
+    }
 }
 
 /// Configures an [`OAuth2Source`].
@@ -320,7 +352,10 @@ pub struct OAuth2SourceBuilder {
     initial: Option<Grant>,
     scope: Option<String>,
     redirect_uri: Option<String>,
+    revocation_url: Option<String>,
     reauthorize: Option<Box<ReauthorizeHook>>,
+    #[cfg(feature = "dpop")]
+    dpop: Option<crate::dpop::DpopKey>,
 }
 
 impl fmt::Debug for OAuth2SourceBuilder {
@@ -352,6 +387,16 @@ impl OAuth2SourceBuilder {
     /// does not carry its own.
     pub fn redirect_uri(mut self, redirect_uri: impl Into<String>) -> Self {
         self.redirect_uri = Some(redirect_uri.into());
+        self
+    }
+
+    /// The revocation endpoint (RFC 7009), for
+    /// [`TokenHandle::revoke`](crate::TokenHandle::revoke) and
+    /// [`revoke_on_clear`](crate::TokenHandleBuilder::revoke_on_clear). It is
+    /// called with the same client authentication and HTTP service as the
+    /// token endpoint.
+    pub fn revocation_url(mut self, url: impl Into<String>) -> Self {
+        self.revocation_url = Some(url.into());
         self
     }
 
@@ -422,6 +467,17 @@ impl OAuth2SourceBuilder {
         self
     }
 
+    /// DPoP (RFC 9449, feature `dpop`): every token request carries a proof
+    /// signed with `key`; a `use_dpop_nonce` challenge is answered once with
+    /// a fresh proof and the server's nonce; the tokens that come back must
+    /// be of type `DPoP`. Give the same key (a clone) to the requests that
+    /// use the tokens.
+    #[cfg(feature = "dpop")]
+    pub fn dpop(mut self, key: crate::dpop::DpopKey) -> Self {
+        self.dpop = Some(key);
+        self
+    }
+
     /// Builds the source. Fails if the URL is not an absolute `http(s)`
     /// URL, or is `https` while the default client has no TLS (feature
     /// `oauth2-rustls` off) and no other service was given.
@@ -436,6 +492,22 @@ impl OAuth2SourceBuilder {
                 "expected an absolute http or https URL",
             ));
         }
+        let revocation_url = self
+            .revocation_url
+            .as_deref()
+            .map(parse_revocation_url)
+            .transpose()?;
+        if revocation_url
+            .as_ref()
+            .is_some_and(|url| url.scheme_str() == Some("https"))
+            && self.http.is_none()
+            && !DEFAULT_SUPPORTS_HTTPS
+        {
+            return Err(InvalidTokenUrl::new(
+                "an https revocation URL needs the `oauth2-rustls` feature or an HTTP \
+                 service with TLS passed to `http_service`",
+            ));
+        }
         let http = match self.http {
             Some(http) => http,
             None if scheme == "https" && !DEFAULT_SUPPORTS_HTTPS => {
@@ -446,18 +518,31 @@ impl OAuth2SourceBuilder {
             }
             None => default_service().map_err(InvalidTokenUrl::new)?,
         };
+        let endpoint = TokenEndpoint {
+            url,
+            http,
+            auth: self.auth,
+            format: self.format,
+            retry: self.retry,
+            timeout: self.timeout,
+            max_response_bytes: self.max_response_bytes,
+            extra_params: Arc::new(self.extra_params),
+            #[cfg(feature = "dpop")]
+            dpop: self.dpop,
+        };
+        // Revocation takes the same client authentication, no DPoP proof
+        // (RFC 9449 does not ask for one there) and no extra parameters.
+        let revocation = revocation_url.map(|url| TokenEndpoint {
+            url,
+            extra_params: Arc::default(),
+            #[cfg(feature = "dpop")]
+            dpop: None,
+            ..endpoint.clone()
+        });
         Ok(OAuth2Source {
             inner: Arc::new(Inner {
-                endpoint: TokenEndpoint {
-                    url,
-                    http,
-                    auth: self.auth,
-                    format: self.format,
-                    retry: self.retry,
-                    timeout: self.timeout,
-                    max_response_bytes: self.max_response_bytes,
-                    extra_params: Arc::new(self.extra_params),
-                },
+                endpoint,
+                revocation,
                 initial: self.initial,
                 scope: self.scope,
                 redirect_uri: self.redirect_uri,
@@ -466,6 +551,19 @@ impl OAuth2SourceBuilder {
             }),
         })
     }
+}
+
+/// The revocation URL: an absolute `http(s)` URL.
+fn parse_revocation_url(url: &str) -> Result<Uri, InvalidTokenUrl> {
+    let uri: Uri = url
+        .parse()
+        .map_err(|e| InvalidTokenUrl::new(format!("revocation URL: {e}")))?;
+    if uri.host().is_none() || !matches!(uri.scheme_str(), Some("http" | "https")) {
+        return Err(InvalidTokenUrl::new(
+            "revocation URL: expected an absolute http or https URL",
+        ));
+    }
+    Ok(uri)
 }
 
 #[cfg(test)]

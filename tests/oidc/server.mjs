@@ -9,13 +9,51 @@
 // Besides the provider's own endpoints it serves two routes of its own:
 //   /interaction/<uid>  completes login (fixed account "alice") and consent
 //                       without a browser;
-//   /dev/code?client_id=..&redirect_uri=..&scope=..
+//   /dev/code?client_id=..&redirect_uri=..&scope=..[&code_challenge=..&code_challenge_method=..&dpop_jkt=..]
 //                       drives the provider's authorization endpoint with a
 //                       cookie jar, as a browser would, and answers
 //                       {"code": "..."} — an authorization code for the test
 //                       to exchange at the token endpoint.
+//   /dev/clock?seconds=N
+//                       moves the server's clock N seconds ahead (DPoP nonces
+//                       rotate every 60 s); answers {"offset_seconds": total}.
+//   /dev/drop-access-token?token=..
+//                       forgets one access token (as if it had expired), not
+//                       its grant; answers {"dropped": bool}.
+//   /dev/dpop-stats     {"proofs": n, "jtis": n, "rejected": n}: the DPoP proofs
+//                       received at the token endpoint, their distinct jti
+//                       values, and the proofs answered with an error other
+//                       than use_dpop_nonce.
+//
+// The clients that sign (private_key_jwt) are registered with the public
+// halves of the test-only keys in tests/keys.
+import crypto from 'node:crypto';
+import fs from 'node:fs';
 import http from 'node:http';
 import Provider from 'oidc-provider';
+
+// The server's clock, movable by /dev/clock. Everything in the provider
+// reads Date.now().
+const realNow = Date.now;
+let clockOffsetMs = 0;
+Date.now = () => realNow() + clockOffsetMs;
+
+const KEYS_DIR = new URL('../keys/', import.meta.url);
+const publicJwk = (file, kid) => {
+  const pub = crypto
+    .createPublicKey(crypto.createPrivateKey(fs.readFileSync(new URL(file, KEYS_DIR))))
+    .export({ format: 'jwk' });
+  return { ...pub, kid };
+};
+const CLIENT_JWKS = {
+  keys: [
+    publicJwk('es256-test-only.pem', 'es256'),
+    publicJwk('rsa-2048-test-only.pem', 'rs256'),
+    publicJwk('ed25519-test-only.pem', 'eddsa'),
+  ],
+};
+
+const dpopStats = { proofs: 0, jtis: new Set(), rejected: 0 };
 
 const ACCOUNT = 'alice';
 const SHORT_TTL_SECONDS = 2;
@@ -91,6 +129,47 @@ function configuration() {
         token_endpoint_auth_method: 'client_secret_basic',
       },
       {
+        // private_key_jwt (ES256, RS256 or EdDSA) and DPoP-bound tokens.
+        client_id: 'jwt-svc',
+        grant_types: ['client_credentials'],
+        response_types: [],
+        redirect_uris: [],
+        token_endpoint_auth_method: 'private_key_jwt',
+        jwks: CLIENT_JWKS,
+        dpop_bound_access_tokens: true,
+        scope: 'api:read',
+      },
+      {
+        // Authorization code with PKCE (required), private_key_jwt, DPoP.
+        client_id: 'jwt-app',
+        grant_types: ['authorization_code', 'refresh_token'],
+        response_types: ['code'],
+        redirect_uris: ['http://127.0.0.1/callback'],
+        token_endpoint_auth_method: 'private_key_jwt',
+        jwks: CLIENT_JWKS,
+        dpop_bound_access_tokens: true,
+      },
+      {
+        client_id: 'secret-jwt-svc',
+        client_secret: 'secret-jwt-svc-secret-of-at-least-32-bytes',
+        grant_types: ['client_credentials'],
+        response_types: [],
+        redirect_uris: [],
+        token_endpoint_auth_method: 'client_secret_jwt',
+        scope: 'api:read',
+      },
+      {
+        // DPoP-bound tokens with a plain secret.
+        client_id: 'dpop-svc',
+        client_secret: 'dpop-svc-secret',
+        grant_types: ['client_credentials'],
+        response_types: [],
+        redirect_uris: [],
+        token_endpoint_auth_method: 'client_secret_basic',
+        dpop_bound_access_tokens: true,
+        scope: 'api:read',
+      },
+      {
         // The upstream API: validates access tokens by introspection.
         client_id: 'resource-server',
         client_secret: 'resource-server-secret',
@@ -108,8 +187,15 @@ function configuration() {
       clientCredentials: { enabled: true },
       introspection: { enabled: true },
       revocation: { enabled: true },
+      dPoP: { enabled: true, nonceSecret: crypto.randomBytes(32), requireNonce: () => true },
+    },
+    pkce: {
+      required: (_ctx, client) => client.clientId.startsWith('jwt-'),
     },
     rotateRefreshToken: true,
+    // /dev/clock moves the server up to ten minutes ahead of the clients,
+    // which sign their assertions with the real clock.
+    clockTolerance: 900,
     ttl: {
       AccessToken: (_ctx, _token, client) => (shortLived(client) ? SHORT_TTL_SECONDS : 300),
       ClientCredentials: (_ctx, _token, client) => (shortLived(client) ? SHORT_TTL_SECONDS : 300),
@@ -135,9 +221,53 @@ async function route(req, res) {
     await interaction(provider, req, res);
   } else if (url.pathname === '/dev/code') {
     await devCode(provider, url, res);
+  } else if (url.pathname === '/dev/clock') {
+    clockOffsetMs += Number(url.searchParams.get('seconds') ?? 0) * 1000;
+    res.setHeader('content-type', 'application/json');
+    res.end(JSON.stringify({ offset_seconds: clockOffsetMs / 1000 }));
+  } else if (url.pathname === '/dev/drop-access-token') {
+    // Forgets one access token, as if it had expired; its grant and refresh
+    // token live on.
+    const token = await provider.AccessToken.find(url.searchParams.get('token') ?? '');
+    if (token) await token.destroy();
+    res.setHeader('content-type', 'application/json');
+    res.end(JSON.stringify({ dropped: Boolean(token) }));
+  } else if (url.pathname === '/dev/dpop-stats') {
+    res.setHeader('content-type', 'application/json');
+    res.end(JSON.stringify({ proofs: dpopStats.proofs, jtis: dpopStats.jtis.size, rejected: dpopStats.rejected }));
   } else {
+    if (url.pathname === '/token' && req.headers.dpop) {
+      countProof(req, res);
+    }
     handleProvider(req, res);
   }
+}
+
+// Counts a DPoP proof sent to the token endpoint, its jti, and whether the
+// answer was an error other than a nonce challenge.
+function countProof(req, res) {
+  dpopStats.proofs += 1;
+  try {
+    const claims = JSON.parse(Buffer.from(req.headers.dpop.split('.')[1], 'base64url'));
+    dpopStats.jtis.add(claims.jti);
+  } catch {
+    // Counted as a proof; the provider rejects it.
+  }
+  const chunks = [];
+  const write = res.write.bind(res);
+  const end = res.end.bind(res);
+  res.write = (chunk, ...rest) => {
+    if (chunk) chunks.push(Buffer.from(chunk));
+    return write(chunk, ...rest);
+  };
+  res.end = (chunk, ...rest) => {
+    if (chunk && typeof chunk !== 'function') chunks.push(Buffer.from(chunk));
+    if (res.statusCode >= 400) {
+      const body = Buffer.concat(chunks).toString();
+      if (!body.includes('use_dpop_nonce')) dpopStats.rejected += 1;
+    }
+    return end(chunk, ...rest);
+  };
 }
 
 // Completes whatever the provider asks (login, then consent) for ACCOUNT.
@@ -170,14 +300,18 @@ async function devCode(provider, url, res) {
   const redirectUri = url.searchParams.get('redirect_uri') ?? 'http://127.0.0.1/callback';
   const scope = url.searchParams.get('scope') ?? 'openid offline_access';
   const authorize = new URL('/auth', provider.issuer);
-  authorize.search = new URLSearchParams({
+  const params = new URLSearchParams({
     client_id: clientId,
     redirect_uri: redirectUri,
     response_type: 'code',
     scope,
     prompt: 'consent',
     state: 'interop',
-  }).toString();
+  });
+  for (const extra of ['code_challenge', 'code_challenge_method', 'dpop_jkt']) {
+    if (url.searchParams.has(extra)) params.set(extra, url.searchParams.get(extra));
+  }
+  authorize.search = params.toString();
 
   const jar = new Map();
   let next = authorize.toString();
