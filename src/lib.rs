@@ -85,6 +85,22 @@
 //!   [`StoreError`].
 //! * [`prelude`]: the traits and types most programs use, in one `use`.
 //!
+//! # Runtime
+//!
+//! The crate needs [tokio](https://docs.rs/tokio) 1.x: refreshes are tokio
+//! tasks and token ages are kept with tokio timers, so a refresh needs a
+//! runtime with its time driver (`enable_all`/`enable_time`; without it the
+//! refresh fails with a [`RefreshFailed`], nothing panics).
+//!
+//! A [`TokenHandle`] is not tied to a runtime. It can live in a `static`
+//! used by several `#[tokio::test]`s, or behind a sync wrapper that builds a
+//! runtime per call: a refresh runs on the runtime of the caller that
+//! started it, and when that runtime is dropped mid-refresh the next caller
+//! starts a new one on its own runtime at once. When the runtime that timed
+//! a token's refresh-ahead and expiry is gone, readers read the clock
+//! instead, so an expired token is never sent. [`TokenHandle::set_token`]
+//! may be called from any thread.
+//!
 //! # Cargo features
 //!
 //! | feature | default | what it adds |
