@@ -93,6 +93,12 @@ struct RefreshState {
     last_refresh_at: Option<SystemTime>,
     last_refresh_took: Option<Duration>,
     timer: Option<AbortHandle>,
+    /// Bumped by every `clear`: a refresh started in an older epoch is not
+    /// installed.
+    epoch: u64,
+    /// The epoch the latest revoking `clear` ended; a refresh started
+    /// before it has its freshly fetched token revoked.
+    revoked_before: u64,
 }
 
 /// Counters kept by the manager; read with `TokenHandle::stats`.
@@ -281,13 +287,18 @@ impl TokenManager {
         };
         let previous = current;
         let generation = state.next_generation;
+        let epoch = state.epoch;
         let span = tracing::info_span!(
             "token_refresh",
             reason = reason.as_str(),
             generation,
             duration_ms = tracing::field::Empty,
         );
-        let task = runtime.spawn(manager.fetch_and_install(previous, reason).instrument(span));
+        let task = runtime.spawn(
+            manager
+                .fetch_and_install(previous, reason, epoch)
+                .instrument(span),
+        );
         let shared = async move {
             task.await.unwrap_or_else(|_| {
                 Err(RefreshError::Failed(RefreshFailed::from_message(
@@ -305,6 +316,7 @@ impl TokenManager {
         self: Arc<Self>,
         previous: Option<Arc<Current>>,
         reason: RefreshReason,
+        epoch: u64,
     ) -> Result<Arc<Current>, RefreshError> {
         let started = Instant::now();
         let previous = previous.map_or_else(Previous::default, |c| Previous {
@@ -322,6 +334,11 @@ impl TokenManager {
         let took = started.elapsed();
         tracing::Span::current().record("duration_ms", took.as_millis() as u64);
         let mut state = self.lock();
+        if state.epoch != epoch {
+            let revoke = state.revoked_before > epoch;
+            drop(state);
+            return Err(self.discard_cleared(result, revoke));
+        }
         state.in_flight = None;
         let installed = result.and_then(|obtained| {
             let adopted = obtained.adopted;
@@ -365,6 +382,31 @@ impl TokenManager {
                 Err(err)
             }
         }
+    }
+
+    /// NOTE: a refresh that started before a `clear` must not bring a token
+    /// back (it would undo a logout): its result is dropped, and a token it
+    /// fetched (not one adopted from a store) is revoked when that `clear`
+    /// revoked. `clear` has already forgotten this refresh (`in_flight`).
+    fn discard_cleared(
+        &self,
+        result: Result<Obtained, RefreshError>,
+        revoke: bool,
+    ) -> RefreshError {
+        tracing::debug!("token cleared during the refresh; its result is dropped");
+        if let (true, Ok(obtained)) = (revoke, result) {
+            if !obtained.adopted {
+                let revoke = self.fetcher.revoke(Arc::new(obtained.token));
+                tokio::spawn(async move {
+                    if let Err(err) = revoke.await {
+                        tracing::warn!(error = %err, "revoking a token fetched during a logout failed");
+                    }
+                });
+            }
+        }
+        RefreshError::Failed(RefreshFailed::from_message(
+            "the token was cleared while this refresh was under way",
+        ))
     }
 
     /// Installs `token` as the new current token. Called with the state locked.
@@ -417,14 +459,22 @@ impl TokenManager {
         self.fetcher.revoke(token)
     }
 
-    /// Forgets the current token; the next request fetches a new one.
-    pub(crate) fn clear(&self) {
+    /// Forgets the current token, and any refresh under way (its result
+    /// will not be installed); the next request fetches a new token.
+    /// Returns the token forgotten. With `revoke`, a token that a refresh
+    /// under way fetches is revoked too.
+    pub(crate) fn clear(&self, revoke: bool) -> Option<Arc<Token>> {
         let mut state = self.lock();
         if let Some(timer) = state.timer.take() {
             timer.abort();
         }
         state.next_generation += 1;
-        self.current.store(None);
+        state.in_flight = None;
+        state.epoch = state.epoch.wrapping_add(1);
+        if revoke {
+            state.revoked_before = state.epoch;
+        }
+        self.current.swap(None).map(|current| current.token.clone())
     }
 
     pub(crate) fn snapshot(&self) -> Snapshot {
