@@ -747,3 +747,35 @@ async fn without_dpop_requests_carry_no_proof() {
     .await
     .expect("bounded");
 }
+
+/// RFC 9449 wants the token in `Authorization: DPoP`: a handle that puts it
+/// in the query (or another header) cannot be used with DPoP, and says so
+/// instead of sending a proof without `ath`.
+#[tokio::test]
+async fn dpop_with_the_token_outside_authorization_is_refused() {
+    tokio::time::timeout(LIMIT, async {
+        let server = ResourceServer::start().await;
+        for injector in [
+            tower_auth_refresh::TokenInjector::query("access_token"),
+            tower_auth_refresh::TokenInjector::header(http::HeaderName::from_static("x-api-token")),
+        ] {
+            let handle = TokenHandle::builder(token_source_fn(|_cx: RefreshContext| async {
+                Ok::<_, Infallible>(Token::new("secret-tok-9", "DPoP"))
+            }))
+            .injector(injector)
+            .build();
+            let service = AuthRefreshLayer::new(handle)
+                .dpop(DpopKey::generate().unwrap())
+                .layer(client());
+            let err = service
+                .oneshot(get(&server.url("/a?x=1")))
+                .await
+                .unwrap_err();
+            assert!(err.to_string().contains("Authorization"), "{err}");
+            assert!(!err.to_string().contains("secret-tok-9"), "{err}");
+        }
+        assert!(server.take().is_empty(), "nothing was sent");
+    })
+    .await
+    .expect("bounded");
+}
