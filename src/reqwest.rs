@@ -236,7 +236,9 @@ impl Middleware for AuthRefreshMiddleware {
             drop(wait);
             return Ok(skipped(manager, response, SkipReason::BodyNotCloneable));
         };
-        let (header, mut generation) = wait.await.map_err(to_middleware_error)?;
+        let Some((header, mut generation)) = wait.await.map_err(to_middleware_error)? else {
+            return Ok(skipped(manager, response, SkipReason::TokenTooFresh));
+        };
         drop(response);
         let spare = self.dpop_spare(&retry);
         apply(injector, &header, &mut retry);

@@ -143,9 +143,17 @@ where
         self.generation = generation;
         self.config
             .authorize(&self.manager.config.injector, &header, &mut request)?;
-        // `inner` was made ready before the wait; it is called once here and
-        // made ready again before a retry.
-        let response = self.inner.call(request).await.map_err(Into::into)?;
+        // NOTE: `inner` is an unready clone (the ready service was let go
+        // before the wait, see `dispatch`): it is made ready only now that
+        // the request can go.
+        let response = self
+            .inner
+            .ready()
+            .await
+            .map_err(Into::into)?
+            .call(request)
+            .await
+            .map_err(Into::into)?;
         match self.verdict(&response) {
             verdict if verdict.is_not_expired() => Ok(response.map(ResponseBody::new)),
             verdict => self.recover(response, verdict).await,
@@ -235,6 +243,9 @@ where
                 return Ok(Err(rejected));
             }
         };
+        let Some((header, generation)) = wait.await? else {
+            return Ok(Err(self.skip(rejected, SkipReason::TokenTooFresh)));
+        };
         // NOTE: without DPoP this is the last send: giving up the replay
         // frees each buffered chunk once the retry has sent it. With DPoP
         // the retry's answer may still be a nonce challenge, answered with
@@ -242,7 +253,6 @@ where
         if !self.answers_nonce_challenges() {
             self.replay.release();
         }
-        let (header, generation) = wait.await?;
         self.generation = generation;
         drop(rejected);
 
