@@ -216,7 +216,11 @@ async fn a_refresh_under_way_during_revoke_is_dropped_and_revoked() {
     g.handle.revoke().await.unwrap();
     g.gate.add_permits(1);
     let refreshed = refreshing.await.unwrap();
-    assert!(refreshed.is_err(), "the refresh lost to the logout");
+    assert!(
+        refreshed.is_err(),
+        "the refresh lost to the logout: {:?}",
+        refreshed.map(|t| t.access_token().expose_secret().to_owned())
+    );
     assert!(g.handle.token().is_none(), "no token after the logout");
     tokio::time::timeout(Duration::from_secs(10), async {
         while g.revoked.lock().unwrap().len() < 2 {
@@ -238,11 +242,11 @@ async fn a_refresh_under_way_during_revoke_is_dropped_and_revoked() {
     );
 }
 
-/// `clear` while a refresh is under way: the refresh's token is not
-/// installed (and, without `revoke_on_clear`, not revoked).
+/// With `revoke_on_clear`, `clear` is a logout too: a refresh under way is
+/// not installed afterwards, and both tokens are revoked.
 #[tokio::test]
-async fn a_refresh_under_way_during_clear_is_not_installed() {
-    let mut g = gated(|b| b);
+async fn a_refresh_under_way_during_a_revoking_clear_is_dropped_and_revoked() {
+    let mut g = gated(|b| b.revoke_on_clear());
     let refreshing = tokio::spawn({
         let handle = g.handle.clone();
         async move { handle.refresh_now().await }
@@ -252,6 +256,15 @@ async fn a_refresh_under_way_during_clear_is_not_installed() {
     g.gate.add_permits(1);
     assert!(refreshing.await.unwrap().is_err());
     assert!(g.handle.token().is_none());
-    assert!(g.revoked.lock().unwrap().is_empty());
     assert!(!g.handle.status().refreshing);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while g.revoked.lock().unwrap().len() < 2 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("both tokens are revoked");
+    let mut revoked = g.revoked.lock().unwrap().clone();
+    revoked.sort();
+    assert_eq!(revoked, ["before-logout", "fetched-1"]);
 }

@@ -166,12 +166,9 @@ struct RefreshState {
     consecutive_failures: u32,
     last_refresh_at: Option<SystemTime>,
     last_refresh_took: Option<Duration>,
-    /// Bumped by every `clear`: a refresh started in an older epoch is not
-    /// installed.
+    /// Bumped by every logout (a revoking `clear`): a refresh started in an
+    /// older epoch is not installed.
     epoch: u64,
-    /// The epoch the latest revoking `clear` ended; a refresh started
-    /// before it has its freshly fetched token revoked.
-    revoked_before: u64,
 }
 
 /// Counters kept by the manager; read with `TokenHandle::stats`.
@@ -537,9 +534,8 @@ impl TokenManager {
         let mut state = self.lock();
         guard.finished = true;
         if state.epoch != epoch {
-            let revoke = state.revoked_before > epoch;
             drop(state);
-            return Err(self.discard_cleared(result, revoke));
+            return Err(self.discard_logged_out(result));
         }
         state.in_flight = None;
         let installed = result.and_then(|obtained| {
@@ -590,17 +586,13 @@ impl TokenManager {
         }
     }
 
-    /// NOTE: a refresh that started before a `clear` must not bring a token
-    /// back (it would undo a logout): its result is dropped, and a token it
-    /// fetched (not one adopted from a store) is revoked when that `clear`
-    /// revoked. `clear` has already forgotten this refresh (`in_flight`).
-    fn discard_cleared(
-        &self,
-        result: Result<Obtained, RefreshError>,
-        revoke: bool,
-    ) -> RefreshError {
-        tracing::debug!("token cleared during the refresh; its result is dropped");
-        if let (true, Ok(obtained)) = (revoke, result) {
+    /// NOTE: a refresh that started before a logout must not bring a token
+    /// back (it would undo the logout): its result is dropped, and a token
+    /// it fetched (not one adopted from a store) is revoked. The logout has
+    /// already forgotten this refresh (`in_flight`).
+    fn discard_logged_out(&self, result: Result<Obtained, RefreshError>) -> RefreshError {
+        tracing::debug!("logged out during the refresh; its result is dropped");
+        if let Ok(obtained) = result {
             if let (false, Ok(runtime)) = (obtained.adopted, tokio::runtime::Handle::try_current())
             {
                 let revoke = self.fetcher.revoke(Arc::new(obtained.token));
@@ -612,7 +604,7 @@ impl TokenManager {
             }
         }
         RefreshError::Failed(RefreshFailed::from_message(
-            "the token was cleared while this refresh was under way",
+            "logged out while this refresh was under way",
         ))
     }
 
@@ -687,17 +679,18 @@ impl TokenManager {
         self.fetcher.revoke(token)
     }
 
-    /// Forgets the current token, and any refresh under way (its result
-    /// will not be installed); the next request fetches a new token.
-    /// Returns the token forgotten. With `revoke`, a token that a refresh
-    /// under way fetches is revoked too.
-    pub(crate) fn clear(&self, revoke: bool) -> Option<Arc<Token>> {
+    /// Forgets the current token; the next request fetches a new one (or
+    /// joins the refresh under way). Returns the token forgotten.
+    ///
+    /// With `logout` (the token is being revoked), a refresh under way is
+    /// forgotten too: its result is not installed, and the token it fetched
+    /// is revoked.
+    pub(crate) fn clear(&self, logout: bool) -> Option<Arc<Token>> {
         let mut state = self.lock();
         state.next_generation += 1;
-        state.in_flight = None;
-        state.epoch = state.epoch.wrapping_add(1);
-        if revoke {
-            state.revoked_before = state.epoch;
+        if logout {
+            state.in_flight = None;
+            state.epoch = state.epoch.wrapping_add(1);
         }
         let replaced = self.current.swap(None)?;
         replaced.stop_timer();
