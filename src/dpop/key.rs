@@ -16,6 +16,11 @@ use crate::jose::{KeyError, SigningKey, random_id, sha256_b64, sign_compact, uni
 /// [`from_signing_key`](Self::from_signing_key). `Debug` shows the algorithm
 /// and the thumbprint, never the key.
 ///
+/// A token is bound to one key: replicas that share tokens through a store
+/// must all hold the same key, loaded from the same PKCS#8 PEM
+/// (`DpopKey::from_signing_key(SigningKey::from_pkcs8_pem(pem)?)`), not one
+/// generated per replica.
+///
 /// ```
 /// use tower_auth_refresh::dpop::DpopKey;
 /// use tower_auth_refresh::oauth2::SigningKey;
