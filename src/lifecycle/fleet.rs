@@ -26,7 +26,8 @@
 //! 6. When the source fails (`invalid_grant` …), re-read before giving up:
 //!    another process may have refreshed. Never delete what another wrote.
 //!    A failure that certainly left the refresh token as it was (refused
-//!    connection, an error answer of the server's own) unmarks the entry.
+//!    connection, a 4xx error answer) unmarks the entry; a 5xx never does,
+//!    whatever its body says.
 //! 7. When the process cannot coordinate (the store does not answer, the
 //!    lease cannot be had in time), [`UnreachableStore`] decides: by default
 //!    the source is called without the refresh token.
@@ -225,10 +226,10 @@ fn adopted(mut stored: StoredToken) -> Obtained {
 }
 
 /// `true` when a failed refresh certainly left the presented refresh token
-/// as it was (the connection was refused, the server answered with an
-/// error of its own), or when the token is dead anyway (rejected): the
-/// entry is unmarked. Any other failure (a 502, a timeout) may come after
-/// the server rotated it: the mark stays.
+/// as it was (the connection was refused, the server answered 4xx), or
+/// when the token is dead anyway (rejected): the entry is unmarked. Any
+/// other failure (a 5xx whatever its body, a timeout) may come after the
+/// server rotated it: the mark stays.
 fn refresh_token_unchanged(err: &RefreshError) -> bool {
     if matches!(err, RefreshError::Reauthorize(_)) {
         return true;
