@@ -355,6 +355,50 @@ async fn a_file_written_by_an_earlier_release_under_its_old_name_is_read_and_mov
     assert_eq!(store.list_keys().await.unwrap(), ["Seller-A"]);
 }
 
+/// Where case is ignored (macOS, Windows), the path `Seller-A.json` (key
+/// `Seller-A`'s name in earlier releases) opens key `seller-a`'s file. The
+/// filesystem of the tests is case-sensitive: a symbolic link stands for
+/// the alias such a filesystem makes.
+#[cfg(unix)]
+fn alias_seller_a(dir: &std::path::Path) {
+    std::os::unix::fs::symlink(dir.join("seller-a.json"), dir.join("Seller-A.json")).unwrap();
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn an_old_file_name_that_is_another_key_s_file_where_case_is_ignored_is_not_read() {
+    let dir = TempDir::new("file-legacy-alias-read");
+    let store = FileStore::new(dir.path());
+    store.save("seller-a", &token("lower"), None).await.unwrap();
+    alias_seller_a(dir.path());
+
+    assert!(
+        store.load("Seller-A").await.unwrap().is_none(),
+        "key Seller-A does not read key seller-a's token"
+    );
+    assert!(!store.delete("Seller-A", None).await.unwrap());
+    let lower = store.load("seller-a").await.unwrap().expect("still there");
+    assert_eq!(lower.token.access_token().expose_secret(), "lower");
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn saving_a_capitalised_key_leaves_another_key_s_file_where_case_is_ignored() {
+    let dir = TempDir::new("file-legacy-alias-write");
+    let store = FileStore::new(dir.path());
+    store.save("seller-a", &token("lower"), None).await.unwrap();
+    alias_seller_a(dir.path());
+
+    store.save("Seller-A", &token("upper"), None).await.unwrap();
+    store.delete("Seller-A", None).await.unwrap();
+    assert!(
+        std::fs::symlink_metadata(dir.path().join("Seller-A.json")).is_ok(),
+        "the path Seller-A.json (seller-a.json where case is ignored) is left alone"
+    );
+    let lower = store.load("seller-a").await.unwrap().expect("still there");
+    assert_eq!(lower.token.access_token().expose_secret(), "lower");
+}
+
 #[tokio::test]
 async fn deleting_a_key_removes_its_lock_and_lease_files() {
     let dir = TempDir::new("file-stale");

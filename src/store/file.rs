@@ -183,7 +183,8 @@ struct Paths {
     lease: PathBuf,
     /// Where releases that did not escape capital letters kept the token
     /// (`Seller-A.json`), when that differs: read while the new file is
-    /// missing, removed once the new one is written.
+    /// missing, removed once the new one is written. Only ever used through
+    /// [`Paths::legacy_file`].
     legacy_token: Option<PathBuf>,
 }
 
@@ -206,6 +207,21 @@ impl Paths {
             legacy_token: (legacy != stem).then(|| dir.join(format!("{legacy}.json"))),
             stem,
         })
+    }
+
+    /// The file an earlier release wrote for this key, if there is one.
+    ///
+    /// NOTE: where case is ignored (macOS, Windows) the path `Seller-A.json`
+    /// opens `seller-a.json`, another key's file. The old file counts only
+    /// when the directory lists a regular file under exactly its name.
+    fn legacy_file(&self) -> Option<&Path> {
+        let legacy = self.legacy_token.as_deref()?;
+        let name = legacy.file_name()?;
+        let entries = fs::read_dir(&self.dir).ok()?;
+        entries
+            .filter_map(Result::ok)
+            .any(|entry| entry.file_name() == name && entry.file_type().is_ok_and(|t| t.is_file()))
+            .then_some(legacy)
     }
 
     /// Creates the directory (mode `0700`) if it is missing.
@@ -250,7 +266,7 @@ impl Paths {
     fn read(&self) -> Result<Option<Result<StoredToken, Unreadable>>, StoreError> {
         let bytes = match read_file(&self.token)? {
             Some(bytes) => bytes,
-            None => match &self.legacy_token {
+            None => match self.legacy_file() {
                 Some(legacy) => match read_file(legacy)? {
                     Some(bytes) => bytes,
                     None => return Ok(None),
@@ -338,7 +354,7 @@ impl Paths {
             let _ = fs::remove_file(&temp);
             return Err(io_error("write", &self.token, e));
         }
-        if let Some(legacy) = &self.legacy_token {
+        if let Some(legacy) = self.legacy_file() {
             let _ = fs::remove_file(legacy);
         }
         sync_dir(&self.dir);
@@ -582,7 +598,7 @@ impl TokenStore for FileStore {
         expected_version: Option<u64>,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         self.blocking(key, move |paths| {
-            if !paths.token.exists() && !paths.legacy_token.as_ref().is_some_and(|p| p.exists()) {
+            if !paths.token.exists() && paths.legacy_file().is_none() {
                 return Ok(false);
             }
             let lock = paths.open_locked(&paths.lock)?;
@@ -602,7 +618,7 @@ impl TokenStore for FileStore {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(io_error("remove", &paths.token, e)),
             }
-            if let Some(legacy) = &paths.legacy_token {
+            if let Some(legacy) = paths.legacy_file() {
                 let _ = fs::remove_file(legacy);
             }
             paths.remove_lock_files(lock);
