@@ -441,3 +441,29 @@ async fn valid_json_that_is_not_a_token_is_left_in_place() {
     );
     assert_eq!(names_in(dir.path()), ["k.json", "k.lock"]);
 }
+
+#[tokio::test]
+async fn an_entry_written_by_a_newer_release_is_saved_again_with_what_it_added() {
+    let dir = TempDir::new("file-newer-fields");
+    let store = FileStore::new(dir.path());
+    store.save("k", &token("a"), None).await.unwrap();
+    let newer = serde_json::json!({
+        "version": 7,
+        "written_by": "3.0",
+        "token": {"format": 2, "access_token": "at", "refresh_token": "rt", "dpop_jkt": "x"},
+    });
+    std::fs::write(dir.path().join("k.json"), newer.to_string()).unwrap();
+    let stored = store.load("k").await.unwrap().expect("read");
+    store
+        .save("k", &stored.token.clone().with_metadata("m", "1"), Some(7))
+        .await
+        .unwrap();
+
+    let again: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("k.json")).unwrap()).unwrap();
+    assert_eq!(again["version"], 8);
+    assert_eq!(again["written_by"], "3.0", "{again}");
+    assert_eq!(again["token"]["format"], 2, "{again}");
+    assert_eq!(again["token"]["dpop_jkt"], "x", "{again}");
+    assert_eq!(again["token"]["metadata"]["m"], "1", "{again}");
+}

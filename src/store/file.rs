@@ -94,6 +94,10 @@ impl fmt::Debug for FileStore {
 struct Entry {
     version: u64,
     token: Token,
+    /// Top-level fields of a newer release, kept as they are (rolling
+    /// upgrades).
+    #[serde(flatten)]
+    unknown: serde_json::Map<String, serde_json::Value>,
 }
 
 /// An I/O failure with what was being done and where.
@@ -290,6 +294,27 @@ impl Paths {
                     },
                 ),
         ))
+    }
+
+    /// The top-level fields of the stored entry this release does not know.
+    /// Called with the key's lock held.
+    fn unknown_fields_locked(&self) -> serde_json::Map<String, serde_json::Value> {
+        let path = if self.token.exists() {
+            Some(self.token.as_path())
+        } else {
+            self.legacy_file()
+        };
+        let Some(Ok(Some(bytes))) = path.map(read_file) else {
+            return serde_json::Map::new();
+        };
+        match serde_json::from_slice::<serde_json::Value>(&bytes) {
+            Ok(serde_json::Value::Object(mut fields)) => {
+                fields.remove("version");
+                fields.remove("token");
+                fields
+            }
+            _ => serde_json::Map::new(),
+        }
     }
 
     /// Renames a bad `<k>.json` to `<k>.json.corrupt-<unix ms>`. Called with
@@ -586,7 +611,12 @@ impl TokenStore for FileStore {
                 }
             }
             let version = found.unwrap_or(0) + 1;
-            paths.write(&Entry { version, token })?;
+            let unknown = paths.unknown_fields_locked();
+            paths.write(&Entry {
+                version,
+                token,
+                unknown,
+            })?;
             drop(lock);
             Ok(version)
         })
