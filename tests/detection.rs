@@ -99,6 +99,32 @@ async fn answer(State(state): State<Arc<Upstream>>, request: Request) -> Respons
             let text = format!(r#"{{"code":0,"msg":"order {n} created; coupon expired"}}"#);
             ([("content-type", "application/json")], text).into_response()
         }
+        "/orders/float-zero" => {
+            let n = state.orders.fetch_add(1, Ordering::SeqCst) + 1;
+            let text = format!(
+                r#"{{"code":0.0,"msg":"order {n} created; old token expired, new token issued"}}"#
+            );
+            ([("content-type", "application/json")], text).into_response()
+        }
+        "/scope/utf8" | "/scope/token68" | "/scope/spaces" | "/scope/zurich" => {
+            let challenge: &[u8] = match path.as_str() {
+                "/scope/utf8" => {
+                    "Bearer error=\"insufficient_scope\", error_description=\"权限不足\"".as_bytes()
+                }
+                "/scope/token68" => br#"Negotiate abc==, Bearer error="insufficient_scope""#,
+                "/scope/spaces" => br#"Bearer  error="insufficient_scope""#,
+                _ => "Bearer realm=\"Zürich\", error=\"insufficient_scope\"".as_bytes(),
+            };
+            let mut response = json(
+                StatusCode::UNAUTHORIZED,
+                r#"{"statusCode":401,"message":"Unauthorized"}"#,
+            );
+            response.headers_mut().insert(
+                "www-authenticate",
+                http::HeaderValue::from_bytes(challenge).unwrap(),
+            );
+            response
+        }
         "/scope" => (
             StatusCode::UNAUTHORIZED,
             [
@@ -226,6 +252,60 @@ async fn an_insufficient_scope_challenge_is_not_overruled_by_the_body() {
     );
     assert_eq!(upstream.requests.lock().unwrap().len(), 1, "sent once");
     assert_eq!(issuer.calls(), 1, "not refreshed");
+}
+
+/// Challenges that are valid HTTP but that a strict parser rejects (UTF-8
+/// in a quoted string, a token68 challenge first, two spaces after the
+/// scheme): the scope error must still be found, so the POST is sent once.
+#[tokio::test]
+async fn an_insufficient_scope_challenge_in_any_legal_spelling_is_not_replayed() {
+    for path in [
+        "/scope/utf8",
+        "/scope/token68",
+        "/scope/spaces",
+        "/scope/zurich",
+    ] {
+        let (base, upstream) = start().await;
+        let (handle, issuer) = handle_with_tok1().await;
+        let service = ServiceBuilder::new()
+            .layer(json_layer(handle))
+            .service(client());
+        let response = tokio::time::timeout(
+            LIMIT,
+            service.oneshot(post(&format!("{base}{path}"), r#"{"item":1}"#)),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{path}");
+        assert_eq!(
+            upstream.requests.lock().unwrap().len(),
+            1,
+            "{path}: sent once"
+        );
+        assert_eq!(issuer.calls(), 1, "{path}: not refreshed");
+    }
+}
+
+/// `{"code":0.0}` is the success code 0: its message is not read, and the
+/// POST is not sent again.
+#[tokio::test]
+async fn a_success_code_written_as_a_float_is_not_replayed() {
+    let (base, upstream) = start().await;
+    let (handle, issuer) = handle_with_tok1().await;
+    let service = ServiceBuilder::new()
+        .layer(json_layer(handle))
+        .service(client());
+    let response = tokio::time::timeout(
+        LIMIT,
+        service.oneshot(post(&format!("{base}/orders/float-zero"), r#"{"item":1}"#)),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(upstream.orders.load(Ordering::SeqCst), 1, "sent once");
+    assert_eq!(issuer.calls(), 1, "no refresh beyond the first token");
 }
 
 /// Sends a request to `path`, whose response streams the events the test
