@@ -136,6 +136,17 @@ async fn answer(State(state): State<Arc<Upstream>>, request: Request) -> Respons
             .into_response(),
         _ if !rejected => json(StatusCode::OK, r#"{"code":0,"msg":"ok"}"#),
         "/vendor/40003" => json(StatusCode::OK, r#"{"code":40003,"msg":"token过期或异常"}"#),
+        "/vendor/open" => {
+            // The whole JSON error, then a transfer that does not end.
+            let error = Bytes::from_static(r#"{"code":40003,"msg":"token过期或异常"}"#.as_bytes());
+            let body = futures::stream::once(async move { Ok::<_, Infallible>(error) })
+                .chain(futures::stream::pending());
+            (
+                [("content-type", "application/json")],
+                AxumBody::from_stream(body),
+            )
+                .into_response()
+        }
         "/vendor/401" => json(StatusCode::OK, r#"{"code":401,"msg":"Token无效"}"#),
         "/vendor/40001" => json(StatusCode::OK, r#"{"code":40001,"msg":"access denied"}"#),
         "/vendor/40002" => json(StatusCode::OK, r#"{"code":"40002"}"#),
@@ -199,6 +210,7 @@ async fn the_vendor_formats_of_an_expired_token_are_still_detected() {
         "/vendor/40002",
         "/vendor/error",
         "/vendor/bom",
+        "/vendor/open",
     ] {
         let (handle, issuer) = handle_with_tok1().await;
         let service = ServiceBuilder::new()
@@ -210,7 +222,9 @@ async fn the_vendor_formats_of_an_expired_token_are_still_detected() {
             .unwrap();
         assert_eq!(response.status(), StatusCode::OK, "{path}");
         assert_eq!(
-            body_text(response).await,
+            tokio::time::timeout(LIMIT, body_text(response))
+                .await
+                .unwrap(),
             r#"{"code":0,"msg":"ok"}"#,
             "{path}"
         );

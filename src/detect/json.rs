@@ -142,9 +142,9 @@ fn mentions(text: &str, phrase: &str) -> bool {
     text.match_indices(phrase).any(|(start, _)| {
         let before = &text[..start];
         let after = &text[start + phrase.len()..];
-        let bounded = !(starts_word && before.chars().next_back().is_some_and(is_word))
-            && !(ends_word && after.chars().next().is_some_and(is_word));
-        bounded && !about_another_token(before)
+        let joined_before = starts_word && before.chars().next_back().is_some_and(is_word);
+        let joined_after = ends_word && after.chars().next().is_some_and(is_word);
+        !joined_before && !joined_after && !about_another_token(before)
     })
 }
 
