@@ -16,7 +16,8 @@ use super::{ExpiryDetector, HeadVerdict, ResponseHead};
 /// Messages are read only on failures: a phrase never makes a success
 /// envelope expired. An envelope is a success when a code it carries is
 /// one the rule knows as success ([`success_codes_at`](Self::success_codes_at);
-/// `/code` ∈ {0, 200} for the defaults), or when the status is 2xx and the
+/// for the defaults `/code` is 0, 200, `"success"` or `"ok"` in any
+/// spelling, or `/success` is `true`), or when the status is 2xx and the
 /// body carries no other code at the rule's pointers. A success such as
 /// `200 {"code":0,"msg":"order 1 created; coupon expired"}` is therefore never
 /// replayed.
@@ -28,9 +29,11 @@ use super::{ExpiryDetector, HeadVerdict, ResponseHead};
 /// [`AuthRefreshLayer::peek_deadline`](crate::AuthRefreshLayer::peek_deadline)).
 /// A compressed body (`Content-Encoding: gzip` …) is not read: put a
 /// decompression layer inside the auth layer to have it decoded first. A
-/// UTF-8 byte order mark before the JSON is ignored. A code given as a
-/// number matches the same number written as a string, and the other way
-/// round.
+/// UTF-8 byte order mark before the JSON is ignored. Codes compare by
+/// numeric value (`0`, `0.0`, `-0`, `"0"`, `"0000"` are one code; so are
+/// `40003`, `40003.0`, `4.0003e4` and `"40003"`); text codes compare
+/// trimmed and ASCII case-insensitively. Keywords match whole words, not
+/// about another kind of token (see [`default_rules`](Self::default_rules)).
 ///
 /// ```
 /// use http::{HeaderMap, StatusCode, Version};
