@@ -400,11 +400,102 @@ fn layer_on_threads(c: &mut Criterion) {
     group.finish();
 }
 
+/// Runs `iters` requests on each of `threads` threads, each thread taking
+/// the services in turn (one token each); the wall time.
+fn requests_round_robin<S>(threads: usize, iters: u64, services: &[S]) -> Duration
+where
+    S: Service<Request<Full<Bytes>>> + Clone + Send + 'static,
+    S::Error: std::fmt::Debug,
+{
+    let barrier = Arc::new(Barrier::new(threads + 1));
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let barrier = barrier.clone();
+            let mut services = services.to_vec();
+            std::thread::spawn(move || {
+                barrier.wait();
+                let count = services.len();
+                for i in 0..iters {
+                    let service = &mut services[i as usize % count];
+                    let request = Request::get("http://api.test/v1/items")
+                        .body(Full::default())
+                        .unwrap();
+                    let response = service
+                        .ready()
+                        .now_or_never()
+                        .expect("ready")
+                        .unwrap()
+                        .call(request)
+                        .now_or_never()
+                        .expect("answered")
+                        .unwrap();
+                    black_box(response);
+                }
+            })
+        })
+        .collect();
+    barrier.wait();
+    let start = Instant::now();
+    for handle in handles {
+        handle.join().unwrap();
+    }
+    start.elapsed()
+}
+
+/// The whole layer with 1, 4, 5 and 8 tokens used in turn by each of 2
+/// threads (a tenant registry), against the floor with as many static
+/// headers: the per-request time must not grow with the number of tokens.
+fn tokens_per_thread(c: &mut Criterion) {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap();
+    let _guard = runtime.enter();
+    let mut group = c.benchmark_group("contention/tokens_per_thread");
+    group.throughput(Throughput::Elements(1));
+    for tokens in [1usize, 4, 5, 8] {
+        let ours: Vec<_> = (0..tokens)
+            .map(|i| {
+                let token = move || {
+                    Token::bearer(format!("{i}{}", "a".repeat(900)))
+                        .with_expires_in(Duration::from_secs(3600))
+                };
+                let handle = TokenHandle::builder(token_source_fn(move |_| async move {
+                    Ok::<_, std::convert::Infallible>(token())
+                }))
+                .initial_token(token())
+                .build();
+                AuthRefreshLayer::new(handle).layer(Answer)
+            })
+            .collect();
+        let floor: Vec<_> = (0..tokens)
+            .map(|i| {
+                tower_http::auth::AddAuthorizationLayer::bearer(&format!("{i}{}", "a".repeat(900)))
+                    .as_sensitive(true)
+                    .layer(Answer)
+            })
+            .collect();
+        group.bench_with_input(BenchmarkId::new("ours", tokens), &tokens, |b, _| {
+            b.iter_custom(|iters| requests_round_robin(2, iters, &ours));
+        });
+        group.bench_with_input(
+            BenchmarkId::new("tower_http_bearer", tokens),
+            &tokens,
+            |b, _| {
+                b.iter_custom(|iters| requests_round_robin(2, iters, &floor));
+            },
+        );
+    }
+    group.finish();
+}
+
 criterion_group!(
     benches,
     read_on_threads,
     read_on_tasks,
     refcount,
-    layer_on_threads
+    layer_on_threads,
+    tokens_per_thread
 );
 criterion_main!(benches);

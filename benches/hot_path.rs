@@ -344,6 +344,32 @@ fn hot_path(c: &mut Criterion) {
         b.iter(|| send(&mut json_rule, empty()))
     });
 
+    // A thread that uses several tokens in turn (a tenant registry): the
+    // per-request cost must not depend on how many.
+    for tokens in [1usize, 4, 5, 8] {
+        let mut services: Vec<_> = (0..tokens)
+            .map(|i| {
+                let token = move || {
+                    Token::bearer(format!("{i}{}", token_string()))
+                        .with_expires_in(Duration::from_secs(3600))
+                };
+                let handle = TokenHandle::builder(token_source_fn(move |_| async move {
+                    Ok::<_, Infallible>(token())
+                }))
+                .initial_token(token())
+                .build();
+                AuthRefreshLayer::new(handle).layer(Noop)
+            })
+            .collect();
+        let mut turn = 0usize;
+        group.bench_function(format!("ours/tokens_in_turn_{tokens}"), |b| {
+            b.iter(|| {
+                turn = (turn + 1) % tokens;
+                send(&mut services[turn], empty())
+            })
+        });
+    }
+
     let mut mutex = LockedAuth {
         inner: Noop,
         cell: Arc::new(Mutex::new(cached())),

@@ -57,6 +57,22 @@
 //!   and the response body handed back byte for byte after a detector peeked;
 //! * `oauth2` (feature `oauth2`, on by default): OAuth2 grants and the token
 //!   endpoint client, as a [`TokenSource`].
+//!
+//! # Runtime
+//!
+//! The crate needs [tokio](https://docs.rs/tokio) 1.x: refreshes are tokio
+//! tasks and token ages are kept with tokio timers, so a refresh needs a
+//! runtime with its time driver (`enable_all`/`enable_time`; without it the
+//! refresh fails with a [`RefreshFailed`], nothing panics).
+//!
+//! A [`TokenHandle`] is not tied to a runtime. It can live in a `static`
+//! used by several `#[tokio::test]`s, or behind a sync wrapper that builds a
+//! runtime per call: a refresh runs on the runtime of the caller that
+//! started it, and when that runtime is dropped mid-refresh the next caller
+//! starts a new one on its own runtime at once. When the runtime that timed
+//! a token's refresh-ahead and expiry is gone, readers read the clock
+//! instead, so an expired token is never sent. [`TokenHandle::set_token`]
+//! may be called from any thread.
 #![forbid(unsafe_code)]
 #![warn(
     missing_docs,

@@ -262,7 +262,9 @@ impl Middleware for AuthRefreshMiddleware {
             drop(wait);
             return Ok(skipped(manager, response, SkipReason::BodyNotCloneable));
         };
-        let (header, generation) = wait.await.map_err(to_middleware_error)?;
+        let Some((header, generation)) = wait.await.map_err(to_middleware_error)? else {
+            return Ok(skipped(manager, response, SkipReason::TokenTooFresh));
+        };
         drop(response);
         apply(injector, &header, &mut retry);
         Counters::bump(&manager.counters.retries);

@@ -110,9 +110,17 @@ where
         self.generation = generation;
         self.config
             .authorize(&self.manager.config.injector, &header, &mut request)?;
-        // `inner` was made ready before the wait; it is called once here and
-        // made ready again before a retry.
-        let response = self.inner.call(request).await.map_err(Into::into)?;
+        // NOTE: `inner` is an unready clone (the ready service was let go
+        // before the wait, see `dispatch`): it is made ready only now that
+        // the request can go.
+        let response = self
+            .inner
+            .ready()
+            .await
+            .map_err(Into::into)?
+            .call(request)
+            .await
+            .map_err(Into::into)?;
         match self.verdict(&response) {
             verdict if verdict.is_not_expired() => Ok(response.map(ResponseBody::new)),
             verdict => self.recover(response, verdict).await,
@@ -161,10 +169,12 @@ where
                 return Ok(response);
             }
         };
+        let Some((header, generation)) = wait.await? else {
+            return Ok(self.skip(response, SkipReason::TokenTooFresh));
+        };
         // NOTE: the one replay has started: dropping the handle frees each
         // buffered chunk once the retry has sent it.
         drop(self.replay);
-        let (header, generation) = wait.await?;
         drop(response);
 
         #[cfg(feature = "dpop")]

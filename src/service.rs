@@ -183,7 +183,14 @@ where
             let fut = ctx.inner.call(request);
             ResponseFuture::first(fut, ctx)
         }
-        Acquired::Wait => ResponseFuture::slow(Box::pin(ctx.wait_then_send(request))),
+        Acquired::Wait => {
+            // NOTE: the ready service is let go (its capacity under
+            // `ConcurrencyLimit` or `Buffer` goes back) while the request
+            // waits for a token; a clone is made ready after the wait.
+            let spare = ctx.inner.clone();
+            drop(std::mem::replace(&mut ctx.inner, spare));
+            ResponseFuture::slow(Box::pin(ctx.wait_then_send(request)))
+        }
     }
 }
 

@@ -434,12 +434,15 @@ async fn a_lease_wait_that_runs_out_withholds_the_refresh_token() {
         .await
         .unwrap()
         .unwrap();
+    // The lease a process waits for is at least the refresh timeout plus a
+    // store operation: 1.05 s here, so the wait gives up after 2.1 s.
     let handle = TokenHandle::builder(server.source())
+        .refresh_timeout(Duration::from_secs(1))
         .store(store.clone(), "k")
         .store_timing(
             Duration::from_millis(100),
             Duration::from_millis(10),
-            Duration::from_secs(1),
+            Duration::from_millis(50),
         )
         .build();
     let token = handle.refresh_now().await.unwrap();
@@ -450,16 +453,18 @@ async fn a_lease_wait_that_runs_out_withholds_the_refresh_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lease_taken_over_from_a_stalled_holder_leaves_its_refresh_token_alone() {
     // A holds the lease and has presented rt-1 (the server rotated it), then
-    // stalls past the lease's time to live; B takes the lease over.
+    // stalls; its refresh times out and its lease runs out (a lease always
+    // outlasts the refresh timeout plus a store operation); B takes the
+    // lease over.
     let store = MemoryStore::new();
     let server = Strict::default();
     seed(&store, "k", 1).await;
     server.ledger.lock().unwrap().serial = 1;
     let timing = |b: tower_auth_refresh::TokenHandleBuilder| {
-        b.store_timing(
+        b.refresh_timeout(Duration::from_millis(100)).store_timing(
             Duration::from_millis(200),
             Duration::from_millis(10),
-            Duration::from_secs(1),
+            Duration::from_millis(50),
         )
     };
     let resume = Arc::new(tokio::sync::Notify::new());
@@ -484,13 +489,16 @@ async fn a_lease_taken_over_from_a_stalled_holder_leaves_its_refresh_token_alone
     assert_eq!(server.logins(), 1, "B used the grant that does not rotate");
 
     resume.notify_one();
-    a_refresh.await.unwrap().unwrap();
+    assert!(
+        a_refresh.await.unwrap().is_err(),
+        "A's stalled refresh timed out"
+    );
     assert_eq!(server.reused(), 0);
     let stored = store.load("k").await.unwrap().unwrap();
     assert_eq!(
         rt_of(&stored.token),
         rt_of(&b_token),
-        "A's late save did not replace what B stored"
+        "nothing replaced what B stored"
     );
 }
 

@@ -128,3 +128,54 @@ async fn works_with_an_axum_router_as_the_inner_service() {
     let body = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(&body[..], b"Bearer tok-1");
 }
+
+/// A request waiting for a token does not hold the capacity of the
+/// service below it: another request gets through meanwhile.
+#[tokio::test]
+async fn a_request_waiting_for_a_token_holds_no_capacity() {
+    let upstream = Upstream::start().await;
+    let release = Arc::new(tokio::sync::Notify::new());
+    let started = Arc::new(tokio::sync::Notify::new());
+    let (gate, signal) = (release.clone(), started.clone());
+    let issuer = Issuer::new(&upstream);
+    let inner = issuer.source();
+    let handle = TokenHandle::new(tower_auth_refresh::token_source_fn(
+        move |cx: tower_auth_refresh::RefreshContext| {
+            let (gate, signal) = (gate.clone(), signal.clone());
+            let fetch = tower_auth_refresh::TokenSource::fetch(&inner, cx);
+            async move {
+                signal.notify_one();
+                gate.notified().await;
+                fetch.await
+            }
+        },
+    ));
+    // One request at a time below the layer.
+    let service = ServiceBuilder::new()
+        .layer(AuthRefreshLayer::new(handle.clone()))
+        .concurrency_limit(1)
+        .service(client());
+
+    let waiting = tokio::spawn(service.clone().oneshot(get(&upstream.url("/waits"))));
+    started.notified().await;
+    // The caller's own token: no refresh, straight to the upstream.
+    upstream.accept("own");
+    let mut own = get(&upstream.url("/own"));
+    own.headers_mut()
+        .insert("authorization", "Bearer own".parse().unwrap());
+    let response = tokio::time::timeout(
+        std::time::Duration::from_secs(10),
+        service.clone().oneshot(own),
+    )
+    .await
+    .expect("the limit is not held by the request waiting for a token")
+    .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(!waiting.is_finished());
+
+    release.notify_one();
+    let response = waiting.await.unwrap().unwrap();
+    assert_eq!(response.status(), 200);
+    let paths: Vec<String> = upstream.seen().iter().map(|s| s.path.clone()).collect();
+    assert_eq!(paths, ["/own", "/waits"]);
+}

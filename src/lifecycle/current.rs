@@ -1,39 +1,52 @@
-//! An installed token: its prepared header, generation and freshness, and
-//! the timer that ages it.
+//! An installed token: its prepared header copies, generation and
+//! freshness, and the timer that ages it.
 //!
-//! NOTE: the hot path never reads the clock. A timer task flips
-//! `freshness` when the token enters its refresh-ahead window and when it
-//! expires; a token installed where no timer could be armed is `UNTIMED`
-//! and its readers read the clock instead.
+//! NOTE: the invariants of this file.
+//! - The hot path reads the clock only when no timer it can trust ages the
+//!   token. A timer task flips `freshness` when the token enters its
+//!   refresh-ahead window and when it expires. A timer belongs to the
+//!   runtime that armed it and dies with it: the timer's guard then moves
+//!   the token to a `CLOCKED*` state, where readers read the clock. A token
+//!   installed where no timer could be armed starts `CLOCKED`.
+//! - A proactive refresh that could not run (back-off, no runtime, its
+//!   task gone with its runtime) never leaves the token claimed: it goes
+//!   back to `STALE`, or to `CLOCKED` with `retry_at` set, so a later
+//!   reader claims it again.
+//! - `EXPIRED` is final for a token: nothing moves it back.
 
-use std::sync::atomic::{AtomicU8, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, SystemTime};
 
 use http::HeaderValue;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
-use super::header_cache;
+use super::header_cache::HeaderCopies;
 use crate::Token;
 
-// Freshness of the current token, kept in `Current::freshness`.
-/// Valid and outside the refresh-ahead window.
+// Freshness of the token, kept in `Current::freshness`.
+/// Timed; valid and outside the refresh-ahead window.
 const FRESH: u8 = 0;
-/// Valid; a proactive refresh has been started (or is backing off).
+/// Timed; valid, a proactive refresh is in flight.
 const REFRESHING: u8 = 1;
-/// Valid, inside the refresh-ahead window; the next reader starts a refresh.
+/// Timed; inside the refresh-ahead window: the next reader starts a refresh.
 const STALE: u8 = 2;
 /// Expired (or rejected): readers wait for the refresh.
 const EXPIRED: u8 = 3;
-/// No timer could be armed (installed outside a runtime): readers read the clock.
-const UNTIMED: u8 = 4;
+/// No live timer: readers read the clock (and honour `retry_at`).
+const CLOCKED: u8 = 4;
+/// No live timer, a proactive refresh is in flight: readers read the clock
+/// only to stop sending the token once it expires.
+const CLOCKED_REFRESHING: u8 = 5;
 
 /// When an installed token is refreshed ahead and when readers wait.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Timing {
     pub(crate) refresh_ahead: Option<Duration>,
     pub(crate) min_validity: Duration,
+    /// A token that arrives with no lifetime left is used this long.
+    pub(crate) floor: Duration,
 }
 
 /// What a reader may do with the current token.
@@ -50,21 +63,29 @@ pub(crate) enum Use {
 pub(crate) struct Current {
     pub(crate) token: Arc<Token>,
     pub(crate) header: HeaderValue,
-    /// Unique in the process: keys the per-thread copies of `header`.
-    id: u64,
+    copies: HeaderCopies,
     pub(crate) generation: u64,
     /// The store's version of this token; 0 when it is not from a store.
     pub(crate) store_version: u64,
     installed_at: Instant,
     installed_wall: SystemTime,
+    /// The lifetime the token was installed with (after the floor).
+    lifetime: Option<Duration>,
     expires_at: Option<Instant>,
     refresh_at: Option<Instant>,
     wait_at: Option<Instant>,
+    /// In a `CLOCKED` state, no proactive refresh before this (nanoseconds
+    /// after `installed_at`; 0: none).
+    retry_at: AtomicU64,
     freshness: AtomicU8,
+    /// A timer was armed once (it is not armed again if it dies).
+    armed: AtomicBool,
+    timer: Mutex<Option<AbortHandle>>,
 }
 
 impl Current {
-    /// A token installed now as `generation`.
+    /// A token installed now as `generation`. A token with no lifetime left
+    /// (an expiry of zero, or behind the local clock) is given `timing.floor`.
     pub(crate) fn new(
         token: Token,
         header: HeaderValue,
@@ -73,7 +94,16 @@ impl Current {
         timing: Timing,
     ) -> Arc<Self> {
         let now = Instant::now();
-        let lifetime = token.expires_in();
+        let lifetime = token.expires_in().map(|lifetime| {
+            if lifetime.is_zero() {
+                timing.floor
+            } else {
+                lifetime
+            }
+        });
+        // A lifetime too far away for the clock counts as no expiry.
+        let expires_at = lifetime.and_then(|lifetime| now.checked_add(lifetime));
+        let lifetime = lifetime.filter(|_| expires_at.is_some());
         let (refresh_at, wait_at) = match lifetime {
             None => (None, None),
             Some(lifetime) => {
@@ -92,70 +122,135 @@ impl Current {
         };
         let current = Arc::new(Current {
             token: Arc::new(token),
+            copies: HeaderCopies::new(&header),
             header,
-            id: header_cache::next_id(),
             generation,
             store_version,
             installed_at: now,
             installed_wall: SystemTime::now(),
-            expires_at: lifetime.map(|lifetime| now + lifetime),
+            lifetime,
+            expires_at,
             refresh_at,
             wait_at,
-            freshness: AtomicU8::new(FRESH),
+            retry_at: AtomicU64::new(0),
+            // A token without an expiry never ages: nothing to time.
+            freshness: AtomicU8::new(if wait_at.is_some() { CLOCKED } else { FRESH }),
+            armed: AtomicBool::new(false),
+            timer: Mutex::new(None),
         });
-        current
-            .freshness
-            .store(current.freshness_by_clock(now), Ordering::Release);
+        if current.clock_says(now) == EXPIRED {
+            current.freshness.store(EXPIRED, Ordering::Release);
+        }
         current
     }
 
-    /// Arms the timer that ages this token, on the runtime of the caller.
-    /// Without a runtime the token's readers read the clock instead.
-    pub(crate) fn arm_timer(self: &Arc<Self>) -> Option<AbortHandle> {
-        if self.refresh_at.is_none() && self.wait_at.is_none() {
-            return None;
+    /// Arms the timer that ages this token, on the runtime of the caller,
+    /// once. Without a runtime (or without an expiry) readers keep reading
+    /// the clock; a reader on a runtime arms it later. A timer that dies is
+    /// not armed again: readers read the clock until the next token.
+    pub(crate) fn arm_timer(self: &Arc<Self>) {
+        if self.wait_at.is_none() || self.armed.load(Ordering::Acquire) {
+            return;
         }
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) => Some(
-                runtime
-                    .spawn(freshness_timer(Arc::downgrade(self)))
-                    .abort_handle(),
-            ),
-            Err(_) => {
-                self.freshness.store(UNTIMED, Ordering::Release);
-                None
-            }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        if self.armed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let timed = match self.clock_says(Instant::now()) {
+            EXPIRED => return,
+            STALE => STALE,
+            _ => FRESH,
+        };
+        // NOTE: timed before the task exists: its guard moves the token back
+        // to `CLOCKED*` whenever the task ends without finishing its work
+        // (aborted, or dropped with its runtime, or never polled).
+        let set = self
+            .freshness
+            .compare_exchange(CLOCKED, timed, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok();
+        if !set {
+            return;
+        }
+        let guard = TimerGuard {
+            current: Arc::downgrade(self),
+        };
+        let task = runtime.spawn(freshness_timer(guard)).abort_handle();
+        if let Ok(mut timer) = self.timer.lock() {
+            *timer = Some(task);
+        }
+    }
+
+    /// Stops the timer (the token was replaced).
+    pub(crate) fn stop_timer(&self) {
+        if let Some(task) = self.timer.lock().ok().and_then(|mut timer| timer.take()) {
+            task.abort();
         }
     }
 
     /// The hot path: may a reader send this token? Reads the clock only
-    /// for an untimed token.
+    /// when no live timer ages it.
     #[inline]
-    pub(crate) fn use_now(&self) -> Use {
-        match self.freshness.load(Ordering::Acquire) {
-            FRESH | REFRESHING => Use::Send,
-            STALE => self.claim_proactive(STALE),
-            UNTIMED => match self.freshness_by_clock(Instant::now()) {
-                EXPIRED => Use::Wait,
-                STALE => self.claim_proactive(UNTIMED),
-                _ => Use::Send,
-            },
-            _ => Use::Wait,
+    pub(crate) fn use_now(self: &Arc<Self>) -> Use {
+        let state = self.freshness.load(Ordering::Acquire);
+        match self.use_timed(state) {
+            Some(verdict) => verdict,
+            None => self.use_by_clock(state),
         }
     }
 
-    fn claim_proactive(&self, from: u8) -> Use {
+    /// `use_now` for a state that needs no clock.
+    #[inline]
+    fn use_timed(&self, state: u8) -> Option<Use> {
+        match state {
+            FRESH | REFRESHING => Some(Use::Send),
+            STALE => Some(self.claim_proactive(STALE, REFRESHING)),
+            EXPIRED => Some(Use::Wait),
+            _ => None,
+        }
+    }
+
+    #[cold]
+    fn use_by_clock(self: &Arc<Self>, state: u8) -> Use {
+        // A token installed outside a runtime gets its timer from the first
+        // reader on one.
+        if state == CLOCKED && self.retry_at.load(Ordering::Acquire) == 0 {
+            self.arm_timer();
+            if let Some(verdict) = self.use_timed(self.freshness.load(Ordering::Acquire)) {
+                return verdict;
+            }
+        }
+        let now = Instant::now();
+        match self.clock_says(now) {
+            EXPIRED => {
+                self.freshness.store(EXPIRED, Ordering::Release);
+                Use::Wait
+            }
+            STALE if state == CLOCKED && self.retry_allowed(now) => {
+                self.claim_proactive(CLOCKED, CLOCKED_REFRESHING)
+            }
+            _ => Use::Send,
+        }
+    }
+
+    fn claim_proactive(&self, from: u8, to: u8) -> Use {
         let won = self
             .freshness
-            .compare_exchange(from, REFRESHING, Ordering::AcqRel, Ordering::Acquire)
+            .compare_exchange(from, to, Ordering::AcqRel, Ordering::Acquire)
             .is_ok();
         if won { Use::SendAndRefresh } else { Use::Send }
+    }
+
+    fn retry_allowed(&self, now: Instant) -> bool {
+        let at = self.retry_at.load(Ordering::Acquire);
+        at == 0 || now.saturating_duration_since(self.installed_at).as_nanos() >= u128::from(at)
     }
 
     /// This thread's copy of the header (see `header_cache`).
     #[inline]
     pub(crate) fn local_header(&self) -> HeaderValue {
-        header_cache::local_copy(self.id, &self.header)
+        self.copies.local()
     }
 
     /// The upstream rejected this token: readers wait from now on.
@@ -163,9 +258,47 @@ impl Current {
         self.freshness.store(EXPIRED, Ordering::Release);
     }
 
+    /// The proactive refresh claimed on this token will not run (back-off,
+    /// failure, no runtime): a reader may claim it again from `until` on.
+    pub(crate) fn defer_proactive(&self, until: Instant) {
+        let at = until
+            .saturating_duration_since(self.installed_at)
+            .as_nanos();
+        self.retry_at.store(
+            u64::try_from(at).unwrap_or(u64::MAX).max(1),
+            Ordering::Release,
+        );
+        for from in [REFRESHING, CLOCKED_REFRESHING] {
+            let _ =
+                self.freshness
+                    .compare_exchange(from, CLOCKED, Ordering::AcqRel, Ordering::Acquire);
+        }
+    }
+
+    /// The proactive refresh claimed on this token ended without a result
+    /// (its task went with its runtime): the next reader claims it again.
+    pub(crate) fn release_proactive(&self) {
+        let _ =
+            self.freshness
+                .compare_exchange(REFRESHING, STALE, Ordering::AcqRel, Ordering::Acquire);
+        let _ = self.freshness.compare_exchange(
+            CLOCKED_REFRESHING,
+            CLOCKED,
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        );
+    }
+
     /// `false` once the token expired or was rejected.
     pub(crate) fn is_usable(&self) -> bool {
-        self.freshness.load(Ordering::Acquire) != EXPIRED
+        match self.freshness.load(Ordering::Acquire) {
+            EXPIRED => false,
+            CLOCKED | CLOCKED_REFRESHING if self.clock_says(Instant::now()) == EXPIRED => {
+                self.freshness.store(EXPIRED, Ordering::Release);
+                false
+            }
+            _ => true,
+        }
     }
 
     /// How long ago this token was installed.
@@ -173,7 +306,18 @@ impl Current {
         self.installed_at.elapsed()
     }
 
-    fn freshness_by_clock(&self, now: Instant) -> u8 {
+    /// `true` while a rejection of this token is not worth a refresh: it is
+    /// younger than `min_age`, or than a quarter of its lifetime if that is
+    /// shorter (a token that lives 2 s is not "fresh" for 5 s).
+    pub(crate) fn is_too_fresh(&self, min_age: Duration) -> bool {
+        let window = match self.lifetime {
+            Some(lifetime) => min_age.min(lifetime / 4),
+            None => min_age,
+        };
+        self.age() < window
+    }
+
+    fn clock_says(&self, now: Instant) -> u8 {
         if self.wait_at.is_some_and(|at| now >= at) {
             EXPIRED
         } else if self.refresh_at.is_some_and(|at| now >= at) {
@@ -191,62 +335,65 @@ impl Current {
 
     /// `true` while the token may be sent.
     pub(crate) fn is_valid(&self) -> bool {
-        self.is_usable() && self.freshness_by_clock(Instant::now()) != EXPIRED
+        self.is_usable() && self.clock_says(Instant::now()) != EXPIRED
     }
 
     /// `true` when the token is inside its refresh-ahead window or expired.
     pub(crate) fn should_refresh(&self) -> bool {
-        self.freshness.load(Ordering::Acquire) != FRESH
-            || self.freshness_by_clock(Instant::now()) != FRESH
+        !matches!(self.freshness.load(Ordering::Acquire), FRESH | CLOCKED)
+            || self.clock_says(Instant::now()) != FRESH
     }
 
     /// When this token was installed (wall clock).
     pub(crate) fn installed_wall(&self) -> SystemTime {
         self.installed_wall
     }
+}
 
-    /// After a failed proactive refresh, lets the next reader try again once
-    /// the back-off window has passed.
-    pub(crate) fn rearm_after_backoff(self: &Arc<Self>, until: Instant) {
-        if self.freshness.load(Ordering::Acquire) != REFRESHING {
+impl Drop for Current {
+    fn drop(&mut self) {
+        self.stop_timer();
+    }
+}
+
+/// Moves the token to a `CLOCKED*` state when the timer ends early.
+struct TimerGuard {
+    current: Weak<Current>,
+}
+
+impl Drop for TimerGuard {
+    fn drop(&mut self) {
+        let Some(current) = self.current.upgrade() else {
             return;
-        }
-        let weak = Arc::downgrade(self);
-        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move {
-                tokio::time::sleep_until(until).await;
-                if let Some(c) = weak.upgrade() {
-                    let _ = c.freshness.compare_exchange(
-                        REFRESHING,
-                        STALE,
-                        Ordering::AcqRel,
-                        Ordering::Acquire,
-                    );
-                }
+        };
+        let _ = current
+            .freshness
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |state| match state {
+                FRESH | STALE => Some(CLOCKED),
+                REFRESHING => Some(CLOCKED_REFRESHING),
+                _ => None,
             });
-        }
     }
 }
 
 /// Marks the token stale at its refresh point and expired at its wait point.
-async fn freshness_timer(current: Weak<Current>) {
-    let Some((refresh_at, wait_at)) = current.upgrade().map(|c| (c.refresh_at, c.wait_at)) else {
+async fn freshness_timer(guard: TimerGuard) {
+    let Some((refresh_at, wait_at)) = guard.current.upgrade().map(|c| (c.refresh_at, c.wait_at))
+    else {
         return;
     };
     if let Some(at) = refresh_at {
         tokio::time::sleep_until(at).await;
-        match current.upgrade() {
-            Some(c) => {
-                let _ =
-                    c.freshness
-                        .compare_exchange(FRESH, STALE, Ordering::AcqRel, Ordering::Acquire);
-            }
-            None => return,
-        }
+        let Some(c) = guard.current.upgrade() else {
+            return;
+        };
+        let _ = c
+            .freshness
+            .compare_exchange(FRESH, STALE, Ordering::AcqRel, Ordering::Acquire);
     }
     if let Some(at) = wait_at {
         tokio::time::sleep_until(at).await;
-        if let Some(c) = current.upgrade() {
+        if let Some(c) = guard.current.upgrade() {
             c.freshness.store(EXPIRED, Ordering::Release);
         }
     }
@@ -254,5 +401,7 @@ async fn freshness_timer(current: Weak<Current>) {
 
 /// Shortens `ahead` by up to 10 %, so replicas do not refresh in lockstep.
 fn jittered(ahead: Duration) -> Duration {
-    ahead.mul_f64(1.0 - fastrand::f64() * 0.1)
+    Duration::try_from_secs_f64(ahead.as_secs_f64() * (1.0 - fastrand::f64() * 0.1))
+        .unwrap_or(ahead)
+        .min(ahead)
 }

@@ -27,6 +27,15 @@ impl Fetcher {
         reason: RefreshReason,
     ) -> Result<Token, RefreshError> {
         let cx = RefreshContext { previous, reason };
+        // NOTE: a runtime built without its time driver panics when a timer
+        // is made; find out before the source is called.
+        let timeout = self.timeout;
+        if std::panic::catch_unwind(move || drop(tokio::time::sleep(timeout))).is_err() {
+            return Err(RefreshError::Failed(RefreshFailed::from_message(
+                "token refresh needs a tokio runtime with its time driver \
+                 (`enable_time` or `enable_all` on the runtime builder)",
+            )));
+        }
         match std::panic::catch_unwind(AssertUnwindSafe(|| self.source.fetch(cx))) {
             Err(_) => Err(panicked()),
             Ok(fetch) => {

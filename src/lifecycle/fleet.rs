@@ -30,6 +30,9 @@
 //! 7. When the process cannot coordinate (the store does not answer, the
 //!    lease cannot be had in time), [`UnreachableStore`] decides: by default
 //!    the source is called without the refresh token.
+//! 8. After a rejection of a token too young to refresh (the storm guard),
+//!    `newer_than` only looks: a newer stored token, or the one a lease
+//!    holder is about to save. It never calls the token source.
 //!
 //! "Newer" is decided by `Known::superseded_by`: a higher version in the
 //! same line of versions or, for a token that is not from that line (a local
@@ -322,7 +325,7 @@ impl FleetStore {
 
         // 2. Take the lease, or wait for its holder (bounded polling: the
         //    holder saves, or its lease expires and can be taken over).
-        let give_up_at = Instant::now() + self.lease_ttl + self.lease_ttl;
+        let give_up_at = Instant::now().checked_add(self.lease_ttl.saturating_mul(2));
         let lease = loop {
             match self
                 .timed(self.store.try_lock(&self.key, self.lease_ttl))
@@ -332,7 +335,7 @@ impl FleetStore {
                 Ok(None) => {}
                 Err(err) => return self.uncoordinated(fetcher, &known, reason, err).await,
             }
-            if Instant::now() >= give_up_at {
+            if give_up_at.is_some_and(|at| Instant::now() >= at) {
                 let err = StoreError::Unavailable("lease was not released in time".into());
                 return self.uncoordinated(fetcher, &known, reason, err).await;
             }
@@ -591,6 +594,42 @@ impl FleetStore {
                 tracing::debug!(error = %err, "locally obtained token not saved");
                 Obtained::fetched(token)
             }
+        }
+    }
+
+    /// After a rejection of a token too young to refresh: the token another
+    /// process stored in its place, if any. A refresh another process has in
+    /// flight (its lease is held) is waited for, within twice the lease ttl.
+    /// A store out of reach counts as nothing newer.
+    pub(crate) async fn newer_than(&self, previous: Previous) -> Option<StoredToken> {
+        let rejected = previous.token.clone();
+        let known = Known {
+            version: previous.store_version,
+            token: previous.token,
+        };
+        let newer = |stored: Option<StoredToken>| {
+            stored.filter(|stored| known.adoptable(stored, rejected.as_deref()))
+        };
+        let give_up_at = Instant::now().checked_add(self.lease_ttl.saturating_mul(2));
+        loop {
+            if let Some(stored) = newer(self.load().await.ok()?) {
+                return Some(stored);
+            }
+            if let Some(lease) = self
+                .timed(self.store.try_lock(&self.key, self.lease_ttl))
+                .await
+                .ok()?
+            {
+                // Nobody is refreshing; one last look covers a holder that
+                // saved and let go between the read and the lock.
+                let stored = self.load().await;
+                let _ = self.timed(self.store.unlock(lease)).await;
+                return newer(stored.ok()?);
+            }
+            if give_up_at.is_some_and(|at| Instant::now() >= at) {
+                return None;
+            }
+            tokio::time::sleep(self.poll_interval).await;
         }
     }
 

@@ -63,7 +63,7 @@ impl TokenHandle {
             config: ManagerConfig::default(),
             initial: None,
             store: None,
-            lease_ttl_set: false,
+            store_timing: None,
             unreachable: UnreachableStore::default(),
         }
     }
@@ -169,12 +169,20 @@ pub struct TokenHandleBuilder {
     source: Box<dyn TokenSource>,
     config: ManagerConfig,
     initial: Option<Token>,
-    store: Option<FleetStore>,
-    /// `store_timing` gave the lease ttl; otherwise it follows the refresh
-    /// timeout, whatever the order of the builder calls.
-    lease_ttl_set: bool,
+    store: Option<(Arc<dyn TokenStore>, String)>,
+    /// Set by `store_timing`; applied at `build`, whatever the order of the
+    /// builder calls.
+    store_timing: Option<StoreTiming>,
     /// What a refresh does when it cannot coordinate with the fleet.
     unreachable: UnreachableStore,
+}
+
+/// The timings of the fleet protocol, as given to `store_timing`.
+#[derive(Debug, Clone, Copy)]
+struct StoreTiming {
+    lease_ttl: Duration,
+    poll_interval: Duration,
+    op_timeout: Duration,
 }
 
 impl fmt::Debug for TokenHandleBuilder {
@@ -225,6 +233,11 @@ impl TokenHandleBuilder {
     /// The back-off window after a failed refresh: starts at `min`, doubles
     /// on each further failure up to `max`, with ±10 % jitter. Default
     /// 500 ms to 60 s.
+    ///
+    /// A refresh that brings a token with no lifetime left (`expires_in`
+    /// of 0, or an expiry behind the local clock) counts into the same
+    /// window: the token is used (the upstream decides) for one back-off
+    /// step, at least 1 s, instead of being refreshed on every request.
     pub fn backoff(mut self, min: Duration, max: Duration) -> Self {
         self.config.backoff_min = min;
         self.config.backoff_max = max;
@@ -233,7 +246,13 @@ impl TokenHandleBuilder {
 
     /// A token rejected by the upstream before it is this old is not
     /// refreshed again; the upstream's answer is returned instead (an
-    /// endpoint that always answers 401 is a permission problem). Default 5 s.
+    /// endpoint that always answers 401 is a permission problem). Default
+    /// 5 s, and never more than a quarter of the token's lifetime.
+    ///
+    /// With a [`store`](Self::store), the store is read first: when another
+    /// process saved a newer token (servers that revoke the old access token
+    /// when they rotate the refresh token do this to a fleet), or is saving
+    /// one (its lease is held), the request is retried with it.
     pub fn min_token_age(mut self, age: Duration) -> Self {
         self.config.min_token_age = age;
         self
@@ -246,34 +265,33 @@ impl TokenHandleBuilder {
     /// When the store is out of reach, the refresh follows
     /// [`when_store_unreachable`](Self::when_store_unreachable).
     pub fn store(mut self, store: impl TokenStore, key: impl Into<String>) -> Self {
-        self.store = Some(FleetStore {
-            store: Arc::new(store),
-            key: key.into(),
-            lease_ttl: self.config.refresh_timeout + Duration::from_secs(5),
-            poll_interval: Duration::from_millis(50),
-            op_timeout: Duration::from_secs(2),
-            unreachable: UnreachableStore::default(),
-        });
+        self.store = Some((Arc::new(store), key.into()));
         self
     }
 
     /// How long a refresh lease is held at most (default: the refresh timeout
     /// plus 5 s), how often a process waiting for another's refresh re-reads
     /// the store (default 50 ms), and how long one store operation may take
-    /// before the store counts as unavailable (default 2 s). Call after
-    /// [`store`](Self::store).
+    /// before the store counts as unavailable (default 2 s). Without
+    /// [`store`](Self::store) these are not used; with it, the order of the
+    /// calls does not matter.
+    ///
+    /// The lease never ends before the refresh it guards could: a `lease_ttl`
+    /// shorter than the refresh timeout plus `op_timeout` (the save after
+    /// the token call) is raised to that, with a warning, so that two
+    /// processes never present the same refresh token. No lease lasts more
+    /// than a day.
     pub fn store_timing(
         mut self,
         lease_ttl: Duration,
         poll_interval: Duration,
         op_timeout: Duration,
     ) -> Self {
-        if let Some(store) = &mut self.store {
-            self.lease_ttl_set = true;
-            store.lease_ttl = lease_ttl;
-            store.poll_interval = poll_interval;
-            store.op_timeout = op_timeout;
-        }
+        self.store_timing = Some(StoreTiming {
+            lease_ttl,
+            poll_interval,
+            op_timeout,
+        });
         self
     }
 
@@ -314,16 +332,53 @@ impl TokenHandleBuilder {
 
     /// Builds the handle. An initial token that cannot be made into a
     /// header is dropped (the first request fetches one).
-    pub fn build(mut self) -> TokenHandle {
-        if let (Some(store), false) = (&mut self.store, self.lease_ttl_set) {
-            store.lease_ttl = self.config.refresh_timeout + Duration::from_secs(5);
-        }
-        if let Some(store) = &mut self.store {
-            store.unreachable = self.unreachable;
-        }
+    pub fn build(self) -> TokenHandle {
+        let store = self
+            .store
+            .map(|(store, key)| fleet_store(store, key, self.store_timing, &self.config))
+            .map(|store| FleetStore {
+                unreachable: self.unreachable,
+                ..store
+            });
         TokenHandle {
-            manager: TokenManager::new(self.source, self.store, self.config, self.initial),
+            manager: TokenManager::new(self.source, store, self.config, self.initial),
         }
+    }
+}
+
+/// No lease is held longer than this, whatever the settings (stores keep
+/// lease expiries as instants and timestamps).
+const MAX_LEASE_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// The store with its timings: the defaults, or those given, with the lease
+/// long enough for the refresh it guards.
+fn fleet_store(
+    store: Arc<dyn TokenStore>,
+    key: String,
+    timing: Option<StoreTiming>,
+    config: &ManagerConfig,
+) -> FleetStore {
+    let refresh_timeout = config.refresh_timeout;
+    let timing = timing.unwrap_or(StoreTiming {
+        lease_ttl: refresh_timeout.saturating_add(Duration::from_secs(5)),
+        poll_interval: Duration::from_millis(50),
+        op_timeout: Duration::from_secs(2),
+    });
+    let shortest = refresh_timeout.saturating_add(timing.op_timeout);
+    if timing.lease_ttl < shortest {
+        tracing::warn!(
+            lease_ttl_ms = u64::try_from(timing.lease_ttl.as_millis()).unwrap_or(u64::MAX),
+            raised_to_ms = u64::try_from(shortest.as_millis()).unwrap_or(u64::MAX),
+            "store lease shorter than the refresh timeout plus the store timeout; raised"
+        );
+    }
+    FleetStore {
+        store,
+        key,
+        lease_ttl: timing.lease_ttl.max(shortest).min(MAX_LEASE_TTL),
+        poll_interval: timing.poll_interval,
+        op_timeout: timing.op_timeout,
+        unreachable: UnreachableStore::default(),
     }
 }
 
@@ -404,5 +459,64 @@ mod ser {
 
     pub(super) fn time_ms<S: Serializer>(t: &Option<SystemTime>, s: S) -> Result<S::Ok, S::Error> {
         duration_ms(&t.and_then(|t| t.duration_since(UNIX_EPOCH).ok()), s)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{MemoryStore, RefreshContext, token_source_fn};
+
+    fn builder() -> TokenHandleBuilder {
+        TokenHandle::builder(token_source_fn(|_cx: RefreshContext| async {
+            Ok::<_, std::io::Error>(Token::bearer("t"))
+        }))
+    }
+
+    fn lease_ttl(handle: &TokenHandle) -> Duration {
+        handle.manager.store_lease_ttl().unwrap()
+    }
+
+    #[test]
+    fn extreme_durations_build_without_panicking() {
+        let handle = builder()
+            .refresh_timeout(Duration::MAX)
+            .backoff(Duration::MAX, Duration::MAX)
+            .min_token_age(Duration::MAX)
+            .refresh_ahead(Duration::MAX)
+            .min_validity(Duration::MAX)
+            .store(MemoryStore::new(), "k")
+            .build();
+        assert_eq!(lease_ttl(&handle), Duration::from_secs(24 * 3600));
+    }
+
+    #[test]
+    fn store_timing_counts_before_or_after_store() {
+        let ms = Duration::from_millis;
+        let timing = (Duration::from_secs(60), ms(10), ms(500));
+        let before = builder()
+            .store_timing(timing.0, timing.1, timing.2)
+            .store(MemoryStore::new(), "k")
+            .build();
+        let after = builder()
+            .store(MemoryStore::new(), "k")
+            .store_timing(timing.0, timing.1, timing.2)
+            .build();
+        assert_eq!(lease_ttl(&before), Duration::from_secs(60));
+        assert_eq!(lease_ttl(&after), Duration::from_secs(60));
+    }
+
+    #[test]
+    fn a_lease_shorter_than_the_refresh_is_raised() {
+        let handle = builder()
+            .refresh_timeout(Duration::from_secs(30))
+            .store(MemoryStore::new(), "k")
+            .store_timing(
+                Duration::from_secs(1),
+                Duration::from_millis(50),
+                Duration::from_secs(2),
+            )
+            .build();
+        assert_eq!(lease_ttl(&handle), Duration::from_secs(32));
     }
 }

@@ -1,69 +1,70 @@
-//! A per-thread copy of the current token's header value.
+//! Copies of a token's header, one per thread slot.
 //!
 //! NOTE: a `HeaderValue` is backed by a reference-counted `Bytes`. When
 //! every thread clones the one shared value, its reference count is a cache
 //! line that moves between cores on every request, and reads stop scaling.
-//! Each thread instead keeps its own copy of the few headers it used last,
-//! keyed by a process-wide unique id of the installed token (never by
-//! address, which can be reused). A copy is made once per thread and token;
-//! an old token's copy stays until its slot is reused.
+//! So each installed token carries a few copies of its header, made once at
+//! install, and each thread clones the copy of its own slot (a thread-local
+//! index given out in turn). The copies belong to the token: they are
+//! dropped with it, so no thread keeps a retired secret, and there is no
+//! per-thread map to miss in, however many tokens a thread uses.
 
-use std::cell::RefCell;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::cell::Cell;
+use std::sync::OnceLock;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use http::HeaderValue;
 
-/// Headers kept per thread: enough for a few tokens in use at once.
-const SLOTS: usize = 4;
+/// At most this many copies per token, whatever the number of cores.
+const MAX_COPIES: usize = 8;
 
-static NEXT_ID: AtomicU64 = AtomicU64::new(1);
-
-/// A new id for an installed token, unique in the process.
-pub(crate) fn next_id() -> u64 {
-    NEXT_ID.fetch_add(1, Ordering::Relaxed)
+/// Copies of one header, one per thread slot.
+pub(crate) struct HeaderCopies {
+    copies: Box<[HeaderValue]>,
 }
 
-struct Slots {
-    entries: [(u64, Option<HeaderValue>); SLOTS],
-    next: usize,
+impl HeaderCopies {
+    /// As many copies of `shared` as there are cores (at most 8), each with
+    /// its own reference count.
+    pub(crate) fn new(shared: &HeaderValue) -> Self {
+        let copies = (0..slots())
+            .map(|_| {
+                let mut copy =
+                    HeaderValue::from_bytes(shared.as_bytes()).unwrap_or_else(|_| shared.clone());
+                copy.set_sensitive(shared.is_sensitive());
+                copy
+            })
+            .collect();
+        Self { copies }
+    }
+
+    /// The copy of this thread's slot.
+    #[inline]
+    pub(crate) fn local(&self) -> HeaderValue {
+        let slot = SLOT.try_with(Cell::get).unwrap_or(0);
+        // `slot < slots() == copies.len()`; the first copy is the fallback.
+        match self.copies.get(slot) {
+            Some(copy) => copy.clone(),
+            None => self.copies[0].clone(),
+        }
+    }
 }
+
+/// The number of copies per token: the cores this process may use, at most 8.
+fn slots() -> usize {
+    static SLOTS: OnceLock<usize> = OnceLock::new();
+    *SLOTS.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map_or(1, usize::from)
+            .clamp(1, MAX_COPIES)
+    })
+}
+
+static NEXT_SLOT: AtomicUsize = AtomicUsize::new(0);
 
 thread_local! {
-    static LOCAL: RefCell<Slots> = const {
-        RefCell::new(Slots { entries: [const { (0, None) }; SLOTS], next: 0 })
-    };
-}
-
-/// This thread's copy of `shared`, the header of the token with `id`.
-#[inline]
-pub(crate) fn local_copy(id: u64, shared: &HeaderValue) -> HeaderValue {
-    LOCAL
-        .try_with(|slots| {
-            let mut slots = slots.try_borrow_mut().ok()?;
-            Some(slots.get_or_insert(id, shared))
-        })
-        .ok()
-        .flatten()
-        .unwrap_or_else(|| shared.clone())
-}
-
-impl Slots {
-    fn get_or_insert(&mut self, id: u64, shared: &HeaderValue) -> HeaderValue {
-        for (slot_id, value) in &self.entries {
-            if *slot_id == id {
-                if let Some(value) = value {
-                    return value.clone();
-                }
-            }
-        }
-        let mut copy =
-            HeaderValue::from_bytes(shared.as_bytes()).unwrap_or_else(|_| shared.clone());
-        copy.set_sensitive(shared.is_sensitive());
-        let slot = self.next;
-        self.next = (slot + 1) % SLOTS;
-        self.entries[slot] = (id, Some(copy.clone()));
-        copy
-    }
+    /// This thread's slot, given out in turn as threads first ask.
+    static SLOT: Cell<usize> = Cell::new(NEXT_SLOT.fetch_add(1, Ordering::Relaxed) % slots());
 }
 
 #[cfg(test)]
@@ -71,37 +72,30 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_copy_is_equal_sensitive_and_kept_per_token() {
+    fn every_copy_is_equal_and_sensitive() {
         let mut shared = HeaderValue::from_static("Bearer one");
         shared.set_sensitive(true);
-        let id = next_id();
-        let first = local_copy(id, &shared);
-        assert_eq!(first, shared);
-        assert!(first.is_sensitive());
-        let other = HeaderValue::from_static("Bearer two");
-        let other_id = next_id();
-        assert_eq!(local_copy(other_id, &other), other);
-        assert_eq!(
-            local_copy(id, &shared),
-            shared,
-            "each token keeps its own slot"
+        let copies = HeaderCopies::new(&shared);
+        assert_eq!(copies.copies.len(), slots());
+        assert!(
+            copies
+                .copies
+                .iter()
+                .all(|c| c == shared && c.is_sensitive())
         );
+        assert_eq!(copies.local(), shared);
     }
 
     #[test]
-    fn old_tokens_are_evicted_and_never_confused() {
-        let values: Vec<(u64, HeaderValue)> = (0..10)
-            .map(|i| {
-                (
-                    next_id(),
-                    HeaderValue::from_str(&format!("Bearer t{i}")).unwrap(),
-                )
+    fn threads_take_their_slots_in_turn() {
+        let shared = HeaderValue::from_static("Bearer two");
+        let copies = std::sync::Arc::new(HeaderCopies::new(&shared));
+        let seen: Vec<HeaderValue> = (0..4)
+            .map(|_| {
+                let copies = copies.clone();
+                std::thread::spawn(move || copies.local()).join().unwrap()
             })
             .collect();
-        for _ in 0..3 {
-            for (id, value) in &values {
-                assert_eq!(&local_copy(*id, value), value);
-            }
-        }
+        assert!(seen.iter().all(|v| v == shared));
     }
 }

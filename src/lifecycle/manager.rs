@@ -3,15 +3,30 @@
 //!
 //! NOTE: the invariants of this file.
 //! - Readers (`acquire`) take no lock: one `ArcSwapOption` load and one
-//!   atomic load of the token's freshness (see `current.rs`).
+//!   atomic load of the token's freshness (see `current.rs`; a token no
+//!   live timer ages costs a clock read too).
 //! - `refresh` decides under the `state` mutex (never held across `.await`)
 //!   whether to join the in-flight refresh, fail fast (back-off) or start a
 //!   new one. A refresh runs as a spawned task shared through
 //!   `futures::Shared`, so a caller that is dropped cannot cancel it.
 //! - The task installs the new token and clears `in_flight` under the same
 //!   lock, so a caller that sees no refresh in flight also sees its result.
+//! - A refresh task belongs to the runtime of the caller that started it,
+//!   and dies with that runtime. An entry whose task ended without clearing
+//!   it (`InFlight::is_live` is false) is dropped by the next caller, who
+//!   starts a fresh refresh on its own runtime; a waiter that sees the task
+//!   cancelled does the same. The task contains panics (token store, a
+//!   runtime without its time driver): they end as a failed refresh, with
+//!   back-off, like any other failure.
+//! - A proactive refresh that cannot run gives its claim back
+//!   (`Current::defer_proactive`, `Current::release_proactive`): a later
+//!   reader claims it again once the back-off window has passed.
+//! - A token that arrives with no lifetime left is used for a while rather
+//!   than refreshed on every request: for a back-off step (at least 1 s),
+//!   doubling while the source keeps sending expired tokens.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::panic::AssertUnwindSafe;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime};
 
@@ -70,21 +85,80 @@ pub(crate) enum Acquired {
 pub(crate) enum Rejection {
     /// The token is younger than the minimum age: return the upstream's answer.
     TooFresh,
-    /// Retry once the future resolves (at once if it already has).
-    Retry(BoxFuture<'static, Result<(HeaderValue, u64), BoxError>>),
+    /// Retry with the token the future resolves to (at once if it already
+    /// has); `None`: the token is too fresh to refresh and the store holds
+    /// nothing newer, so return the upstream's answer.
+    Retry(BoxFuture<'static, Result<Option<(HeaderValue, u64)>, BoxError>>),
 }
 
-type SharedRefresh = Shared<BoxFuture<'static, Result<Arc<Current>, RefreshError>>>;
+/// A token that arrives with no lifetime left is used at least this long.
+const MIN_FLOOR: Duration = Duration::from_secs(1);
+
+/// Where an installed token comes from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Origin {
+    /// A refresh (the token source or the store).
+    Refresh,
+    /// `set_token` or the initial token.
+    Application,
+}
+
+/// How a refresh task ended, as its waiters see it.
+#[derive(Clone)]
+enum Outcome {
+    Done(Result<Arc<Current>, RefreshError>),
+    /// The task was dropped with its runtime before it finished.
+    Cancelled,
+}
+
+type SharedRefresh = Shared<BoxFuture<'static, Outcome>>;
+
+/// The refresh in flight.
+struct InFlight {
+    shared: SharedRefresh,
+    task: AbortHandle,
+    /// Set by the task's guard when the task is dropped before it finished.
+    ended: Arc<AtomicBool>,
+}
+
+impl InFlight {
+    /// `false` once the task ended without clearing its entry: it died with
+    /// its runtime.
+    fn is_live(&self) -> bool {
+        !self.ended.load(Ordering::Acquire) && !self.task.is_finished()
+    }
+}
 
 enum Start {
     Ready(Arc<Current>),
     Wait(SharedRefresh),
-    Failed(RefreshError),
+    /// Refused; a proactive claim may be retried from `retry_at`.
+    Failed(RefreshError, Instant),
+}
+
+/// Marks a refresh task that is dropped before it finished, and gives back
+/// the proactive claim it was started for.
+struct TaskGuard {
+    ended: Arc<AtomicBool>,
+    claimed: Option<Arc<Current>>,
+    finished: bool,
+}
+
+impl Drop for TaskGuard {
+    fn drop(&mut self) {
+        if self.finished {
+            return;
+        }
+        self.ended.store(true, Ordering::Release);
+        if let Some(current) = &self.claimed {
+            current.release_proactive();
+        }
+    }
 }
 
 #[derive(Default)]
 struct RefreshState {
-    in_flight: Option<SharedRefresh>,
+    in_flight: Option<InFlight>,
     next_generation: u64,
     backoff_until: Option<Instant>,
     backoff_window: Duration,
@@ -92,7 +166,6 @@ struct RefreshState {
     consecutive_failures: u32,
     last_refresh_at: Option<SystemTime>,
     last_refresh_took: Option<Duration>,
-    timer: Option<AbortHandle>,
 }
 
 /// Counters kept by the manager; read with `TokenHandle::stats`.
@@ -164,8 +237,8 @@ impl TokenManager {
             .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 
-    /// The hot path: the current token's header and generation, with no lock
-    /// and no clock read.
+    /// The hot path: the current token's header and generation, with no lock,
+    /// and no clock read while a live timer ages the token.
     #[inline]
     pub(crate) fn acquire(&self) -> Acquired {
         let guard = self.current.load();
@@ -176,11 +249,22 @@ impl TokenManager {
             Use::Send => {}
             Use::SendAndRefresh => {
                 // The refresh runs in its own task; nobody needs to await it.
-                let _ = self.refresh(Some(current.generation), RefreshReason::Proactive);
+                // A refusal gives the claim back for after the back-off.
+                if let Start::Failed(_, retry_at) =
+                    self.refresh(Some(current.generation), RefreshReason::Proactive)
+                {
+                    current.defer_proactive(retry_at);
+                }
             }
             Use::Wait => return Acquired::Wait,
         }
         Acquired::Ready(current.local_header(), current.generation)
+    }
+
+    /// The lease ttl of the store, if there is one.
+    #[cfg(test)]
+    pub(crate) fn store_lease_ttl(&self) -> Option<Duration> {
+        self.store.as_ref().map(|store| store.lease_ttl)
     }
 
     /// The current token, if any.
@@ -205,21 +289,76 @@ impl TokenManager {
     }
 
     /// Called when the upstream rejected the token of `generation`.
+    ///
+    /// NOTE: the order matters. A newer token already installed is used at
+    /// once. A token too young to refresh (`Current::is_too_fresh`) is not
+    /// refreshed; but with a store, another process may have replaced it
+    /// (servers that revoke the old access token when they rotate), so the
+    /// store is read first and a newer stored token is used at once.
     pub(crate) fn on_rejected(&self, generation: u64) -> Rejection {
+        let Some(manager) = self.weak_self.upgrade() else {
+            return Rejection::TooFresh;
+        };
         if let Some(current) = self.current.load_full() {
             if current.generation != generation && current.is_usable() {
                 let ready = (current.header.clone(), current.generation);
-                return Rejection::Retry(Box::pin(async move { Ok(ready) }));
+                return Rejection::Retry(Box::pin(async move { Ok(Some(ready)) }));
             }
-            if current.generation == generation && current.age() < self.config.min_token_age {
-                return Rejection::TooFresh;
+            if current.generation == generation && current.is_too_fresh(self.config.min_token_age) {
+                if self.store.is_none() {
+                    return Rejection::TooFresh;
+                }
+                return Rejection::Retry(Box::pin(async move {
+                    manager.adopt_newer_than(&current).await
+                }));
             }
         }
         let start = self.refresh(Some(generation), RefreshReason::Rejected);
         Rejection::Retry(Box::pin(async move {
-            let current = Self::finish(start).await?;
-            Ok((current.header.clone(), current.generation))
+            let current = manager
+                .finish(start, Some(generation), RefreshReason::Rejected)
+                .await?;
+            Ok(Some((current.header.clone(), current.generation)))
         }))
+    }
+
+    /// With a store: installs the token another process stored in place of
+    /// `rejected`, if there is one (waiting for a refresh another process
+    /// has in flight).
+    async fn adopt_newer_than(
+        &self,
+        rejected: &Arc<Current>,
+    ) -> Result<Option<(HeaderValue, u64)>, BoxError> {
+        let Some(store) = &self.store else {
+            return Ok(None);
+        };
+        let previous = Previous {
+            token: Some(rejected.token.clone()),
+            store_version: rejected.store_version,
+        };
+        let Some(stored) = store.newer_than(previous).await else {
+            return Ok(None);
+        };
+        let mut state = self.lock();
+        if let Some(current) = self.current.load_full() {
+            if current.generation != rejected.generation && current.is_usable() {
+                return Ok(Some((current.header.clone(), current.generation)));
+            }
+        }
+        let current = self
+            .install(
+                &mut state,
+                stored.token,
+                Some(stored.version),
+                Origin::Refresh,
+            )
+            .map_err(|err| RefreshError::Failed(RefreshFailed::new(Arc::new(err))).into_box())?;
+        Counters::bump(&self.counters.adopted);
+        tracing::debug!(
+            generation = current.generation,
+            "rejected token replaced by a newer stored one"
+        );
+        Ok(Some((current.header.clone(), current.generation)))
     }
 
     /// Refreshes now, whatever the state, joining a refresh in flight.
@@ -233,15 +372,34 @@ impl TokenManager {
         reason: RefreshReason,
     ) -> Result<Arc<Current>, BoxError> {
         let start = self.refresh(seen, reason);
-        Self::finish(start).await
+        self.finish(start, seen, reason).await
     }
 
-    async fn finish(start: Start) -> Result<Arc<Current>, BoxError> {
-        match start {
-            Start::Ready(current) => Ok(current),
-            Start::Wait(shared) => shared.await.map_err(RefreshError::into_box),
-            Start::Failed(err) => Err(err.into_box()),
+    /// Waits for the refresh `start` joined. A refresh whose task went with
+    /// its runtime is started again here, on the caller's runtime.
+    async fn finish(
+        &self,
+        mut start: Start,
+        seen: Option<u64>,
+        reason: RefreshReason,
+    ) -> Result<Arc<Current>, BoxError> {
+        for _ in 0..3 {
+            match start {
+                Start::Ready(current) => return Ok(current),
+                Start::Failed(err, _) => return Err(err.into_box()),
+                Start::Wait(shared) => match shared.await {
+                    Outcome::Done(result) => return result.map_err(RefreshError::into_box),
+                    Outcome::Cancelled => {
+                        tracing::debug!("token refresh went with its runtime; starting it again");
+                        start = self.refresh(seen, reason);
+                    }
+                },
+            }
         }
+        Err(RefreshError::Failed(RefreshFailed::from_message(
+            "token refresh task was cancelled: its runtime shut down",
+        ))
+        .into_box())
     }
 
     /// Joins the refresh in flight or starts one. `seen` is the generation
@@ -254,30 +412,43 @@ impl TokenManager {
                 return Start::Ready(current.clone());
             }
         }
-        if let Some(in_flight) = &state.in_flight {
-            return Start::Wait(in_flight.clone());
-        }
-        if reason != RefreshReason::Manual {
-            if let (Some(until), Some(err)) = (state.backoff_until, &state.last_error) {
-                if Instant::now() < until {
-                    return Start::Failed(err.for_backoff());
+        // NOTE: a rejected token is no longer handed out, even while a
+        // refresh started for another reason is in flight.
+        if reason == RefreshReason::Rejected {
+            if let (Some(seen), Some(current)) = (seen, current.as_ref()) {
+                if current.generation == seen {
+                    current.mark_rejected();
                 }
             }
         }
-        if reason == RefreshReason::Rejected {
-            if let Some(current) = current.as_ref() {
-                current.mark_rejected();
+        if let Some(in_flight) = &state.in_flight {
+            if in_flight.is_live() {
+                return Start::Wait(in_flight.shared.clone());
+            }
+            tracing::debug!("token refresh went with its runtime; starting a new one");
+            state.in_flight = None;
+        }
+        let now = Instant::now();
+        if reason != RefreshReason::Manual {
+            if let (Some(until), Some(err)) = (state.backoff_until, &state.last_error) {
+                if now < until {
+                    return Start::Failed(err.for_backoff(), until);
+                }
             }
         }
         let Some(manager) = self.weak_self.upgrade() else {
-            return Start::Failed(RefreshError::Failed(RefreshFailed::from_message(
-                "token manager dropped",
-            )));
+            return Start::Failed(
+                RefreshError::Failed(RefreshFailed::from_message("token manager dropped")),
+                now,
+            );
         };
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return Start::Failed(RefreshError::Failed(RefreshFailed::from_message(
-                "token refresh needs a tokio runtime",
-            )));
+            return Start::Failed(
+                RefreshError::Failed(RefreshFailed::from_message(
+                    "token refresh needs a tokio runtime",
+                )),
+                now,
+            );
         };
         let previous = current;
         let generation = state.next_generation;
@@ -287,17 +458,32 @@ impl TokenManager {
             generation,
             duration_ms = tracing::field::Empty,
         );
-        let task = runtime.spawn(manager.fetch_and_install(previous, reason).instrument(span));
+        let ended = Arc::new(AtomicBool::new(false));
+        // NOTE: the task is spawned with the lock held; if its runtime is
+        // shutting down it is dropped at once, before its first poll, so
+        // nothing in it may take the lock on drop (its guard does not).
+        let task = runtime.spawn(
+            manager
+                .fetch_and_install(previous, reason, ended.clone())
+                .instrument(span),
+        );
+        let abort = task.abort_handle();
         let shared = async move {
-            task.await.unwrap_or_else(|_| {
-                Err(RefreshError::Failed(RefreshFailed::from_message(
-                    "token refresh task was cancelled",
-                )))
-            })
+            match task.await {
+                Ok(result) => Outcome::Done(result),
+                Err(err) if err.is_panic() => Outcome::Done(Err(RefreshError::Failed(
+                    RefreshFailed::from_message("token refresh task panicked"),
+                ))),
+                Err(_) => Outcome::Cancelled,
+            }
         }
         .boxed()
         .shared();
-        state.in_flight = Some(shared.clone());
+        state.in_flight = Some(InFlight {
+            shared: shared.clone(),
+            task: abort,
+            ended,
+        });
         Start::Wait(shared)
     }
 
@@ -305,29 +491,54 @@ impl TokenManager {
         self: Arc<Self>,
         previous: Option<Arc<Current>>,
         reason: RefreshReason,
+        ended: Arc<AtomicBool>,
     ) -> Result<Arc<Current>, RefreshError> {
+        let mut guard = TaskGuard {
+            ended,
+            claimed: previous
+                .clone()
+                .filter(|_| reason == RefreshReason::Proactive),
+            finished: false,
+        };
         let started = Instant::now();
         let previous = previous.map_or_else(Previous::default, |c| Previous {
             token: Some(c.token.clone()),
             store_version: c.store_version,
         });
-        let result = match &self.store {
-            Some(store) => store.obtain(&self.fetcher, previous, reason).await,
-            None => self
-                .fetcher
-                .fetch(previous.token, reason)
-                .await
-                .map(Obtained::fetched),
+        let obtain = async {
+            match &self.store {
+                Some(store) => store.obtain(&self.fetcher, previous, reason).await,
+                None => self
+                    .fetcher
+                    .fetch(previous.token, reason)
+                    .await
+                    .map(Obtained::fetched),
+            }
         };
+        let result = AssertUnwindSafe(obtain)
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|_| {
+                Err(RefreshError::Failed(RefreshFailed::from_message(
+                    "token refresh panicked (in the token store, or in a tokio \
+                     runtime built without its time driver: `enable_time`)",
+                )))
+            });
         let took = started.elapsed();
         tracing::Span::current().record("duration_ms", took.as_millis() as u64);
         let mut state = self.lock();
         state.in_flight = None;
+        guard.finished = true;
         let installed = result.and_then(|obtained| {
             let adopted = obtained.adopted;
-            self.install(&mut state, obtained.token, obtained.store_version)
-                .map(|current| (current, adopted))
-                .map_err(|err| RefreshError::Failed(RefreshFailed::new(Arc::new(err))))
+            self.install(
+                &mut state,
+                obtained.token,
+                obtained.store_version,
+                Origin::Refresh,
+            )
+            .map(|current| (current, adopted))
+            .map_err(|err| RefreshError::Failed(RefreshFailed::new(Arc::new(err))))
         });
         match installed {
             Ok((current, adopted)) => {
@@ -338,7 +549,6 @@ impl TokenManager {
                 }
                 state.consecutive_failures = 0;
                 state.backoff_until = None;
-                state.backoff_window = Duration::ZERO;
                 state.last_error = None;
                 state.last_refresh_at = Some(SystemTime::now());
                 state.last_refresh_took = Some(took);
@@ -350,7 +560,7 @@ impl TokenManager {
                 state.consecutive_failures = state.consecutive_failures.saturating_add(1);
                 let window = next_backoff(state.backoff_window, &self.config);
                 state.backoff_window = window;
-                let until = Instant::now() + window;
+                let until = deadline(Instant::now(), window);
                 state.backoff_until = Some(until);
                 state.last_error = Some(err.clone());
                 tracing::warn!(
@@ -360,7 +570,7 @@ impl TokenManager {
                     "token refresh failed"
                 );
                 if let Some(current) = self.current.load_full() {
-                    current.rearm_after_backoff(until);
+                    current.defer_proactive(until);
                 }
                 Err(err)
             }
@@ -373,12 +583,35 @@ impl TokenManager {
         state: &mut RefreshState,
         token: Token,
         store_version: Option<u64>,
+        origin: Origin,
     ) -> Result<Arc<Current>, crate::InvalidTokenValue> {
         let header = self.config.injector.prepare(&token)?;
         state.next_generation += 1;
+        // A refresh that brings a token with no lifetime left counts into
+        // back-off: the token is used for one back-off step (at least 1 s),
+        // doubling while it lasts. A token the application sets already
+        // expired is refreshed before it is used, as usual.
+        let floor = match origin {
+            Origin::Refresh if token.is_expired() => {
+                let window = next_backoff(state.backoff_window, &self.config);
+                state.backoff_window = window;
+                let floor = window.max(MIN_FLOOR);
+                tracing::warn!(
+                    used_for_ms = u64::try_from(floor.as_millis()).unwrap_or(u64::MAX),
+                    "the new token has no lifetime left (expires_in 0, or an expiry \
+                     behind the local clock); using it for a while"
+                );
+                floor
+            }
+            _ => {
+                state.backoff_window = Duration::ZERO;
+                Duration::ZERO
+            }
+        };
         let timing = Timing {
             refresh_ahead: self.config.refresh_ahead,
             min_validity: self.config.min_validity,
+            floor,
         };
         let current = Current::new(
             token,
@@ -387,23 +620,21 @@ impl TokenManager {
             store_version.unwrap_or(0),
             timing,
         );
-        if let Some(timer) = state.timer.take() {
-            timer.abort();
+        current.arm_timer();
+        if let Some(replaced) = self.current.swap(Some(current.clone())) {
+            replaced.stop_timer();
         }
-        state.timer = current.arm_timer();
-        self.current.store(Some(current.clone()));
         Ok(current)
     }
 
     /// Installs a token given by the application; resets the back-off.
     pub(crate) fn set_token(&self, token: Token) -> Result<Arc<Current>, crate::InvalidTokenValue> {
         let mut state = self.lock();
-        let current = self.install(&mut state, token, None)?;
+        let current = self.install(&mut state, token, None, Origin::Application)?;
         if let Some(store) = &self.store {
             store.save_in_background(current.token.clone());
         }
         state.backoff_until = None;
-        state.backoff_window = Duration::ZERO;
         state.last_error = None;
         state.consecutive_failures = 0;
         Ok(current)
@@ -420,11 +651,10 @@ impl TokenManager {
     /// Forgets the current token; the next request fetches a new one.
     pub(crate) fn clear(&self) {
         let mut state = self.lock();
-        if let Some(timer) = state.timer.take() {
-            timer.abort();
-        }
         state.next_generation += 1;
-        self.current.store(None);
+        if let Some(replaced) = self.current.swap(None) {
+            replaced.stop_timer();
+        }
     }
 
     pub(crate) fn snapshot(&self) -> Snapshot {
@@ -440,15 +670,15 @@ impl TokenManager {
                 .backoff_until
                 .filter(|until| *until > now)
                 .map(|until| until - now),
-            refreshing: state.in_flight.is_some(),
+            refreshing: state.in_flight.as_ref().is_some_and(InFlight::is_live),
         }
     }
 }
 
 impl Drop for TokenManager {
     fn drop(&mut self) {
-        if let Some(timer) = self.lock().timer.take() {
-            timer.abort();
+        if let Some(current) = self.current.load_full() {
+            current.stop_timer();
         }
     }
 }
@@ -476,5 +706,13 @@ fn next_backoff(previous: Duration, config: &ManagerConfig) -> Duration {
         config.backoff_min,
         config.backoff_max.max(config.backoff_min),
     );
-    capped.mul_f64(0.9 + fastrand::f64() * 0.2)
+    let jittered = capped.as_secs_f64() * (0.9 + fastrand::f64() * 0.2);
+    Duration::try_from_secs_f64(jittered).unwrap_or(capped)
+}
+
+/// `now + window`, or as far as the clock goes.
+fn deadline(now: Instant, window: Duration) -> Instant {
+    now.checked_add(window)
+        .or_else(|| now.checked_add(Duration::from_secs(100 * 365 * 24 * 3600)))
+        .unwrap_or(now)
 }

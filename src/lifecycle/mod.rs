@@ -12,7 +12,7 @@
 //!   protocol); without a store the manager calls the source directly.
 //! - `fetch.rs`: one call of the token source (timeout, panics contained)
 //!   and what a refresh obtained.
-//! - `header_cache.rs`: per-thread copies of the current header.
+//! - `header_cache.rs`: copies of a token's header, one per thread slot.
 
 mod current;
 mod fetch;
