@@ -32,7 +32,8 @@ use http::StatusCode;
 use http_body_util::BodyExt;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_auth_refresh::{
-    AuthRefreshLayer, ExpiryDetectorExt, JsonBodyRule, TokenHandle, Unauthorized, body_detector_fn,
+    AuthRefreshLayer, ExpiryDetectorExt, JsonBodyRule, Token, TokenHandle, Unauthorized,
+    body_detector_fn,
 };
 
 /// Every test is bounded: a hang is a failure, not a stuck CI job.
@@ -400,4 +401,48 @@ async fn a_chunked_json_stream_is_passed_on_after_the_peek_deadline() {
     // The default deadline: a few milliseconds.
     let (handle, _issuer) = handle_with_tok1().await;
     events_arrive_one_by_one("/chunked-json", json_layer(handle)).await;
+}
+
+/// A runtime built without tokio's timer (`enable_io()` only): the JSON
+/// rule judges a body of known length and passes one of unknown length on
+/// unread; nothing panics.
+#[test]
+fn a_runtime_without_a_timer_gets_its_json_answers() {
+    let servers = tokio::runtime::Runtime::new().unwrap();
+    let (base, upstream) = servers.block_on(start());
+    let no_timer = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
+    no_timer.block_on(async {
+        let issuer = Issuer::detached();
+        let handle = TokenHandle::new(issuer.source());
+        // A token the upstream accepts: a known-length JSON success.
+        handle.set_token(Token::bearer("preset")).unwrap();
+        let service = ServiceBuilder::new()
+            .layer(json_layer(handle.clone()))
+            .service(client());
+        let response = service
+            .oneshot(get(&format!("{base}/items")))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(body_text(response).await, r#"{"code":0,"msg":"ok"}"#);
+
+        // A streamed JSON body: passed on unread, its first bytes arrive.
+        handle.set_token(Token::bearer("tok-1")).unwrap();
+        let service = ServiceBuilder::new()
+            .layer(json_layer(handle))
+            .service(client());
+        let response = service
+            .oneshot(get(&format!("{base}/vendor/open")))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let mut body = response.into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first, r#"{"code":40003,"msg":"token过期或异常"}"#);
+        assert_eq!(issuer.calls(), 0, "nothing refreshed");
+    });
+    assert_eq!(upstream.requests.lock().unwrap().len(), 2);
 }
