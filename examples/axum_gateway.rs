@@ -21,6 +21,7 @@
 mod support;
 
 use std::net::SocketAddr;
+use std::process::ExitCode;
 use std::time::Duration;
 
 use axum::Router;
@@ -177,19 +178,66 @@ async fn start(
     Ok((addr, gateway, authority))
 }
 
-#[tokio::main]
-async fn main() -> Result<(), BoxError> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    if args.iter().any(|a| a == "--self-test") {
-        return self_test().await;
+const USAGE: &str = "\
+usage: axum_gateway [--self-test | --listen ADDR]
+
+  (no flag)      serve on 127.0.0.1:3000 until Ctrl-C (tokens live 30 s)
+  --listen ADDR  serve on ADDR instead
+  --self-test    run the scenario against in-process servers; exit 0 or 1
+  -h, --help     print this help
+";
+
+/// What the command line asks for.
+#[derive(Debug, PartialEq)]
+enum Mode {
+    Help,
+    SelfTest,
+    Serve(SocketAddr),
+}
+
+fn parse_args(args: impl IntoIterator<Item = String>) -> Result<Mode, String> {
+    let mut mode = Mode::Serve(SocketAddr::from(([127, 0, 0, 1], 3000)));
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "-h" | "--help" => return Ok(Mode::Help),
+            "--self-test" => mode = Mode::SelfTest,
+            "--listen" => {
+                let addr = args.next().ok_or("--listen needs an address")?;
+                let addr = addr.parse().map_err(|e| format!("--listen {addr}: {e}"))?;
+                mode = Mode::Serve(addr);
+            }
+            other => return Err(format!("unknown argument `{other}`")),
+        }
     }
-    let listen = match args.iter().position(|a| a == "--listen") {
-        Some(i) => args
-            .get(i + 1)
-            .ok_or("--listen needs an address")?
-            .parse()?,
-        None => SocketAddr::from(([127, 0, 0, 1], 3000)),
+    Ok(mode)
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let result = match parse_args(std::env::args().skip(1)) {
+        Ok(Mode::Help) => {
+            print!("{USAGE}");
+            return ExitCode::SUCCESS;
+        }
+        Err(message) => {
+            eprint!("axum_gateway: {message}\n{USAGE}");
+            return ExitCode::from(2);
+        }
+        Ok(Mode::SelfTest) => self_test().await,
+        Ok(Mode::Serve(listen)) => serve(listen).await,
     };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            eprintln!("axum_gateway: {err}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Serves until Ctrl-C.
+async fn serve(listen: SocketAddr) -> Result<(), BoxError> {
     let (addr, _gateway, _authority) = start(listen, Duration::from_secs(30)).await?;
     println!("gateway on http://{addr} (tokens live 30 s)");
     println!("  curl http://{addr}/a/orders");
@@ -282,4 +330,39 @@ async fn self_test() -> Result<(), BoxError> {
         stats.0.refreshes, stats.0.retries, stats.1.refreshes, stats.1.retries
     );
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Mode, String> {
+        parse_args(args.iter().map(|a| a.to_string()))
+    }
+
+    #[test]
+    fn help_is_asked_for_with_either_flag() {
+        assert_eq!(parse(&["--help"]), Ok(Mode::Help));
+        assert_eq!(parse(&["--self-test", "-h"]), Ok(Mode::Help));
+    }
+
+    #[test]
+    fn unknown_flags_and_bad_addresses_are_errors() {
+        assert_eq!(
+            parse(&["--port", "80"]),
+            Err("unknown argument `--port`".to_owned())
+        );
+        assert!(parse(&["--listen"]).is_err());
+        assert!(parse(&["--listen", "not-an-address"]).is_err());
+    }
+
+    #[test]
+    fn serves_on_the_default_or_given_address() {
+        assert_eq!(parse(&[]), Ok(Mode::Serve(([127, 0, 0, 1], 3000).into())));
+        assert_eq!(
+            parse(&["--listen", "127.0.0.1:8080"]),
+            Ok(Mode::Serve(([127, 0, 0, 1], 8080).into()))
+        );
+        assert_eq!(parse(&["--self-test"]), Ok(Mode::SelfTest));
+    }
 }

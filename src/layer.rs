@@ -80,9 +80,24 @@ impl fmt::Debug for LayerConfig {
     }
 }
 
-/// A [`Layer`] that keeps the wrapped HTTP service authenticated: it puts
-/// the current token on each request, recognises an expired-token answer,
-/// refreshes the token once for all waiting requests and replays the request.
+/// A [`Layer`](https://docs.rs/tower-layer/0.3/tower_layer/trait.Layer.html)
+/// that keeps the wrapped HTTP service authenticated: it puts the current
+/// token on each request, recognises an expired-token answer, refreshes the
+/// token once for all waiting requests and replays the request.
+///
+/// Where each setting lives:
+///
+/// * on the layer: which answers mean "expired" ([`detector`](Self::detector),
+///   combined with [`ExpiryDetectorExt::or`](crate::ExpiryDetectorExt::or)),
+///   the body caps ([`max_replay_bytes`](Self::max_replay_bytes),
+///   [`peek_limit`](Self::peek_limit)) and the [`origin`](Self::origin) the
+///   token is sent to;
+/// * on the [`TokenHandle`], because a reqwest client or another layer
+///   sharing the token uses them too: where the token goes on the request
+///   ([`TokenHandleBuilder::injector`](crate::TokenHandleBuilder::injector)
+///   with a [`TokenInjector`](crate::TokenInjector), default
+///   `Authorization: Bearer …`), when it is refreshed ahead of expiry, the
+///   refresh timeout and back-off, and the store.
 ///
 /// ```
 /// use std::time::Duration;
@@ -137,6 +152,8 @@ impl AuthRefreshLayer {
     }
 
     /// Decides which responses mean the token expired (default: [`Unauthorized`]).
+    /// Detectors combine with [`ExpiryDetectorExt::or`](crate::ExpiryDetectorExt::or)
+    /// (also in the [`prelude`](crate::prelude)).
     pub fn detector(mut self, detector: impl ExpiryDetector) -> Self {
         Arc::make_mut(&mut self.config).detector = Arc::new(detector);
         self
@@ -232,6 +249,7 @@ impl AuthRefreshLayer {
     /// request whose token would go elsewhere fails with an error instead of
     /// going out with a proof that does not cover its token.
     #[cfg(feature = "dpop")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "dpop")))]
     pub fn dpop(mut self, key: crate::dpop::DpopKey) -> Self {
         Arc::make_mut(&mut self.config).dpop = Some(key);
         self

@@ -1,6 +1,6 @@
 //! Tower middleware that keeps HTTP clients authenticated.
 //!
-//! [`AuthRefreshLayer`] wraps any tower HTTP [`Service`](tower_service::Service):
+//! [`AuthRefreshLayer`] wraps any tower HTTP [`Service`](https://docs.rs/tower-service/0.3/tower_service/trait.Service.html):
 //! it puts the current token on every request (read without a lock), recognises
 //! an expired-token answer with an [`ExpiryDetector`] (a 401, an RFC 6750
 //! `invalid_token` challenge, a JSON business code such as
@@ -46,17 +46,44 @@
 //! # Ok(()) }
 //! ```
 //!
-//! The parts, each in its own module:
+//! # The parts
 //!
-//! * [`Token`] and [`TokenSource`]: what a token is and how a new one is obtained;
-//! * [`TokenHandle`]: the shared manager (single-flight refresh, proactive
-//!   refresh, back-off, status and stats, optional [`TokenStore`] for a fleet);
-//! * [`AuthRefreshLayer`]: the middleware, with its [`ExpiryDetector`] and
-//!   [`TokenInjector`];
-//! * [`ReplayBody`] / [`ResponseBody`]: the request body kept for one replay,
-//!   and the response body handed back byte for byte after a detector peeked;
-//! * `oauth2` (feature `oauth2`, on by default): OAuth2 grants and the token
-//!   endpoint client, as a [`TokenSource`].
+//! * A token and how to get one: [`Token`] (secrets never in `Debug` or
+//!   logs), [`TokenSource`] ([`token_source_fn`] adapts an async closure;
+//!   [`RefreshContext`] and [`RefreshReason`] say why it is called), and the
+//!   [`oauth2`] module (feature `oauth2`): OAuth2 grants and vendor envelopes
+//!   as a [`TokenSource`].
+//! * The shared manager: [`TokenHandle`], built with [`TokenHandleBuilder`]
+//!   (single-flight refresh, refresh ahead of expiry, back-off, the
+//!   [`TokenInjector`] that puts the token on a request, an optional store),
+//!   with [`TokenStatus`] and [`RefreshStats`] to watch it.
+//! * The middleware: [`AuthRefreshLayer`] / [`AuthRefresh`] and its
+//!   [`ResponseFuture`]; which answers mean "expired" is an
+//!   [`ExpiryDetector`] ([`Unauthorized`], [`BearerChallenge`],
+//!   [`StatusDetector`], [`JsonBodyRule`], [`detector_fn`],
+//!   [`body_detector_fn`]), combined with [`ExpiryDetectorExt::or`]. Bodies:
+//!   [`ReplayBody`] (the request body, kept for one replay) and
+//!   [`ResponseBody`] (handed back byte for byte after a detector peeked). A
+//!   retry that could not happen leaves a [`RetrySkipped`] marker.
+//!   [`HyperClient`] names a layered hyper-util client (and shows how to box
+//!   it in a `BoxCloneService`).
+//! * Where tokens outlive the process, and how a fleet refreshes once: the
+//!   [`TokenStore`] trait with [`MemoryStore`], [`FileStore`] and [`RedisStore`]
+//!   (feature `redis`), their [`StoredToken`], [`Lease`] and [`StoreError`].
+//! * Many tokens: [`AuthRoutingLayer`] / [`AuthRouting`] pick a token per
+//!   upstream [`Origin`], [`UpstreamKey`] or [`Tenant`]; a
+//!   [`TokenRegistry`] holds one token per tenant over a store, with bulk
+//!   jobs ([`TokenRegistry::refresh_all`] with [`RefreshAll`], and
+//!   [`TokenRegistry::remove_idle`]) that return a [`MaintenanceReport`].
+//! * [`dpop`] (feature `dpop`): DPoP-bound tokens (RFC 9449), a proof per
+//!   request from the layer ([`AuthRefreshLayer::dpop`]) and the token
+//!   endpoint, nonces answered once.
+//! * reqwest: [`AuthRefreshMiddleware`] (feature `reqwest`), the same handle,
+//!   detector and injector in a `reqwest-middleware` client.
+//! * Errors: every failure is a [`BoxError`] that downcasts to
+//!   [`RefreshFailed`], [`RefreshTimedOut`], [`ReauthorizationRequired`] or
+//!   [`StoreError`].
+//! * [`prelude`]: the traits and types most programs use, in one `use`.
 //!
 //! # Runtime
 //!
@@ -73,6 +100,66 @@
 //! a token's refresh-ahead and expiry is gone, readers read the clock
 //! instead, so an expired token is never sent. [`TokenHandle::set_token`]
 //! may be called from any thread.
+//!
+//! # Cargo features
+//!
+//! | feature | default | what it adds |
+//! |---|---|---|
+//! | `oauth2` | yes | the [`oauth2`] module: OAuth2 grants and the token-endpoint client (hyper-util over plain HTTP) |
+//! | `hyper-client` | yes (with `oauth2`) | [`HyperClient`]: a hyper-util client wrapped in the layer, built by [`AuthRefreshLayer::hyper_client`] |
+//! | `dpop` | no | [`dpop`]: DPoP (RFC 9449) sender-constrained tokens; client assertions, PKCE and revocation come with `oauth2` |
+//! | `oauth2-rustls` | no | HTTPS to the token endpoint in that client: rustls (ring) with the webpki roots |
+//! | `reqwest` | no | [`AuthRefreshMiddleware`] for reqwest 0.13 + reqwest-middleware 0.5 |
+//! | `metrics` | no | refreshes (by reason and outcome) and their duration, retries, skipped retries, waits and the current token's time to expiry, reported through the [`metrics`](https://docs.rs/metrics) facade; names in the README |
+//! | `redis` | no | [`RedisStore`]: tokens in Redis, shared by a fleet of processes |
+// NOTE: link targets of the parts behind features: the items when the
+// feature is on, their docs.rs pages when it is off.
+#![doc = ""]
+#![cfg_attr(feature = "oauth2", doc = "[`oauth2`]: crate::oauth2")]
+#![cfg_attr(
+    not(feature = "oauth2"),
+    doc = "[`oauth2`]: https://docs.rs/tower-auth-refresh/latest/tower_auth_refresh/oauth2/index.html"
+)]
+#![cfg_attr(feature = "hyper-client", doc = "[`HyperClient`]: crate::HyperClient")]
+#![cfg_attr(
+    not(feature = "hyper-client"),
+    doc = "[`HyperClient`]: https://docs.rs/tower-auth-refresh/latest/tower_auth_refresh/type.HyperClient.html"
+)]
+#![cfg_attr(
+    feature = "hyper-client",
+    doc = "[`AuthRefreshLayer::hyper_client`]: crate::AuthRefreshLayer::hyper_client"
+)]
+#![cfg_attr(
+    not(feature = "hyper-client"),
+    doc = "[`AuthRefreshLayer::hyper_client`]: https://docs.rs/tower-auth-refresh/latest/tower_auth_refresh/struct.AuthRefreshLayer.html#method.hyper_client"
+)]
+#![cfg_attr(
+    feature = "reqwest",
+    doc = "[`AuthRefreshMiddleware`]: crate::AuthRefreshMiddleware"
+)]
+#![cfg_attr(
+    not(feature = "reqwest"),
+    doc = "[`AuthRefreshMiddleware`]: https://docs.rs/tower-auth-refresh/latest/tower_auth_refresh/struct.AuthRefreshMiddleware.html"
+)]
+#![cfg_attr(feature = "redis", doc = "[`RedisStore`]: crate::RedisStore")]
+#![cfg_attr(
+    not(feature = "redis"),
+    doc = "[`RedisStore`]: https://docs.rs/tower-auth-refresh/latest/tower_auth_refresh/struct.RedisStore.html"
+)]
+#![cfg_attr(feature = "dpop", doc = "[`dpop`]: crate::dpop")]
+#![cfg_attr(
+    not(feature = "dpop"),
+    doc = "[`dpop`]: https://docs.rs/tower-auth-refresh/latest/tower_auth_refresh/dpop/index.html"
+)]
+#![cfg_attr(
+    feature = "dpop",
+    doc = "[`AuthRefreshLayer::dpop`]: crate::AuthRefreshLayer::dpop"
+)]
+#![cfg_attr(
+    not(feature = "dpop"),
+    doc = "[`AuthRefreshLayer::dpop`]: https://docs.rs/tower-auth-refresh/latest/tower_auth_refresh/struct.AuthRefreshLayer.html#method.dpop"
+)]
+#![cfg_attr(docsrs, feature(doc_cfg))]
 #![forbid(unsafe_code)]
 #![warn(
     missing_docs,
@@ -83,8 +170,11 @@
 #![deny(clippy::await_holding_lock)]
 
 mod body;
+#[cfg(feature = "hyper-client")]
+mod client;
 mod detect;
 #[cfg(feature = "dpop")]
+#[cfg_attr(docsrs, doc(cfg(feature = "dpop")))]
 pub mod dpop;
 mod error;
 mod future;
@@ -93,8 +183,11 @@ mod inject;
 mod jose;
 mod layer;
 mod lifecycle;
+mod metrics;
 #[cfg(feature = "oauth2")]
+#[cfg_attr(docsrs, doc(cfg(feature = "oauth2")))]
 pub mod oauth2;
+pub mod prelude;
 mod registry;
 #[cfg(feature = "reqwest")]
 mod reqwest;
@@ -104,17 +197,29 @@ mod source;
 mod store;
 mod token;
 
-// The README's examples, compiled and run as doctests.
-#[cfg(all(doctest, feature = "dpop"))]
+// NOTE: the README's Rust snippets are compiled as doctests. Some use parts
+// behind features (RedisStore, AuthRefreshMiddleware, DPoP), so they are
+// checked with every feature on, as the README's test command does.
+#[cfg(all(
+    doctest,
+    feature = "oauth2",
+    feature = "redis",
+    feature = "reqwest",
+    feature = "dpop"
+))]
 #[doc = include_str!("../README.md")]
-mod readme_doctests {}
+struct ReadmeDoctests;
 
 /// The error type of the middleware, as in tower.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 #[cfg(feature = "reqwest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
 pub use self::reqwest::AuthRefreshMiddleware;
 pub use body::{ReplayBody, ResponseBody};
+#[cfg(feature = "hyper-client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "hyper-client")))]
+pub use client::{HyperClient, HyperResponse};
 pub use detect::{
     BearerChallenge, BodyDetectorFn, DetectorFn, ExpiryDetector, ExpiryDetectorExt, HeadVerdict,
     JsonBodyRule, Or, ResponseHead, StatusDetector, Unauthorized, body_detector_fn, detector_fn,
@@ -138,5 +243,6 @@ pub use service::AuthRefresh;
 pub use source::{RefreshContext, RefreshReason, TokenSource, TokenSourceFn, token_source_fn};
 pub use store::{FileStore, Lease, MemoryStore, StoreError, StoredToken, TokenStore};
 #[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
 pub use store::{RedisStore, RedisStoreBuilder};
 pub use token::Token;

@@ -11,7 +11,7 @@ use reqwest_middleware::{Middleware, Next};
 use crate::detect::{ExpiryDetector, HeadVerdict, ResponseHead};
 use crate::inject::{query_has_key, query_without_key};
 use crate::layer::LayerConfig;
-use crate::lifecycle::{Acquired, Counters, Rejection, TokenManager};
+use crate::lifecycle::{Acquired, Rejection, TokenManager};
 use crate::retry::{judge_body, mark_skipped};
 use crate::{
     AuthRefreshLayer, BoxError, ReauthorizationRequired, RefreshFailed, RefreshTimedOut,
@@ -233,7 +233,7 @@ impl Middleware for AuthRefreshMiddleware {
         let (header, mut generation) = match manager.acquire() {
             Acquired::Ready(header, generation) => (header, generation),
             Acquired::Wait => {
-                Counters::bump(&manager.counters.waited);
+                manager.count_wait();
                 manager
                     .wait_for_token()
                     .await
@@ -284,7 +284,7 @@ impl Middleware for AuthRefreshMiddleware {
         let spare = self.dpop_spare(&retry);
         apply(injector, &header, &mut retry);
         self.dpop_stamp(&mut retry)?;
-        Counters::bump(&manager.counters.retries);
+        manager.count_retry();
         tracing::debug!(generation, "retrying request with refreshed token");
         let response = without_token_url(injector, next.clone().run(retry, extensions).await)?;
         // NOTE: the refresh retry's answer may be a nonce challenge: one

@@ -13,7 +13,7 @@ use crate::BoxError;
 use crate::body::{NotReplayable, Replay, ReplayBody, ResponseBody, not_peekable, peek};
 use crate::detect::{HeadVerdict, ResponseHead};
 use crate::layer::LayerConfig;
-use crate::lifecycle::{Counters, Rejection, TokenManager};
+use crate::lifecycle::{Rejection, TokenManager};
 
 /// Why an expired-token answer was handed back without a retry. Found in the
 /// response's extensions as [`RetrySkipped`].
@@ -138,7 +138,7 @@ where
         mut self,
         mut request: Request<ReplayBody<ReqB>>,
     ) -> Result<Response<ResponseBody<ResB>>, BoxError> {
-        Counters::bump(&self.manager.counters.waited);
+        self.manager.count_wait();
         let (header, generation) = self.manager.wait_for_token().await?;
         self.generation = generation;
         self.config
@@ -259,7 +259,7 @@ where
         let mut retry = clone_head(&self.head).map(|()| body);
         self.config
             .authorize(&self.manager.config.injector, &header, &mut retry)?;
-        Counters::bump(&self.manager.counters.retries);
+        self.manager.count_retry();
         tracing::debug!(generation, "retrying request with refreshed token");
         let response = self
             .inner
@@ -359,7 +359,7 @@ pub(crate) fn mark_skipped(
     extensions: &mut http::Extensions,
     reason: SkipReason,
 ) {
-    Counters::bump(&manager.counters.skipped_retries);
+    manager.count_skipped_retry(reason);
     tracing::warn!(
         reason = ?reason,
         status = status.as_u16(),

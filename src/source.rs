@@ -100,7 +100,7 @@ pub trait TokenSource: Send + Sync + 'static {
 
     /// Revokes `token` at the server, for
     /// [`TokenHandle::revoke`](crate::TokenHandle::revoke). The default does
-    /// nothing; an [`OAuth2Source`](crate::oauth2::OAuth2Source) with a
+    /// nothing; an `oauth2::OAuth2Source` (feature `oauth2`) with a
     /// revocation URL revokes the refresh token (RFC 7009).
     fn revoke(&self, token: Arc<Token>) -> BoxFuture<'static, Result<(), BoxError>> {
         let _ = token;

@@ -11,8 +11,9 @@ use serde::{Deserialize, Deserializer, Serialize, Serializer};
 ///
 /// The access token and the refresh token are secrets: [`Debug`] prints
 /// `[REDACTED]` in their place, and they are only reachable through
-/// [`ExposeSecret`]. The serde form (used by the token stores) keeps every
-/// field, with expiry times as unix milliseconds.
+/// [`ExposeSecret`](https://docs.rs/secrecy/0.10/secrecy/trait.ExposeSecret.html).
+/// The serde form (used by the token stores) keeps every field, with expiry
+/// times as unix milliseconds.
 ///
 /// ```
 /// use std::time::Duration;
@@ -109,7 +110,9 @@ impl Token {
         self
     }
 
-    /// The access token. Call [`ExposeSecret::expose_secret`] to read it.
+    /// The access token. Call
+    /// [`ExposeSecret::expose_secret`](https://docs.rs/secrecy/0.10/secrecy/trait.ExposeSecret.html#tymethod.expose_secret)
+    /// to read it.
     pub fn access_token(&self) -> &SecretString {
         &self.access_token
     }

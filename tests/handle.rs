@@ -114,7 +114,7 @@ async fn counters_add_up() {
     let stats = handle.stats();
     assert_eq!(stats.refreshes, 2);
     assert_eq!(stats.retries, 1);
-    assert_eq!(stats.waited, 1);
+    assert_eq!((stats.waited_first_token, stats.waited), (1, 0));
     assert_eq!(stats.failures, 0);
     assert_eq!(stats.skipped_retries, 0);
     assert_eq!(issuer.reasons.lock().unwrap()[1], RefreshReason::Rejected);

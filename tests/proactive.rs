@@ -63,7 +63,8 @@ async fn steady_traffic_across_three_lifetimes_refreshes_three_times_and_never_w
     let stats = handle.stats();
     assert_eq!(stats.refreshes, 3);
     assert_eq!(
-        stats.waited, 1,
+        (stats.waited_first_token, stats.waited),
+        (1, 0),
         "only the very first request waited (for the first token)"
     );
     assert_eq!(stats.retries, 0);
@@ -131,6 +132,11 @@ async fn an_expired_token_makes_requests_wait_for_the_refresh() {
         .await
         .unwrap();
     assert_eq!(issuer.calls(), 2);
-    assert_eq!(handle.stats().waited, 2);
+    let stats = handle.stats();
+    assert_eq!(
+        (stats.waited_first_token, stats.waited),
+        (1, 1),
+        "the first request waited for the first token, the last for the expired one's refresh"
+    );
     assert_eq!(issuer.reasons.lock().unwrap()[1], RefreshReason::Expired);
 }

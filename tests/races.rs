@@ -121,7 +121,10 @@ async fn set_token_during_a_refresh_serves_requests_at_once_and_the_refresh_land
     assert_eq!(body_text(response).await, "ok src-1 ");
     assert_eq!(gated.calls(), 1, "no second fetch");
     let stats = handle.stats();
-    assert_eq!((stats.refreshes, stats.failures, stats.waited), (1, 0, 1));
+    assert_eq!(
+        (stats.refreshes, stats.failures, stats.waited_first_token),
+        (1, 0, 1)
+    );
     let seen: Vec<_> = upstream
         .seen()
         .into_iter()
@@ -162,7 +165,11 @@ async fn clear_during_a_refresh_makes_requests_join_it_not_start_another() {
             )
         })
         .collect();
-    wait_until("every request waits", || handle.stats().waited == 10).await;
+    // No token after `clear()`: the requests wait for a first one.
+    wait_until("every request waits", || {
+        handle.stats().waited_first_token == 10
+    })
+    .await;
     assert_eq!(upstream.seen().len(), 0, "nothing is sent without a token");
     assert_eq!(
         gated.calls(),

@@ -11,7 +11,7 @@
 //! The token endpoint does not say when its tokens expire, so every refresh
 //! here is driven by the upstream's answers: detection, single-flight
 //! refresh and replay. The last line is machine-readable:
-//! `summary requests=… ok=… failed=… refreshes=… retries=… waited=…`.
+//! `summary requests=… ok=… failed=… refreshes=… retries=… waited=… waited_first_token=…`.
 
 mod scenario;
 
@@ -68,15 +68,19 @@ async fn main() -> Result<(), BoxError> {
         "  requests replayed         {}  (rejected by 401 or code 40003, sent again with the new token)",
         stats.retries
     );
-    println!("  requests that waited      {}", stats.waited);
     println!(
-        "summary requests={} ok={} failed={} refreshes={} retries={} waited={}",
+        "  requests that waited      {} for the first token, {} for an expired token's refresh",
+        stats.waited_first_token, stats.waited
+    );
+    println!(
+        "summary requests={} ok={} failed={} refreshes={} retries={} waited={} waited_first_token={}",
         outcome.ok + outcome.failed,
         outcome.ok,
         outcome.failed,
         stats.refreshes,
         stats.retries,
-        stats.waited
+        stats.waited,
+        stats.waited_first_token
     );
     if outcome.failed > 0 {
         std::process::exit(1);

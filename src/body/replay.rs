@@ -62,7 +62,7 @@ pin_project! {
     /// keeps a copy of its chunks (refcounted, not copied) up to the layer's
     /// [`max_replay_bytes`](crate::AuthRefreshLayer::max_replay_bytes). When
     /// the token is refreshed, the retry gets a `ReplayBody` that yields the
-    /// same bytes and trailers again. Data frames are [`Bytes`]; errors are
+    /// same bytes and trailers again. Data frames are [`Bytes`](https://docs.rs/bytes/1/bytes/struct.Bytes.html); errors are
     /// [`BoxError`].
     pub struct ReplayBody<B> {
         #[pin]

@@ -333,9 +333,18 @@ impl Current {
             .map(|at| at.saturating_duration_since(Instant::now()))
     }
 
-    /// `true` while the token may be sent.
+    /// `true` while the token may be sent: what [`Current::use_now`] answers
+    /// a request, without claiming a refresh.
+    // NOTE: a timed token is expired for requests when its timer says so,
+    // not when the clock passes `wait_at` (the timer fires a moment later);
+    // reading the clock here made `status().valid` say "expired" while
+    // requests still went out with the token.
     pub(crate) fn is_valid(&self) -> bool {
-        self.is_usable() && self.clock_says(Instant::now()) != EXPIRED
+        match self.freshness.load(Ordering::Acquire) {
+            FRESH | REFRESHING | STALE => true,
+            EXPIRED => false,
+            _ => self.clock_says(Instant::now()) != EXPIRED,
+        }
     }
 
     /// `true` when the token is inside its refresh-ahead window or expired.
@@ -404,4 +413,32 @@ fn jittered(ahead: Duration) -> Duration {
     Duration::try_from_secs_f64(ahead.as_secs_f64() * (1.0 - fastrand::f64() * 0.1))
         .unwrap_or(ahead)
         .min(ahead)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn valid_says_what_a_request_would_do_until_the_timer_fires() {
+        let token = Token::bearer("t").with_expires_in(Duration::from_secs(10));
+        let header = HeaderValue::from_static("Bearer t");
+        let timing = Timing {
+            refresh_ahead: None,
+            min_validity: Duration::from_secs(1),
+            floor: Duration::from_secs(1),
+        };
+        let current = Current::new(token, header, 1, 0, timing);
+        // Timed, and its timer has not fired yet: the moment between the
+        // clock passing `wait_at` and the timer flipping the state, held
+        // still.
+        current.freshness.store(FRESH, Ordering::Release);
+        tokio::time::advance(Duration::from_secs(9)).await;
+        assert!(matches!(current.use_now(), Use::Send));
+        assert!(current.is_valid(), "a request still sends it");
+
+        current.freshness.store(EXPIRED, Ordering::Release);
+        assert!(matches!(current.use_now(), Use::Wait));
+        assert!(!current.is_valid());
+    }
 }

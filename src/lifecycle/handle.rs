@@ -72,6 +72,9 @@ impl TokenHandle {
     pub fn status(&self) -> TokenStatus {
         let snapshot = self.manager.snapshot();
         let current = snapshot.current.as_ref();
+        if let Some(current) = current {
+            self.manager.report_expiry(current);
+        }
         TokenStatus {
             has_token: current.is_some(),
             valid: current.is_some_and(|c| c.is_valid()),
@@ -88,7 +91,8 @@ impl TokenHandle {
         }
     }
 
-    /// The counters since the handle was built.
+    /// The counters since the handle was built; [`RefreshStats::since`]
+    /// gives the counts between two calls.
     pub fn stats(&self) -> RefreshStats {
         let counters = &self.manager.counters;
         RefreshStats {
@@ -97,6 +101,7 @@ impl TokenHandle {
             retries: counters.retries.load(Ordering::Relaxed),
             skipped_retries: counters.skipped_retries.load(Ordering::Relaxed),
             waited: counters.waited.load(Ordering::Relaxed),
+            waited_first_token: counters.waited_first_token.load(Ordering::Relaxed),
             adopted: counters.adopted.load(Ordering::Relaxed),
         }
     }
@@ -200,6 +205,14 @@ impl fmt::Debug for TokenHandleBuilder {
 }
 
 impl TokenHandleBuilder {
+    /// The name of this token in metrics (the `token` label; default
+    /// `default`), for a program that keeps several tokens. Feature
+    /// `metrics`; without it the name is kept but not reported.
+    pub fn name(mut self, name: impl AsRef<str>) -> Self {
+        self.config.name = Arc::from(name.as_ref());
+        self
+    }
+
     /// Where the token goes on requests (default `Authorization: Bearer …`).
     pub fn injector(mut self, injector: TokenInjector) -> Self {
         self.config.injector = injector;
@@ -447,11 +460,59 @@ pub struct RefreshStats {
     pub retries: u64,
     /// Rejected requests that were not retried (body not replayable, token too fresh).
     pub skipped_retries: u64,
-    /// Requests that had to wait for a token before being sent.
+    /// Requests that had to wait because the token had expired (or been
+    /// rejected) and its refresh was not done yet: a growing count means
+    /// refreshes fall behind (refresh ahead of expiry is off or too short,
+    /// or the token source is slow).
     pub waited: u64,
+    /// Requests that waited for a first token: none was installed yet (at
+    /// start, or after [`TokenHandle::clear`]). Expected once per start.
+    pub waited_first_token: u64,
     /// Tokens taken from the store because another process (or an earlier
     /// run) had already fetched them.
     pub adopted: u64,
+}
+
+impl RefreshStats {
+    /// What happened between `earlier` and `self`, two snapshots of the
+    /// same handle: each counter's difference (zero rather than negative
+    /// when the snapshots are given the wrong way round).
+    ///
+    /// ```
+    /// # use tower_auth_refresh::{Token, TokenHandle, token_source_fn};
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), tower_auth_refresh::BoxError> {
+    /// # let handle = TokenHandle::new(token_source_fn(|_| async {
+    /// #     Ok::<_, std::io::Error>(Token::bearer("t"))
+    /// # }));
+    /// let before = handle.stats();
+    /// handle.refresh_now().await?;
+    /// let last_minute = handle.stats().since(&before);
+    /// assert_eq!(last_minute.refreshes, 1);
+    /// # Ok(()) }
+    /// ```
+    pub fn since(&self, earlier: &RefreshStats) -> RefreshStats {
+        RefreshStats {
+            refreshes: self.refreshes.saturating_sub(earlier.refreshes),
+            failures: self.failures.saturating_sub(earlier.failures),
+            retries: self.retries.saturating_sub(earlier.retries),
+            skipped_retries: self.skipped_retries.saturating_sub(earlier.skipped_retries),
+            waited: self.waited.saturating_sub(earlier.waited),
+            waited_first_token: self
+                .waited_first_token
+                .saturating_sub(earlier.waited_first_token),
+            adopted: self.adopted.saturating_sub(earlier.adopted),
+        }
+    }
+}
+
+impl std::ops::Sub for RefreshStats {
+    type Output = RefreshStats;
+
+    /// `later - earlier`: the same as [`RefreshStats::since`].
+    fn sub(self, earlier: RefreshStats) -> RefreshStats {
+        self.since(&earlier)
+    }
 }
 
 mod ser {

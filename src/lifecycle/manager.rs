@@ -54,6 +54,8 @@ pub(crate) struct ManagerConfig {
     pub(crate) backoff_min: Duration,
     pub(crate) backoff_max: Duration,
     pub(crate) min_token_age: Duration,
+    /// The `token` label of this handle's metrics.
+    pub(crate) name: Arc<str>,
     /// [`TokenHandle::clear`](crate::TokenHandle::clear) also revokes.
     pub(crate) revoke_on_clear: bool,
 }
@@ -68,6 +70,7 @@ impl Default for ManagerConfig {
             backoff_min: Duration::from_millis(500),
             backoff_max: Duration::from_secs(60),
             min_token_age: Duration::from_secs(5),
+            name: Arc::from("default"),
             revoke_on_clear: false,
         }
     }
@@ -179,6 +182,7 @@ pub(crate) struct Counters {
     pub(crate) retries: AtomicU64,
     pub(crate) skipped_retries: AtomicU64,
     pub(crate) waited: AtomicU64,
+    pub(crate) waited_first_token: AtomicU64,
     pub(crate) adopted: AtomicU64,
 }
 
@@ -549,6 +553,7 @@ impl TokenManager {
             .map(|current| (current, adopted))
             .map_err(|err| RefreshError::Failed(RefreshFailed::new(Arc::new(err))))
         });
+        self.report_refresh(reason, &installed, took);
         match installed {
             Ok((current, adopted)) => {
                 if adopted {
@@ -655,6 +660,7 @@ impl TokenManager {
         if let Some(replaced) = self.current.swap(Some(current.clone())) {
             replaced.stop_timer();
         }
+        self.report_expiry(&current);
         Ok(current)
     }
 

@@ -14,6 +14,7 @@
 //!   and what a refresh obtained.
 //! - `header_cache.rs`: copies of a token's header, one per thread slot.
 
+mod counting;
 mod current;
 mod fetch;
 mod fleet;
@@ -21,7 +22,7 @@ mod handle;
 mod header_cache;
 mod manager;
 
-pub(crate) use manager::{Acquired, Counters, Rejection, TokenManager};
+pub(crate) use manager::{Acquired, Rejection, TokenManager};
 
 pub use fleet::UnreachableStore;
 pub use handle::{RefreshStats, TokenHandle, TokenHandleBuilder, TokenStatus};

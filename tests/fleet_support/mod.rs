@@ -124,7 +124,10 @@ impl RedisServer {
         let child = match spawned {
             Ok(child) => child,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                panic!("redis-server not found: install it with `apt-get install redis-server`")
+                panic!(
+                    "redis-server not found: run the tests with `cargo xtask test`, which installs it, \
+                     or `apt-get install redis-server`"
+                )
             }
             Err(e) => panic!("could not start redis-server: {e}"),
         };

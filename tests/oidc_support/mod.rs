@@ -33,8 +33,8 @@ impl Provider {
         let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/oidc");
         assert!(
             dir.join("node_modules/oidc-provider").is_dir(),
-            "tests/oidc/node_modules is missing: run `npm ci` in tests/oidc \
-             (needs Node.js >= 20.19 and npm)"
+            "tests/oidc/node_modules is missing: run the tests with `cargo xtask test`, \
+             which runs `npm ci` in tests/oidc (needs Node.js >= 20.19 and npm)"
         );
         let mut child = match Command::new("node")
             .arg(dir.join("server.mjs"))
