@@ -13,7 +13,10 @@
 //! - `fetch.rs`: one call of the token source (timeout, panics contained)
 //!   and what a refresh obtained.
 //! - `header_cache.rs`: copies of a token's header, one per thread slot.
+//! - `background.rs`: the crate's own runtime, where refreshes and timers
+//!   run whatever happens to the caller's runtime.
 
+mod background;
 mod current;
 mod fetch;
 mod fleet;
