@@ -19,7 +19,8 @@ use std::sync::OnceLock;
 
 use tokio::runtime::Handle;
 
-/// The runtime that runs refreshes and timers on behalf of a caller.
+/// The runtime that runs refreshes and timers (and the OAuth2 source's
+/// HTTP calls) on behalf of a caller.
 pub(crate) fn runtime_for_caller() -> Option<Handle> {
     let caller = Handle::try_current().ok();
     if caller.is_some() && caller_clock_is_paused() {

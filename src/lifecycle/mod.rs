@@ -24,6 +24,7 @@ mod handle;
 mod header_cache;
 mod manager;
 
+pub(crate) use background::runtime_for_caller;
 pub(crate) use manager::{Acquired, Counters, Rejection, TokenManager};
 
 pub use fleet::UnreachableStore;
