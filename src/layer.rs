@@ -216,6 +216,10 @@ impl AuthRefreshLayer {
     /// nonce; it is not a refresh. Every `DPoP-Nonce` response header updates
     /// the origin's nonce. Use the key the token source binds its tokens to
     /// ([`OAuth2SourceBuilder::dpop`](crate::oauth2::OAuth2SourceBuilder::dpop)).
+    /// The handle's injector must put the token in `Authorization` (the
+    /// default, [`TokenInjector::bearer`](crate::TokenInjector::bearer)): a
+    /// request whose token would go elsewhere fails with an error instead of
+    /// going out with a proof that does not cover its token.
     #[cfg(feature = "dpop")]
     pub fn dpop(mut self, key: crate::dpop::DpopKey) -> Self {
         Arc::make_mut(&mut self.config).dpop = Some(key);

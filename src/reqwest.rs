@@ -33,7 +33,12 @@ use crate::{
 /// to [`RefreshFailed`], [`RefreshTimedOut`] or [`ReauthorizationRequired`].
 /// With [`TokenInjector::query`], the `reqwest::Error`s it returns carry no
 /// URL (the URL holds the token); middlewares between this one and the
-/// client still see the URL.
+/// client still see the URL. With [`AuthRefreshLayer::dpop`], each attempt
+/// carries `Authorization: DPoP` and a proof of its own, and a resource
+/// server's nonce challenge is answered once when the body can be cloned
+/// (a stream's challenge comes back marked
+/// [`SkipReason::BodyNotCloneable`], its nonce remembered for the next
+/// request).
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -71,8 +76,8 @@ impl AuthRefreshMiddleware {
         Self::from_layer(&AuthRefreshLayer::new(handle))
     }
 
-    /// A middleware with the handle, detector, peek limit and origin of
-    /// `layer`.
+    /// A middleware with the handle, detector, peek limit, origin and DPoP
+    /// key of `layer`.
     pub fn from_layer(layer: &AuthRefreshLayer) -> Self {
         Self {
             handle: layer.handle().clone(),
@@ -194,7 +199,7 @@ impl Middleware for AuthRefreshMiddleware {
         // NOTE: cloned before the token goes on, so the retry carries only
         // the token current when it is sent.
         let retry = request.try_clone();
-        let (header, generation) = match manager.acquire() {
+        let (header, mut generation) = match manager.acquire() {
             Acquired::Ready(header, generation) => (header, generation),
             Acquired::Wait => {
                 Counters::bump(&manager.counters.waited);
@@ -205,7 +210,15 @@ impl Middleware for AuthRefreshMiddleware {
             }
         };
         apply(injector, &header, &mut request);
+        self.dpop_stamp(&mut request)?;
         let response = without_token_url(injector, next.clone().run(request, extensions).await)?;
+        let response = match self
+            .dpop_answer(response, retry.as_ref(), &mut generation, extensions, &next)
+            .await?
+        {
+            NonceAnswer::Judge(response) => response,
+            NonceAnswer::HandBack(response) => return Ok(response),
+        };
         let (expired, response) = self.expired(response).await;
         if !expired {
             return Ok(response);
@@ -223,13 +236,148 @@ impl Middleware for AuthRefreshMiddleware {
             drop(wait);
             return Ok(skipped(manager, response, SkipReason::BodyNotCloneable));
         };
-        let Some((header, generation)) = wait.await.map_err(to_middleware_error)? else {
+        let Some((header, mut generation)) = wait.await.map_err(to_middleware_error)? else {
             return Ok(skipped(manager, response, SkipReason::TokenTooFresh));
         };
         drop(response);
+        let spare = self.dpop_spare(&retry);
         apply(injector, &header, &mut retry);
+        self.dpop_stamp(&mut retry)?;
         Counters::bump(&manager.counters.retries);
         tracing::debug!(generation, "retrying request with refreshed token");
-        without_token_url(injector, next.run(retry, extensions).await)
+        let response = without_token_url(injector, next.clone().run(retry, extensions).await)?;
+        // NOTE: the refresh retry's answer may be a nonce challenge: one
+        // nonce resend, and no second refresh, whatever comes back.
+        match self
+            .dpop_answer(response, spare.as_ref(), &mut generation, extensions, &next)
+            .await?
+        {
+            NonceAnswer::Judge(response) | NonceAnswer::HandBack(response) => Ok(response),
+        }
+    }
+}
+
+/// What became of a possible DPoP nonce challenge.
+enum NonceAnswer {
+    /// Not a challenge, or the answer to the nonce resend: judged as usual.
+    Judge(Response),
+    /// Handed back as it is: a challenge to the nonce resend, or one whose
+    /// body cannot be cloned (marked).
+    #[cfg_attr(not(feature = "dpop"), allow(dead_code))]
+    HandBack(Response),
+}
+
+// DPoP (feature `dpop`): a proof per attempt and the nonce challenge. With
+// the feature off, or no key on the layer, these do nothing.
+impl AuthRefreshMiddleware {
+    /// Puts `Authorization: DPoP` and a fresh proof on one attempt.
+    #[cfg(feature = "dpop")]
+    fn dpop_stamp(&self, request: &mut Request) -> reqwest_middleware::Result<()> {
+        let Some(key) = &self.config.dpop else {
+            return Ok(());
+        };
+        stamp_dpop(key, request).map_err(to_middleware_error)
+    }
+
+    #[cfg(not(feature = "dpop"))]
+    fn dpop_stamp(&self, _request: &mut Request) -> reqwest_middleware::Result<()> {
+        Ok(())
+    }
+
+    /// A copy of the unsent request for a nonce resend after the refresh
+    /// retry (DPoP only).
+    fn dpop_spare(&self, request: &Request) -> Option<Request> {
+        #[cfg(feature = "dpop")]
+        if self.config.dpop.is_some() {
+            return request.try_clone();
+        }
+        let _ = request;
+        None
+    }
+
+    /// Remembers the answer's nonce; answers a nonce challenge once by
+    /// sending `unsent` again with the current token and a proof carrying
+    /// the nonce. Not a refresh, not counted as a retry.
+    #[cfg(feature = "dpop")]
+    async fn dpop_answer(
+        &self,
+        response: Response,
+        unsent: Option<&Request>,
+        generation: &mut u64,
+        extensions: &mut Extensions,
+        next: &Next<'_>,
+    ) -> reqwest_middleware::Result<NonceAnswer> {
+        let Some(key) = &self.config.dpop else {
+            return Ok(NonceAnswer::Judge(response));
+        };
+        remember_nonce(key, &response);
+        if !crate::dpop::is_nonce_challenge(response.status(), response.headers()) {
+            return Ok(NonceAnswer::Judge(response));
+        }
+        let manager = &self.handle.manager;
+        let Some(mut again) = unsent.and_then(Request::try_clone) else {
+            let response = skipped(manager, response, SkipReason::BodyNotCloneable);
+            return Ok(NonceAnswer::HandBack(response));
+        };
+        drop(response);
+        let (header, current) = manager
+            .wait_for_token()
+            .await
+            .map_err(to_middleware_error)?;
+        *generation = current;
+        let injector = &manager.config.injector;
+        apply(injector, &header, &mut again);
+        stamp_dpop(key, &mut again).map_err(to_middleware_error)?;
+        tracing::debug!(
+            generation = current,
+            "resending request with the server's DPoP nonce"
+        );
+        let response = without_token_url(injector, next.clone().run(again, extensions).await)?;
+        remember_nonce(key, &response);
+        if crate::dpop::is_nonce_challenge(response.status(), response.headers()) {
+            tracing::debug!("DPoP nonce challenge after a nonce resend; handed back");
+            return Ok(NonceAnswer::HandBack(response));
+        }
+        Ok(NonceAnswer::Judge(response))
+    }
+
+    #[cfg(not(feature = "dpop"))]
+    async fn dpop_answer(
+        &self,
+        response: Response,
+        _unsent: Option<&Request>,
+        _generation: &mut u64,
+        _extensions: &mut Extensions,
+        _next: &Next<'_>,
+    ) -> reqwest_middleware::Result<NonceAnswer> {
+        Ok(NonceAnswer::Judge(response))
+    }
+}
+
+/// `Authorization: DPoP <token>` and a proof for `request`, made by the same
+/// code as for a tower request.
+#[cfg(feature = "dpop")]
+fn stamp_dpop(key: &crate::dpop::DpopKey, request: &mut Request) -> Result<(), BoxError> {
+    use http::header::AUTHORIZATION;
+    let mut head = http::Request::new(());
+    *head.method_mut() = request.method().clone();
+    *head.uri_mut() = request.url().as_str().parse()?;
+    if let Some(value) = request.headers().get(AUTHORIZATION) {
+        head.headers_mut().insert(AUTHORIZATION, value.clone());
+    }
+    crate::dpop::stamp(key, &mut head)?;
+    for name in [AUTHORIZATION, crate::dpop::DPOP] {
+        if let Some(value) = head.headers_mut().remove(&name) {
+            request.headers_mut().insert(name, value);
+        }
+    }
+    Ok(())
+}
+
+/// Caches the `DPoP-Nonce` of an answer under its request's origin.
+#[cfg(feature = "dpop")]
+fn remember_nonce(key: &crate::dpop::DpopKey, response: &Response) {
+    if let Ok(uri) = response.url().as_str().parse::<http::Uri>() {
+        key.nonces().update(&uri, response.headers());
     }
 }

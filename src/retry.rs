@@ -75,16 +75,49 @@ pub(crate) struct RetryCtx<S, ReqB> {
 }
 
 impl<S, ReqB> RetryCtx<S, ReqB> {
+    /// The first look at an answer: remembers its DPoP nonce, and says
+    /// whether it is handed on as it is (`is_not_expired`) or goes to
+    /// [`recover`](Self::recover).
+    ///
+    /// NOTE: a DPoP nonce challenge is sent to `recover` whatever the
+    /// detector says (as `NeedBody`, "look further"); `recover` answers it
+    /// before any expiry decision, so it never leads to a refresh.
     pub(crate) fn verdict<B>(&self, response: &Response<B>) -> HeadVerdict {
+        self.remember_nonce(response);
+        if self.is_nonce_challenge(response) {
+            return HeadVerdict::NeedBody;
+        }
+        self.head_verdict(response)
+    }
+
+    /// What the expiry detector makes of an answer's head.
+    fn head_verdict<B>(&self, response: &Response<B>) -> HeadVerdict {
+        let head = ResponseHead::new(response.status(), response.version(), response.headers());
+        self.config.detector.check_head(&head)
+    }
+
+    /// Caches the `DPoP-Nonce` an answer carries, for the next proof to its
+    /// origin.
+    fn remember_nonce<B>(&self, response: &Response<B>) {
         #[cfg(feature = "dpop")]
         if let Some(key) = &self.config.dpop {
             key.nonces().update(self.head.uri(), response.headers());
-            if crate::dpop::is_nonce_challenge(response.status(), response.headers()) {
-                return HeadVerdict::Expired;
-            }
         }
-        let head = ResponseHead::new(response.status(), response.version(), response.headers());
-        self.config.detector.check_head(&head)
+        #[cfg(not(feature = "dpop"))]
+        let _ = response;
+    }
+
+    /// Whether the layer speaks DPoP and the answer is a resource server's
+    /// nonce challenge.
+    fn is_nonce_challenge<B>(&self, response: &Response<B>) -> bool {
+        #[cfg(feature = "dpop")]
+        return self.config.dpop.is_some()
+            && crate::dpop::is_nonce_challenge(response.status(), response.headers());
+        #[cfg(not(feature = "dpop"))]
+        {
+            let _ = response;
+            false
+        }
     }
 }
 
@@ -127,103 +160,127 @@ where
         }
     }
 
-    /// The response may mean the token expired: decide, refresh, retry once.
-    // `self` changes only when a DPoP nonce challenge is answered.
-    #[cfg_attr(not(feature = "dpop"), allow(unused_mut))]
+    /// The response may mean the token expired, or (DPoP) the server wants
+    /// a nonce: answer the nonce challenge, decide, refresh, retry once.
+    ///
+    /// NOTE: the attempts are bounded: at most one nonce resend after each
+    /// attempt that is not itself a nonce resend, and at most one refresh
+    /// retry per request, so at most four sends. A nonce challenge is never
+    /// an expired token: one that answers a nonce resend is handed back to
+    /// the caller (its nonce is cached for the next request), and no
+    /// refresh is started or counted for it.
     pub(crate) async fn recover(
         mut self,
-        response: Response<ResB>,
+        mut response: Response<ResB>,
         verdict: HeadVerdict,
     ) -> Result<Response<ResponseBody<ResB>>, BoxError> {
-        #[cfg(feature = "dpop")]
-        let (response, verdict) = match self.answer_nonce_challenge(response).await? {
-            NonceAnswer::NotAChallenge(response) => (response, verdict),
-            NonceAnswer::Resent(response) => match self.verdict(&response) {
-                verdict if verdict.is_not_expired() => {
+        let mut verdict = Some(verdict);
+        let mut nonce_resent = false;
+        let mut refreshed = false;
+        loop {
+            if self.is_nonce_challenge(&response) {
+                if nonce_resent {
+                    tracing::debug!("DPoP nonce challenge after a nonce resend; handed back");
                     return Ok(response.map(ResponseBody::new));
                 }
-                verdict => (response, verdict),
-            },
-            NonceAnswer::Done(response) => return Ok(response),
-        };
-        let (parts, body) = response.into_parts();
-        let (expired, body) = match verdict {
-            HeadVerdict::Expired => (true, ResponseBody::new(body)),
-            _ => judge_body(&self.config, &parts, body).await,
-        };
-        let mut response = Response::from_parts(parts, body);
-        if !expired {
-            return Ok(response);
+                let body = match self.replay.try_replay() {
+                    Ok(body) => body,
+                    Err(reason) => {
+                        let response = response.map(ResponseBody::new);
+                        return Ok(self.skip(response, skip_reason(reason)));
+                    }
+                };
+                drop(response);
+                response = self.resend_with_nonce(body).await?;
+                nonce_resent = true;
+                verdict = None;
+                continue;
+            }
+            if refreshed {
+                return Ok(response.map(ResponseBody::new));
+            }
+            let verdict = verdict
+                .take()
+                .unwrap_or_else(|| self.head_verdict(&response));
+            if verdict.is_not_expired() {
+                return Ok(response.map(ResponseBody::new));
+            }
+            let (parts, body) = response.into_parts();
+            let (expired, body) = match verdict {
+                HeadVerdict::Expired => (true, ResponseBody::new(body)),
+                _ => judge_body(&self.config, &parts, body).await,
+            };
+            let rejected = Response::from_parts(parts, body);
+            if !expired {
+                return Ok(rejected);
+            }
+            response = match self.refresh_and_retry(rejected).await? {
+                Ok(response) => response,
+                Err(handed_back) => return Ok(handed_back),
+            };
+            refreshed = true;
+            nonce_resent = false;
         }
+    }
 
+    /// The token was rejected: refresh (or join the refresh under way) and
+    /// send the request once more with the new token. `Err` holds the
+    /// rejected answer, marked, when no retry is made.
+    async fn refresh_and_retry(
+        &mut self,
+        mut rejected: Response<ResponseBody<ResB>>,
+    ) -> Result<Result<Response<ResB>, Response<ResponseBody<ResB>>>, BoxError> {
         let wait = match self.manager.on_rejected(self.generation) {
             Rejection::TooFresh => {
-                return Ok(self.skip(response, SkipReason::TokenTooFresh));
+                return Ok(Err(self.skip(rejected, SkipReason::TokenTooFresh)));
             }
             Rejection::Retry(wait) => wait,
         };
         let body = match self.replay.try_replay() {
             Ok(body) => body,
             Err(reason) => {
-                response = self.skip(response, skip_reason(reason));
-                return Ok(response);
+                rejected = self.skip(rejected, skip_reason(reason));
+                return Ok(Err(rejected));
             }
         };
         let Some((header, generation)) = wait.await? else {
-            return Ok(self.skip(response, SkipReason::TokenTooFresh));
+            return Ok(Err(self.skip(rejected, SkipReason::TokenTooFresh)));
         };
-        // NOTE: the one replay has started: dropping the handle frees each
-        // buffered chunk once the retry has sent it.
-        drop(self.replay);
-        drop(response);
+        // NOTE: without DPoP this is the last send: giving up the replay
+        // frees each buffered chunk once the retry has sent it. With DPoP
+        // the retry's answer may still be a nonce challenge, answered with
+        // one more replay.
+        if !self.answers_nonce_challenges() {
+            self.replay.release();
+        }
+        self.generation = generation;
+        drop(rejected);
 
-        #[cfg(feature = "dpop")]
-        let uri = self.config.dpop.as_ref().map(|_| self.head.uri().clone());
-        let (parts, ()) = self.head.into_parts();
-        let mut retry = Request::from_parts(parts, body);
+        let mut retry = clone_head(&self.head).map(|()| body);
         self.config
             .authorize(&self.manager.config.injector, &header, &mut retry)?;
         Counters::bump(&self.manager.counters.retries);
         tracing::debug!(generation, "retrying request with refreshed token");
-        let mut inner = self.inner;
-        let response = inner
+        let response = self
+            .inner
             .ready()
             .await
             .map_err(Into::into)?
             .call(retry)
             .await
             .map_err(Into::into)?;
-        #[cfg(feature = "dpop")]
-        if let (Some(key), Some(uri)) = (&self.config.dpop, &uri) {
-            key.nonces().update(uri, response.headers());
-        }
-        Ok(response.map(ResponseBody::new))
+        self.remember_nonce(&response);
+        Ok(Ok(response))
     }
 
-    /// NOTE: a DPoP nonce challenge is not an expired token. The request is
-    /// sent once more, with the replayed body, the current token and a new
-    /// proof carrying the nonce the challenge brought (already cached by
-    /// `verdict`); no refresh is started or counted. What that attempt gets
-    /// back goes through the usual detection, so an expired token still
-    /// refreshes once after it.
-    #[cfg(feature = "dpop")]
-    async fn answer_nonce_challenge(
+    /// Sends the request once more, with the replayed body, the current
+    /// token and a new proof carrying the nonce the challenge brought
+    /// (cached by `remember_nonce`). Not a refresh and not counted as a
+    /// retry.
+    async fn resend_with_nonce(
         &mut self,
-        response: Response<ResB>,
-    ) -> Result<NonceAnswer<ResB>, BoxError> {
-        if self.config.dpop.is_none()
-            || !crate::dpop::is_nonce_challenge(response.status(), response.headers())
-        {
-            return Ok(NonceAnswer::NotAChallenge(response));
-        }
-        let body = match self.replay.try_replay() {
-            Ok(body) => body,
-            Err(reason) => {
-                let response = response.map(ResponseBody::new);
-                return Ok(NonceAnswer::Done(self.skip(response, skip_reason(reason))));
-            }
-        };
-        drop(response);
+        body: ReplayBody<ReqB>,
+    ) -> Result<Response<ResB>, BoxError> {
         let (header, generation) = self.manager.wait_for_token().await?;
         self.generation = generation;
         let mut again = clone_head(&self.head).map(|()| body);
@@ -238,10 +295,15 @@ where
             .call(again)
             .await
             .map_err(Into::into)?;
-        if let Some(key) = &self.config.dpop {
-            key.nonces().update(self.head.uri(), response.headers());
-        }
-        Ok(NonceAnswer::Resent(response))
+        self.remember_nonce(&response);
+        Ok(response)
+    }
+
+    fn answers_nonce_challenges(&self) -> bool {
+        #[cfg(feature = "dpop")]
+        return self.config.dpop.is_some();
+        #[cfg(not(feature = "dpop"))]
+        false
     }
 
     fn skip<B>(&self, mut response: Response<B>, reason: SkipReason) -> Response<B> {
@@ -249,17 +311,6 @@ where
         mark_skipped(&self.manager, status, response.extensions_mut(), reason);
         response
     }
-}
-
-/// What was done about a possible DPoP nonce challenge.
-#[cfg(feature = "dpop")]
-enum NonceAnswer<ResB> {
-    /// Not a nonce challenge: the response as it came.
-    NotAChallenge(Response<ResB>),
-    /// The answer to the request sent again with the nonce.
-    Resent(Response<ResB>),
-    /// The challenge, handed back marked: the body could not be replayed.
-    Done(Response<ResponseBody<ResB>>),
 }
 
 fn skip_reason(reason: NotReplayable) -> SkipReason {

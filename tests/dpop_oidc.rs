@@ -606,3 +606,97 @@ async fn clear_revokes_when_configured() {
     }
     panic!("the refresh token was not revoked within 5 s of clear()");
 }
+
+/// The nonce a resource challenge hands out has rotated out by the time the
+/// resend arrives, so the resend is challenged too. The token is valid at
+/// the server all along: the second challenge goes back to the caller, and
+/// no refresh is made.
+#[tokio::test]
+async fn a_stale_nonce_on_the_resend_keeps_the_valid_token() {
+    let provider = Provider::start().await;
+    let dpop = DpopKey::generate().unwrap();
+    let auth = ClientAuth::private_key_jwt(
+        "jwt-app",
+        SigningKey::from_pkcs8_pem(ES256_KEY)
+            .unwrap()
+            .with_key_id("es256"),
+    );
+    let source = OAuth2Source::builder(provider.token_url(), auth)
+        .redirect_uri(REDIRECT_URI)
+        .dpop(dpop.clone())
+        .build()
+        .unwrap();
+    let handle = TokenHandle::builder(source.clone())
+        .min_token_age(Duration::ZERO)
+        .build();
+    let pkce = Pkce::generate().unwrap();
+    let code = provider
+        .authorization_code_with(
+            "jwt-app",
+            &format!(
+                "{}&dpop_jkt={}",
+                pkce.authorization_params(),
+                dpop.thumbprint()
+            ),
+        )
+        .await;
+    source
+        .exchange_code(&handle, AuthorizationCode::new(code).with_pkce(&pkce))
+        .await
+        .unwrap();
+    let before = handle.token().unwrap();
+    let stats = handle.stats();
+
+    // The server's clock moves four minutes on right after its first nonce
+    // challenge: the nonce it just handed out is stale at once.
+    let (recording, answers) = recording_client();
+    let clock = format!("{}?seconds=240", provider.url("/dev/clock"));
+    let moved = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let seen = answers.clone();
+    let stale_after_challenge = service_fn(move |request: Request<ReplayBody<Full<Bytes>>>| {
+        let (recording, seen, clock, moved) = (
+            recording.clone(),
+            seen.clone(),
+            clock.clone(),
+            moved.clone(),
+        );
+        async move {
+            let response = recording.oneshot(request).await?;
+            let challenged = seen.lock().unwrap().last() == Some(&Answer::NonceChallenge);
+            if challenged && !moved.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                let request = Request::get(clock).body(Full::default())?;
+                assert_eq!(plain_client().request(request).await?.status(), 200);
+            }
+            Ok::<_, BoxError>(response)
+        }
+    });
+    let api = AuthRefreshLayer::new(handle.clone())
+        .dpop(dpop.clone())
+        .layer(stale_after_challenge);
+    // `localhost`: an origin whose nonce the key has not seen yet (the token
+    // endpoint's nonce is cached under 127.0.0.1), so the first attempt is
+    // challenged.
+    let me = provider.url("/me").replace("127.0.0.1", "localhost");
+    let response = api
+        .oneshot(Request::get(me).body(Full::default()).unwrap())
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    assert_eq!(
+        take_answers(&answers),
+        [Answer::NonceChallenge, Answer::NonceChallenge]
+    );
+    let after = handle.token().unwrap();
+    assert_eq!(
+        after.access_token().expose_secret(),
+        before.access_token().expose_secret(),
+        "the valid token was kept"
+    );
+    let active = provider
+        .introspect(before.access_token().expose_secret())
+        .await["active"]
+        .clone();
+    assert_eq!(active, true, "the token is valid at the server all along");
+    assert_eq!(handle.stats().refreshes, stats.refreshes, "no refresh");
+    assert_eq!(handle.stats().retries, stats.retries, "no retry");
+}

@@ -69,6 +69,16 @@ struct ServerState {
     next_on_success: Mutex<Option<String>>,
     accepted: Mutex<HashSet<String>>,
     attempts: Mutex<Vec<Attempt>>,
+    /// When set, the nonce rotates hard before every check: each nonce the
+    /// server announces is stale by the time it comes back.
+    rotate_before_each_check: std::sync::atomic::AtomicBool,
+    /// A nonce to rotate to hard right after the next answer (which still
+    /// announces the old one).
+    rotate_after_next_answer: Mutex<Option<String>>,
+    /// Rotate hard after this many successes with one nonce, announcing the
+    /// new nonce on the success that ends it.
+    rotate_every_successes: Mutex<Option<(usize, usize)>>,
+    rotations: AtomicUsize,
 }
 
 #[derive(Clone)]
@@ -118,6 +128,24 @@ impl ResourceServer {
     /// Announces `nonce` on the next success (the old one still works).
     fn rotate_softly_on_next_success(&self, nonce: &str) {
         *self.state.next_on_success.lock().unwrap() = Some(nonce.to_owned());
+    }
+
+    /// From now on every nonce is stale when it comes back (or not).
+    fn rotate_before_each_check(&self, on: bool) {
+        self.state
+            .rotate_before_each_check
+            .store(on, Ordering::SeqCst);
+    }
+
+    /// The next answer announces the current nonce; `nonce` replaces it
+    /// right after.
+    fn rotate_after_next_answer(&self, nonce: &str) {
+        *self.state.rotate_after_next_answer.lock().unwrap() = Some(nonce.to_owned());
+    }
+
+    /// A hard rotation after every `successes` successes.
+    fn rotate_every_successes(&self, successes: usize) {
+        *self.state.rotate_every_successes.lock().unwrap() = Some((successes, 0));
     }
 
     fn take(&self) -> Vec<Attempt> {
@@ -172,6 +200,10 @@ async fn resource(State(state): State<Arc<ServerState>>, request: Request) -> Re
         .unwrap_or("")
         .to_owned();
     let htu = format!("{}{}", state.addr.lock().unwrap(), parts.uri.path());
+    if state.rotate_before_each_check.load(Ordering::SeqCst) {
+        let n = state.rotations.fetch_add(1, Ordering::SeqCst) + 1;
+        *state.nonce.lock().unwrap() = (format!("stale-{n}"), None);
+    }
     let (current, soft) = state.nonce.lock().unwrap().clone();
     let mut attempt = Attempt {
         authorization,
@@ -221,12 +253,27 @@ async fn resource(State(state): State<Arc<ServerState>>, request: Request) -> Re
                             nonce.1 = Some(old);
                             headers.insert("dpop-nonce", next.parse().unwrap());
                         }
+                        if let Some((every, seen)) =
+                            state.rotate_every_successes.lock().unwrap().as_mut()
+                        {
+                            *seen += 1;
+                            if *seen >= *every {
+                                *seen = 0;
+                                let n = state.rotations.fetch_add(1, Ordering::SeqCst) + 1;
+                                let next = format!("rotated-{n}");
+                                *state.nonce.lock().unwrap() = (next.clone(), None);
+                                headers.insert("dpop-nonce", next.parse().unwrap());
+                            }
+                        }
                         StatusCode::OK
                     }
                 }
             }
         }
     };
+    if let Some(next) = state.rotate_after_next_answer.lock().unwrap().take() {
+        *state.nonce.lock().unwrap() = (next, None);
+    }
     let answer = format!("read {} bytes", attempt.body.len());
     state.attempts.lock().unwrap().push(attempt);
     (status, headers, answer).into_response()
@@ -461,6 +508,188 @@ async fn an_expired_token_behind_a_nonce_challenge_still_refreshes_once() {
     .expect("bounded");
 }
 
+/// A nonce challenge answering the nonce resend is not an expired token:
+/// the valid token is kept, the challenge goes back to the caller, and its
+/// nonce is the one the next request uses.
+#[tokio::test]
+async fn a_second_nonce_challenge_is_handed_back_without_a_refresh() {
+    tokio::time::timeout(LIMIT, async {
+        let server = ResourceServer::start().await;
+        let (handle, calls) = issuer(&server);
+        let service = AuthRefreshLayer::new(handle.clone())
+            .dpop(DpopKey::generate().unwrap())
+            .layer(client());
+        service
+            .clone()
+            .oneshot(get(&server.url("/a")))
+            .await
+            .unwrap();
+        server.take();
+
+        server.rotate_before_each_check(true);
+        let chunks = ["stale-", "every-", "time"];
+        let response = service
+            .clone()
+            .oneshot(streaming_post(&server.url("/b"), &chunks))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 401);
+        assert!(
+            response.headers()["www-authenticate"]
+                .to_str()
+                .unwrap()
+                .contains("use_dpop_nonce")
+        );
+        let attempts = server.take();
+        let outcomes: Vec<_> = attempts.iter().map(|a| a.outcome).collect();
+        assert_eq!(outcomes, [Outcome::NonceChallenge, Outcome::NonceChallenge]);
+        assert_eq!(attempts[1].nonce.as_deref(), Some("stale-1"));
+        for attempt in &attempts {
+            assert_eq!(attempt.authorization.as_deref(), Some("DPoP tok-1"));
+            assert_eq!(attempt.body, Bytes::from(chunks.concat()));
+        }
+        assert_proofs_accepted(&attempts, &mut HashSet::new());
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "no refresh of a valid token"
+        );
+        let stats = handle.stats();
+        assert_eq!(stats.refreshes, 1);
+        assert_eq!(stats.retries, 0);
+
+        // The nonce of the second challenge is cached for the next request.
+        server.rotate_before_each_check(false);
+        let response = service
+            .clone()
+            .oneshot(get(&server.url("/c")))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let next = server.take();
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].nonce.as_deref(), Some("stale-2"));
+        assert_eq!(next[0].authorization.as_deref(), Some("DPoP tok-1"));
+    })
+    .await
+    .expect("bounded");
+}
+
+/// The refresh retry may itself be challenged for a nonce: that challenge is
+/// answered once too (a nonce resend is not a refresh retry).
+#[tokio::test]
+async fn a_nonce_challenge_to_the_refresh_retry_is_answered_once() {
+    tokio::time::timeout(LIMIT, async {
+        let server = ResourceServer::start().await;
+        let (handle, calls) = issuer(&server);
+        let service = AuthRefreshLayer::new(handle.clone())
+            .dpop(DpopKey::generate().unwrap())
+            .layer(client());
+        service
+            .clone()
+            .oneshot(get(&server.url("/a")))
+            .await
+            .unwrap();
+        server.take();
+
+        // tok-1 dies; the answer that says so still announces nonce-0, and
+        // the nonce rotates right after it.
+        server.revoke_all();
+        server.rotate_after_next_answer("nonce-1");
+        let chunks = ["sent-", "three-", "times"];
+        let response = service
+            .clone()
+            .oneshot(streaming_post(&server.url("/b"), &chunks))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let attempts = server.take();
+        let outcomes: Vec<_> = attempts.iter().map(|a| a.outcome).collect();
+        assert_eq!(
+            outcomes,
+            [Outcome::InvalidToken, Outcome::NonceChallenge, Outcome::Ok]
+        );
+        let tokens: Vec<_> = attempts
+            .iter()
+            .map(|a| a.authorization.as_deref().unwrap())
+            .collect();
+        assert_eq!(tokens, ["DPoP tok-1", "DPoP tok-2", "DPoP tok-2"]);
+        assert_eq!(attempts[2].nonce.as_deref(), Some("nonce-1"));
+        assert!(attempts.iter().all(|a| a.body == chunks.concat()));
+        assert_proofs_accepted(&attempts, &mut HashSet::new());
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "exactly one refresh");
+        let stats = handle.stats();
+        assert_eq!(stats.refreshes, 2);
+        assert_eq!(stats.retries, 1, "the nonce resend is not a retry");
+
+        // A dead token behind a server that challenges every attempt: the
+        // nonce challenges hide the expiry, and none of them refreshes.
+        server.revoke_all();
+        server.rotate_before_each_check(true);
+        let response = service
+            .clone()
+            .oneshot(streaming_post(&server.url("/c"), &chunks))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 401);
+        let attempts = server.take();
+        assert_eq!(attempts.len(), 2, "{attempts:#?}");
+        assert_eq!(count(&attempts, Outcome::NonceChallenge), 2);
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            2,
+            "a nonce challenge never refreshes"
+        );
+    })
+    .await
+    .expect("bounded");
+}
+
+/// Many requests at once against a server that rotates its nonce hard every
+/// few successes: the challenges cost extra attempts, never a refresh.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nonce_rotation_under_concurrency_never_refreshes_a_valid_token() {
+    const REQUESTS: usize = 64;
+    tokio::time::timeout(LIMIT, async {
+        let server = ResourceServer::start().await;
+        let (handle, calls) = issuer(&server);
+        let service = AuthRefreshLayer::new(handle.clone())
+            .dpop(DpopKey::generate().unwrap())
+            .layer(client());
+        server.rotate_every_successes(4);
+        let requests = (0..REQUESTS).map(|i| {
+            let service = service.clone();
+            let url = server.url(&format!("/r/{i}"));
+            async move {
+                let chunks: &[&'static str] = if i % 2 == 0 { &["even"] } else { &["odd"] };
+                service
+                    .oneshot(streaming_post(&url, chunks))
+                    .await
+                    .unwrap()
+                    .status()
+            }
+        });
+        let statuses = futures::future::join_all(requests).await;
+        let attempts = server.take();
+        assert_proofs_accepted(&attempts, &mut HashSet::new());
+        let ok = statuses.iter().filter(|s| **s == StatusCode::OK).count();
+        let challenged = statuses.len() - ok;
+        assert_eq!(count(&attempts, Outcome::Ok), ok);
+        assert_eq!(count(&attempts, Outcome::InvalidToken), 0);
+        assert!(attempts.len() <= 2 * REQUESTS, "{} attempts", attempts.len());
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "no refresh of a valid token");
+        let stats = handle.stats();
+        assert_eq!(stats.refreshes, 1);
+        assert_eq!(stats.retries, 0);
+        println!(
+            "dpop rotation under load: {REQUESTS} requests, {} attempts, {ok} ok, {challenged} handed back challenged, 1 refresh",
+            attempts.len()
+        );
+    })
+    .await
+    .expect("bounded");
+}
+
 #[tokio::test]
 async fn a_challenge_to_a_body_that_cannot_be_replayed_comes_back_marked() {
     tokio::time::timeout(LIMIT, async {
@@ -514,6 +743,38 @@ async fn without_dpop_requests_carry_no_proof() {
         assert_eq!(attempts.len(), 1);
         assert_eq!(attempts[0].outcome, Outcome::NoProof);
         assert_eq!(attempts[0].authorization.as_deref(), Some("Bearer tok-1"));
+    })
+    .await
+    .expect("bounded");
+}
+
+/// RFC 9449 wants the token in `Authorization: DPoP`: a handle that puts it
+/// in the query (or another header) cannot be used with DPoP, and says so
+/// instead of sending a proof without `ath`.
+#[tokio::test]
+async fn dpop_with_the_token_outside_authorization_is_refused() {
+    tokio::time::timeout(LIMIT, async {
+        let server = ResourceServer::start().await;
+        for injector in [
+            tower_auth_refresh::TokenInjector::query("access_token"),
+            tower_auth_refresh::TokenInjector::header(http::HeaderName::from_static("x-api-token")),
+        ] {
+            let handle = TokenHandle::builder(token_source_fn(|_cx: RefreshContext| async {
+                Ok::<_, Infallible>(Token::new("secret-tok-9", "DPoP"))
+            }))
+            .injector(injector)
+            .build();
+            let service = AuthRefreshLayer::new(handle)
+                .dpop(DpopKey::generate().unwrap())
+                .layer(client());
+            let err = service
+                .oneshot(get(&server.url("/a?x=1")))
+                .await
+                .unwrap_err();
+            assert!(err.to_string().contains("Authorization"), "{err}");
+            assert!(!err.to_string().contains("secret-tok-9"), "{err}");
+        }
+        assert!(server.take().is_empty(), "nothing was sent");
     })
     .await
     .expect("bounded");

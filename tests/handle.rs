@@ -128,3 +128,143 @@ async fn refresh_now_joins_a_refresh_in_flight() {
     assert_eq!(a.unwrap(), b.unwrap());
     assert_eq!(issuer.calls(), 1);
 }
+
+/// A token source whose fetches wait at a gate, and that records what it is
+/// asked to revoke.
+struct GatedSource {
+    fetched: std::sync::atomic::AtomicUsize,
+    started: tokio::sync::mpsc::UnboundedSender<()>,
+    gate: std::sync::Arc<tokio::sync::Semaphore>,
+    revoked: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl tower_auth_refresh::TokenSource for GatedSource {
+    fn fetch(
+        &self,
+        _cx: tower_auth_refresh::RefreshContext,
+    ) -> futures::future::BoxFuture<'static, Result<Token, tower_auth_refresh::BoxError>> {
+        let n = self
+            .fetched
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+            + 1;
+        let _ = self.started.send(());
+        let gate = self.gate.clone();
+        Box::pin(async move {
+            gate.acquire().await?.forget();
+            Ok(Token::new(format!("fetched-{n}"), "Bearer"))
+        })
+    }
+
+    fn revoke(
+        &self,
+        token: std::sync::Arc<Token>,
+    ) -> futures::future::BoxFuture<'static, Result<(), tower_auth_refresh::BoxError>> {
+        let revoked = self.revoked.clone();
+        Box::pin(async move {
+            revoked
+                .lock()
+                .unwrap()
+                .push(token.access_token().expose_secret().to_owned());
+            Ok(())
+        })
+    }
+}
+
+struct Gated {
+    handle: TokenHandle,
+    started: tokio::sync::mpsc::UnboundedReceiver<()>,
+    gate: std::sync::Arc<tokio::sync::Semaphore>,
+    revoked: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+fn gated(
+    configure: impl FnOnce(
+        tower_auth_refresh::TokenHandleBuilder,
+    ) -> tower_auth_refresh::TokenHandleBuilder,
+) -> Gated {
+    let (tx, started) = tokio::sync::mpsc::unbounded_channel();
+    let gate = std::sync::Arc::new(tokio::sync::Semaphore::new(0));
+    let revoked = std::sync::Arc::default();
+    let source = GatedSource {
+        fetched: Default::default(),
+        started: tx,
+        gate: gate.clone(),
+        revoked: std::sync::Arc::clone(&revoked),
+    };
+    let handle = configure(
+        TokenHandle::builder(source).initial_token(Token::new("before-logout", "Bearer")),
+    )
+    .build();
+    Gated {
+        handle,
+        started,
+        gate,
+        revoked,
+    }
+}
+
+/// A logout while a refresh is under way: the refresh's token is not
+/// installed afterwards, and it is revoked too.
+#[tokio::test]
+async fn a_refresh_under_way_during_revoke_is_dropped_and_revoked() {
+    let mut g = gated(|b| b);
+    let refreshing = tokio::spawn({
+        let handle = g.handle.clone();
+        async move { handle.refresh_now().await }
+    });
+    g.started.recv().await.unwrap();
+    g.handle.revoke().await.unwrap();
+    g.gate.add_permits(1);
+    let refreshed = refreshing.await.unwrap();
+    assert!(
+        refreshed.is_err(),
+        "the refresh lost to the logout: {:?}",
+        refreshed.map(|t| t.access_token().expose_secret().to_owned())
+    );
+    assert!(g.handle.token().is_none(), "no token after the logout");
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while g.revoked.lock().unwrap().len() < 2 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("the dropped token is revoked");
+    assert_eq!(*g.revoked.lock().unwrap(), ["before-logout", "fetched-1"]);
+    assert_eq!(g.handle.stats().refreshes, 0);
+
+    // The next caller starts a refresh of its own.
+    g.gate.add_permits(1);
+    let token = g.handle.refresh_now().await.unwrap();
+    assert_eq!(token.access_token().expose_secret(), "fetched-2");
+    assert_eq!(
+        g.handle.token().unwrap().access_token().expose_secret(),
+        "fetched-2"
+    );
+}
+
+/// With `revoke_on_clear`, `clear` is a logout too: a refresh under way is
+/// not installed afterwards, and both tokens are revoked.
+#[tokio::test]
+async fn a_refresh_under_way_during_a_revoking_clear_is_dropped_and_revoked() {
+    let mut g = gated(|b| b.revoke_on_clear());
+    let refreshing = tokio::spawn({
+        let handle = g.handle.clone();
+        async move { handle.refresh_now().await }
+    });
+    g.started.recv().await.unwrap();
+    g.handle.clear();
+    g.gate.add_permits(1);
+    assert!(refreshing.await.unwrap().is_err());
+    assert!(g.handle.token().is_none());
+    assert!(!g.handle.status().refreshing);
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while g.revoked.lock().unwrap().len() < 2 {
+            tokio::task::yield_now().await;
+        }
+    })
+    .await
+    .expect("both tokens are revoked");
+    let mut revoked = g.revoked.lock().unwrap().clone();
+    revoked.sort();
+    assert_eq!(revoked, ["before-logout", "fetched-1"]);
+}

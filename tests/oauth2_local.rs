@@ -860,3 +860,63 @@ async fn a_refresh_grant_is_retried_on_503_or_429_with_retry_after() {
         assert_eq!(server.grant_types(), ["refresh_token", "refresh_token"]);
     }
 }
+
+/// A failed revocation names the revocation endpoint, not the token
+/// endpoint, and still carries the typed cause.
+#[tokio::test]
+async fn a_failed_revocation_names_the_revocation_endpoint() {
+    let server = TokenServer::start(|_, _| ok(serde_json::json!({"access_token": "at"}))).await;
+    let source = server
+        .builder()
+        .revocation_url(format!("http://{}/no-such-revocation", server.addr))
+        .build()
+        .unwrap();
+    let handle = TokenHandle::builder(source)
+        .initial_token(Token::bearer("at").with_refresh_token("rt-secret"))
+        .build();
+    let err = handle.revoke().await.unwrap_err();
+    let text = err.to_string();
+    assert!(text.contains("revocation endpoint"), "{text}");
+    assert!(!text.contains("token endpoint"), "{text}");
+    assert!(!format!("{text} {err:?}").contains("rt-secret"));
+    let failed = err
+        .downcast_ref::<tower_auth_refresh::oauth2::RevocationFailed>()
+        .expect("a typed revocation error");
+    assert!(matches!(
+        failed.error(),
+        TokenEndpointError::Status { status, .. } if status.as_u16() == 404
+    ));
+    assert!(
+        handle.token().is_none(),
+        "forgotten even though revocation failed"
+    );
+}
+
+/// A DPoP token request answered with a token that is not bound to the key
+/// is refused, and the error says what the answer declared.
+#[cfg(feature = "dpop")]
+#[tokio::test]
+async fn a_dpop_request_answered_with_an_unbound_token_says_what_was_declared() {
+    for (answer, expected) in [
+        (
+            serde_json::json!({"access_token": "at"}),
+            "the answer has no `token_type`",
+        ),
+        (
+            serde_json::json!({"access_token": "at", "token_type": "bearer"}),
+            "the token is of type `Bearer`",
+        ),
+    ] {
+        let server = TokenServer::start(move |_, _| ok(answer.clone())).await;
+        let source = server
+            .builder()
+            .initial_grant(Grant::client_credentials())
+            .dpop(tower_auth_refresh::dpop::DpopKey::generate().unwrap())
+            .build()
+            .unwrap();
+        let err = TokenHandle::new(source).refresh_now().await.unwrap_err();
+        let text = format!("{}", endpoint_error(&err));
+        assert!(text.contains(expected), "{text}");
+        assert!(text.contains("not `DPoP`"), "{text}");
+    }
+}

@@ -301,3 +301,209 @@ async fn a_percent_encoded_query_key_counts_as_the_callers_token() {
         Some("access%5Ftoken=mine")
     );
 }
+
+/// The DPoP settings of a layer carry over to the middleware: each attempt
+/// gets `Authorization: DPoP` and a proof of its own (verified here with
+/// jsonwebtoken), and a nonce challenge is answered once when the body can
+/// be cloned.
+#[cfg(feature = "dpop")]
+mod dpop {
+    use std::convert::Infallible;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use axum::Router;
+    use axum::extract::{Request, State};
+    use axum::response::{IntoResponse, Response};
+    use axum::routing::any;
+    use bytes::Bytes;
+    use http::{HeaderMap, StatusCode};
+    use http_body::Frame;
+    use http_body_util::{BodyExt, StreamBody};
+    use tower_auth_refresh::dpop::DpopKey;
+    use tower_auth_refresh::{
+        AuthRefreshLayer, AuthRefreshMiddleware, RefreshContext, RetrySkipped, SkipReason, Token,
+        TokenHandle, token_source_fn,
+    };
+
+    #[derive(Debug, Clone, PartialEq, Eq)]
+    struct Attempt {
+        authorization: Option<String>,
+        nonce: Option<String>,
+        body: Bytes,
+        status: u16,
+    }
+
+    #[derive(Default)]
+    struct Server {
+        addr: Mutex<String>,
+        nonce: Mutex<String>,
+        attempts: Mutex<Vec<Attempt>>,
+    }
+
+    fn sha256_b64(text: &str) -> String {
+        use base64::Engine;
+        let digest = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(digest)
+    }
+
+    /// The proof's claims when it verifies for this request and token.
+    fn verified(proof: &str, method: &str, htu: &str, token: &str) -> Option<serde_json::Value> {
+        let header = jsonwebtoken::decode_header(proof).ok()?;
+        let key = jsonwebtoken::DecodingKey::from_jwk(header.jwk.as_ref()?).ok()?;
+        let mut validation = jsonwebtoken::Validation::new(header.alg);
+        validation.required_spec_claims.clear();
+        validation.validate_exp = false;
+        let claims = jsonwebtoken::decode::<serde_json::Value>(proof, &key, &validation)
+            .ok()?
+            .claims;
+        let ok = header.typ.as_deref() == Some("dpop+jwt")
+            && claims["htm"] == method
+            && claims["htu"] == htu
+            && claims["ath"] == sha256_b64(token);
+        ok.then_some(claims)
+    }
+
+    async fn resource(State(server): State<Arc<Server>>, request: Request) -> Response {
+        let (parts, body) = request.into_parts();
+        let body = body.collect().await.unwrap().to_bytes();
+        let authorization = parts
+            .headers
+            .get("authorization")
+            .map(|v| v.to_str().unwrap().to_owned());
+        let token = authorization
+            .as_deref()
+            .and_then(|a| a.strip_prefix("DPoP "))
+            .unwrap_or_default();
+        let htu = format!("{}{}", server.addr.lock().unwrap(), parts.uri.path());
+        let current = server.nonce.lock().unwrap().clone();
+        let claims = parts
+            .headers
+            .get("dpop")
+            .and_then(|proof| verified(proof.to_str().ok()?, parts.method.as_str(), &htu, token));
+        let nonce = claims
+            .as_ref()
+            .and_then(|c| c["nonce"].as_str().map(str::to_owned));
+        let mut headers = HeaderMap::new();
+        headers.insert("dpop-nonce", current.parse().unwrap());
+        let status = if claims.is_none() {
+            StatusCode::BAD_REQUEST
+        } else if nonce.as_deref() != Some(current.as_str()) {
+            headers.insert(
+                "www-authenticate",
+                r#"DPoP error="use_dpop_nonce""#.parse().unwrap(),
+            );
+            StatusCode::UNAUTHORIZED
+        } else {
+            StatusCode::OK
+        };
+        server.attempts.lock().unwrap().push(Attempt {
+            authorization,
+            nonce,
+            body,
+            status: status.as_u16(),
+        });
+        (status, headers).into_response()
+    }
+
+    async fn start() -> (Arc<Server>, String) {
+        let server = Arc::new(Server::default());
+        *server.nonce.lock().unwrap() = "nonce-0".to_owned();
+        let app = Router::new()
+            .route("/{*path}", any(resource))
+            .with_state(server.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let base = format!("http://{}", listener.local_addr().unwrap());
+        *server.addr.lock().unwrap() = base.clone();
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        (server, base)
+    }
+
+    fn issuer() -> (TokenHandle, Arc<AtomicUsize>) {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = calls.clone();
+        let handle = TokenHandle::builder(token_source_fn(move |_cx: RefreshContext| {
+            let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+            async move {
+                Ok::<_, Infallible>(
+                    Token::new(format!("tok-{n}"), "DPoP")
+                        .with_expires_in(Duration::from_secs(3600)),
+                )
+            }
+        }))
+        .min_token_age(Duration::ZERO)
+        .build();
+        (handle, calls)
+    }
+
+    fn take(server: &Server) -> Vec<Attempt> {
+        std::mem::take(&mut *server.attempts.lock().unwrap())
+    }
+
+    #[tokio::test]
+    async fn a_dpop_layer_makes_the_middleware_send_proofs_and_answer_nonce_challenges() {
+        let (server, base) = start().await;
+        let (handle, calls) = issuer();
+        let layer = AuthRefreshLayer::new(handle.clone()).dpop(DpopKey::generate().unwrap());
+        let client = super::client(AuthRefreshMiddleware::from_layer(&layer));
+
+        let response = client
+            .post(format!("{base}/orders"))
+            .body("order-42")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let attempts = take(&server);
+        assert_eq!(attempts.len(), 2, "{attempts:#?}");
+        assert_eq!(attempts[0].status, 401, "first contact is challenged");
+        assert_eq!(attempts[0].nonce, None);
+        assert_eq!(attempts[1].status, 200);
+        assert_eq!(attempts[1].nonce.as_deref(), Some("nonce-0"));
+        for attempt in &attempts {
+            assert_eq!(attempt.authorization.as_deref(), Some("DPoP tok-1"));
+            assert_eq!(attempt.body, "order-42");
+        }
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "a nonce resend is not a refresh"
+        );
+        assert_eq!(handle.stats().retries, 0);
+
+        // The nonce is known: one attempt per request.
+        let response = client.get(format!("{base}/orders")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        assert_eq!(take(&server).len(), 1);
+
+        // A challenge to a streamed body comes back marked, and teaches the
+        // nonce to the next request.
+        *server.nonce.lock().unwrap() = "nonce-1".to_owned();
+        let frames: Vec<Result<Frame<Bytes>, Infallible>> =
+            vec![Ok(Frame::data(Bytes::from_static(b"streamed")))];
+        let response = client
+            .post(format!("{base}/stream"))
+            .body(reqwest::Body::wrap(StreamBody::new(futures::stream::iter(
+                frames,
+            ))))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 401);
+        assert_eq!(
+            response
+                .extensions()
+                .get::<RetrySkipped>()
+                .map(|m| m.reason),
+            Some(SkipReason::BodyNotCloneable)
+        );
+        assert_eq!(take(&server).len(), 1);
+        let response = client.get(format!("{base}/orders")).send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        let next = take(&server);
+        assert_eq!(next.len(), 1);
+        assert_eq!(next[0].nonce.as_deref(), Some("nonce-1"));
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+}

@@ -209,6 +209,12 @@ impl<B: Body> ReplayBody<B> {
 }
 
 impl<B> Replay<B> {
+    /// Gives up replaying: once the attempt under way has sent a buffered
+    /// chunk, it is freed. Later `try_replay` calls fail.
+    pub(crate) fn release(&mut self) {
+        self.kind = ReplayKind::Never(NotReplayable::Disabled);
+    }
+
     /// A body that yields the request's bytes again, from the start.
     pub(crate) fn try_replay(&self) -> Result<ReplayBody<B>, NotReplayable> {
         match &self.kind {

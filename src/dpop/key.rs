@@ -16,6 +16,11 @@ use crate::jose::{KeyError, SigningKey, random_id, sha256_b64, sign_compact, uni
 /// [`from_signing_key`](Self::from_signing_key). `Debug` shows the algorithm
 /// and the thumbprint, never the key.
 ///
+/// A token is bound to one key: replicas that share tokens through a store
+/// must all hold the same key, loaded from the same PKCS#8 PEM
+/// (`DpopKey::from_signing_key(SigningKey::from_pkcs8_pem(pem)?)`), not one
+/// generated per replica.
+///
 /// ```
 /// use tower_auth_refresh::dpop::DpopKey;
 /// use tower_auth_refresh::oauth2::SigningKey;
@@ -115,7 +120,9 @@ impl fmt::Debug for DpopKey {
     }
 }
 
-/// The `htu` claim: the URI without query and fragment (RFC 9449 §4.2).
+/// The `htu` claim: the URI without query and fragment (RFC 9449 §4.2),
+/// and without userinfo (never on the request line, and it may hold a
+/// password). Host and port are kept as written.
 fn htu(uri: &Uri) -> Result<String, KeyError> {
     let (Some(scheme), Some(authority)) = (uri.scheme_str(), uri.authority()) else {
         return Err(KeyError::new(format!(
@@ -123,7 +130,17 @@ fn htu(uri: &Uri) -> Result<String, KeyError> {
             uri.path()
         )));
     };
-    Ok(format!("{scheme}://{authority}{}", uri.path()))
+    let host_and_port = without_userinfo(authority.as_str());
+    Ok(format!("{scheme}://{host_and_port}{}", uri.path()))
+}
+
+/// `host[:port]` of an authority that may start with `userinfo@`.
+// NOTE: neither a host nor a port can hold `@`, so the last one ends the
+// userinfo.
+fn without_userinfo(authority: &str) -> &str {
+    authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host_and_port)| host_and_port)
 }
 
 /// The token endpoint's nonce challenge: `400 {"error":"use_dpop_nonce"}`.
@@ -180,6 +197,23 @@ mod tests {
         assert_eq!(claims["nonce"], "n-1");
         let iat = claims["iat"].as_u64().unwrap();
         assert!(iat.abs_diff(unix_now()) <= 5);
+    }
+
+    #[test]
+    fn htu_leaves_out_userinfo() {
+        let key = DpopKey::generate().unwrap();
+        for (uri, htu) in [
+            (
+                "https://alice:hunter2@api.example/orders?x=1",
+                "https://api.example/orders",
+            ),
+            ("http://bob@API.Example:8080/a", "http://API.Example:8080/a"),
+            ("http://[::1]:8080/a", "http://[::1]:8080/a"),
+        ] {
+            let uri: Uri = uri.parse().unwrap();
+            let claims = verify(&key, &key.proof(&Method::GET, &uri, None).unwrap());
+            assert_eq!(claims["htu"], htu);
+        }
     }
 
     #[test]

@@ -62,11 +62,23 @@ impl fmt::Debug for NonceCache {
     }
 }
 
-/// `scheme://authority`, lowercase.
+/// `scheme://host[:port]`, lowercase, without userinfo, and without the
+/// port when it is the scheme's default (`http://a` and `http://a:80` are
+/// one origin).
 fn origin(uri: &Uri) -> Option<String> {
-    let scheme = uri.scheme_str()?;
-    let authority = uri.authority()?.as_str();
-    Some(format!("{scheme}://{authority}").to_ascii_lowercase())
+    let scheme = uri.scheme_str()?.to_ascii_lowercase();
+    let host = uri.host()?.to_ascii_lowercase();
+    let default_port = match scheme.as_str() {
+        "http" => Some(80),
+        "https" => Some(443),
+        _ => None,
+    };
+    Some(
+        match uri.port_u16().filter(|port| Some(*port) != default_port) {
+            Some(port) => format!("{scheme}://{host}:{port}"),
+            None => format!("{scheme}://{host}"),
+        },
+    )
 }
 
 #[cfg(test)]
@@ -88,5 +100,36 @@ mod tests {
         headers.insert(DPOP_NONCE, "n-2".parse().unwrap());
         cache.update(&a_other_path, &headers);
         assert_eq!(cache.get(&a).as_deref(), Some("n-2"));
+    }
+
+    #[test]
+    fn an_origin_is_the_same_with_or_without_userinfo_and_default_port() {
+        let cache = NonceCache::default();
+        let mut headers = HeaderMap::new();
+        headers.insert(DPOP_NONCE, "n-1".parse().unwrap());
+        let plain: Uri = "http://a.example/x".parse().unwrap();
+        cache.update(&plain, &headers);
+        for same in [
+            "http://a.example:80/y",
+            "http://alice:hunter2@a.example/y",
+            "HTTP://A.EXAMPLE:80/",
+        ] {
+            let same: Uri = same.parse().unwrap();
+            assert_eq!(cache.get(&same).as_deref(), Some("n-1"), "{same}");
+        }
+        for other in [
+            "https://a.example/x",
+            "http://a.example:8080/x",
+            "http://b.example/x",
+        ] {
+            let other: Uri = other.parse().unwrap();
+            assert_eq!(cache.get(&other), None, "{other}");
+        }
+        let secure: Uri = "https://bob:pw@a.example:443/x".parse().unwrap();
+        headers.insert(DPOP_NONCE, "n-2".parse().unwrap());
+        cache.update(&secure, &headers);
+        let secure_plain: Uri = "https://a.example/z".parse().unwrap();
+        assert_eq!(cache.get(&secure_plain).as_deref(), Some("n-2"));
+        assert!(!cache.lock().keys().any(|origin| origin.contains('@')));
     }
 }

@@ -9,22 +9,23 @@ use crate::BoxError;
 
 /// Puts a fresh proof on one attempt of a request that carries its token in
 /// `Authorization` (`Bearer <token>` is turned into `DPoP <token>`), with
-/// `ath` and the latest nonce of the request's origin. A request without an
-/// `Authorization` token gets a proof without `ath`.
+/// `ath` and the latest nonce of the request's origin.
+///
+/// A request without an `Authorization` token is refused: RFC 9449 §7.1
+/// sends a DPoP-bound token in `Authorization: DPoP`, so a handle whose
+/// injector puts it in the query or another header cannot speak DPoP.
 pub(crate) fn stamp<B>(key: &DpopKey, request: &mut Request<B>) -> Result<(), BoxError> {
-    let token = match request.headers().get(AUTHORIZATION) {
-        Some(value) => Some(dpop_authorization(value)?),
-        None => None,
+    let Some(value) = request.headers().get(AUTHORIZATION) else {
+        return Err(
+            "DPoP needs the token in the Authorization header (RFC 9449 §7.1); \
+             the handle's injector puts it elsewhere (use `TokenInjector::bearer()` with DPoP)"
+                .into(),
+        );
     };
-    let proof = key.proof(
-        request.method(),
-        request.uri(),
-        token.as_ref().map(|(_, token)| token.as_str()),
-    )?;
+    let (value, token) = dpop_authorization(value)?;
+    let proof = key.proof(request.method(), request.uri(), Some(&token))?;
     let headers = request.headers_mut();
-    if let Some((value, _)) = token {
-        headers.insert(AUTHORIZATION, value);
-    }
+    headers.insert(AUTHORIZATION, value);
     headers.insert(DPOP, HeaderValue::try_from(proof)?);
     Ok(())
 }

@@ -88,17 +88,29 @@ impl SigningKey {
     }
 
     /// A PKCS#8 key in PEM (`-----BEGIN PRIVATE KEY-----`): P-256, Ed25519
-    /// or RSA.
+    /// or RSA. The document may hold other blocks too (a certificate chain
+    /// before or after the key); it must hold exactly one `PRIVATE KEY`.
     pub fn from_pkcs8_pem(pem: &str) -> Result<Self, KeyError> {
-        let parsed = pem::parse(pem).map_err(|_| KeyError::new("not a PEM document"))?;
-        if parsed.tag() != "PRIVATE KEY" {
-            return Err(KeyError::new(format!(
-                "expected a PKCS#8 `PRIVATE KEY`, found `{}` (convert it with \
-                 `openssl pkcs8 -topk8 -nocrypt`)",
-                parsed.tag()
-            )));
+        let blocks = pem::parse_many(pem).map_err(|_| KeyError::new("not a PEM document"))?;
+        let mut keys = blocks.iter().filter(|block| block.tag() == "PRIVATE KEY");
+        match (keys.next(), keys.next()) {
+            (Some(key), None) => Self::from_pkcs8_der(key.contents()),
+            (Some(_), Some(_)) => Err(KeyError::new(
+                "the PEM document holds more than one `PRIVATE KEY`",
+            )),
+            (None, _) => {
+                let found: Vec<&str> = blocks.iter().map(pem::Pem::tag).collect();
+                Err(KeyError::new(if found.is_empty() {
+                    "not a PEM document".to_owned()
+                } else {
+                    format!(
+                        "expected a PKCS#8 `PRIVATE KEY`, found `{}` (convert it with \
+                         `openssl pkcs8 -topk8 -nocrypt`)",
+                        found.join("`, `")
+                    )
+                }))
+            }
         }
-        Self::from_pkcs8_der(parsed.contents())
     }
 
     /// A PKCS#8 key in DER: P-256, Ed25519 or RSA.
@@ -264,6 +276,32 @@ mod tests {
         assert_eq!(key.thumbprint(), sha256_b64(canonical));
         assert_eq!(jwk["x"].as_str().unwrap().len(), 43);
         assert_eq!(jwk["y"].as_str().unwrap().len(), 43);
+    }
+
+    fn pem_block(tag: &str, contents: &[u8]) -> String {
+        pem::encode(&pem::Pem::new(tag, contents.to_vec()))
+    }
+
+    #[test]
+    fn the_private_key_is_found_among_certificates_in_a_pem_bundle() {
+        use secrecy::ExposeSecret;
+        let key = SigningKey::generate_es256().unwrap();
+        let der = key.export_pkcs8_der();
+        let private = pem_block("PRIVATE KEY", der.expose_secret());
+        let cert = pem_block("CERTIFICATE", b"not parsed");
+        for bundle in [
+            format!("{cert}{private}"),
+            format!("{private}{cert}"),
+            format!("# the service key\n{cert}\n{private}").replace('\n', "\r\n"),
+        ] {
+            let loaded = SigningKey::from_pkcs8_pem(&bundle).unwrap();
+            assert_eq!(loaded.thumbprint(), key.thumbprint());
+        }
+        let only_cert = SigningKey::from_pkcs8_pem(&cert).unwrap_err().to_string();
+        assert!(only_cert.contains("CERTIFICATE"), "{only_cert}");
+        let two = format!("{private}{}", pem_block("PRIVATE KEY", der.expose_secret()));
+        let two = SigningKey::from_pkcs8_pem(&two).unwrap_err().to_string();
+        assert!(two.contains("more than one"), "{two}");
     }
 
     #[test]

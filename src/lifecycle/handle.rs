@@ -130,9 +130,9 @@ impl TokenHandle {
     /// With [`revoke_on_clear`](TokenHandleBuilder::revoke_on_clear), the
     /// forgotten token is also revoked, in a background task.
     pub fn clear(&self) {
-        let token = self.token();
-        self.manager.clear();
-        if let (true, Some(token)) = (self.manager.config.revoke_on_clear, token) {
+        let revoke = self.manager.config.revoke_on_clear;
+        let token = self.manager.clear(revoke);
+        if let (true, Some(token)) = (revoke, token) {
             self.revoke_in_background(token);
         }
     }
@@ -142,9 +142,7 @@ impl TokenHandle {
     /// so that nobody can use it any more: a logout. The token is forgotten
     /// even when the revocation fails.
     pub async fn revoke(&self) -> Result<(), BoxError> {
-        let token = self.token();
-        self.manager.clear();
-        match token {
+        match self.manager.clear(true) {
             Some(token) => self.manager.revoke(token).await,
             None => Ok(()),
         }

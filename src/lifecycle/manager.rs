@@ -186,6 +186,9 @@ struct RefreshState {
     consecutive_failures: u32,
     last_refresh_at: Option<SystemTime>,
     last_refresh_took: Option<Duration>,
+    /// Bumped by every logout (a revoking `clear`): a refresh started in an
+    /// older epoch is not installed.
+    epoch: u64,
 }
 
 /// Counters kept by the manager; read with `TokenHandle::stats`.
@@ -510,6 +513,7 @@ impl TokenManager {
         };
         let previous = current;
         let generation = state.next_generation;
+        let epoch = state.epoch;
         let span = tracing::info_span!(
             "token_refresh",
             reason = reason.as_str(),
@@ -522,7 +526,7 @@ impl TokenManager {
         // nothing in it may take the lock on drop (its guard does not).
         let task = runtime.spawn(
             manager
-                .fetch_and_install(previous, reason, ended.clone())
+                .fetch_and_install(previous, reason, ended.clone(), epoch)
                 .instrument(span),
         );
         let abort = task.abort_handle();
@@ -550,6 +554,7 @@ impl TokenManager {
         previous: Option<Arc<Current>>,
         reason: RefreshReason,
         ended: Arc<AtomicBool>,
+        epoch: u64,
     ) -> Result<Arc<Current>, RefreshError> {
         let mut guard = TaskGuard {
             ended,
@@ -585,8 +590,12 @@ impl TokenManager {
         let took = started.elapsed();
         tracing::Span::current().record("duration_ms", took.as_millis() as u64);
         let mut state = self.lock();
-        state.in_flight = None;
         guard.finished = true;
+        if state.epoch != epoch {
+            drop(state);
+            return Err(self.discard_logged_out(result));
+        }
+        state.in_flight = None;
         let installed = result.and_then(|obtained| {
             let adopted = obtained.adopted;
             self.install(
@@ -633,6 +642,28 @@ impl TokenManager {
                 Err(err)
             }
         }
+    }
+
+    /// NOTE: a refresh that started before a logout must not bring a token
+    /// back (it would undo the logout): its result is dropped, and a token
+    /// it fetched (not one adopted from a store) is revoked. The logout has
+    /// already forgotten this refresh (`in_flight`).
+    fn discard_logged_out(&self, result: Result<Obtained, RefreshError>) -> RefreshError {
+        tracing::debug!("logged out during the refresh; its result is dropped");
+        if let Ok(obtained) = result {
+            if let (false, Ok(runtime)) = (obtained.adopted, tokio::runtime::Handle::try_current())
+            {
+                let revoke = self.fetcher.revoke(Arc::new(obtained.token));
+                runtime.spawn(async move {
+                    if let Err(err) = revoke.await {
+                        tracing::warn!(error = %err, "revoking a token fetched during a logout failed");
+                    }
+                });
+            }
+        }
+        RefreshError::Failed(RefreshFailed::from_message(
+            "logged out while this refresh was under way",
+        ))
     }
 
     /// Installs `token` as the new current token. Called with the state locked.
@@ -711,13 +742,22 @@ impl TokenManager {
         self.fetcher.revoke(token)
     }
 
-    /// Forgets the current token; the next request fetches a new one.
-    pub(crate) fn clear(&self) {
+    /// Forgets the current token; the next request fetches a new one (or
+    /// joins the refresh under way). Returns the token forgotten.
+    ///
+    /// With `logout` (the token is being revoked), a refresh under way is
+    /// forgotten too: its result is not installed, and the token it fetched
+    /// is revoked.
+    pub(crate) fn clear(&self, logout: bool) -> Option<Arc<Token>> {
         let mut state = self.lock();
         state.next_generation += 1;
-        if let Some(replaced) = self.current.swap(None) {
-            replaced.stop_timer();
+        if logout {
+            state.in_flight = None;
+            state.epoch = state.epoch.wrapping_add(1);
         }
+        let replaced = self.current.swap(None)?;
+        replaced.stop_timer();
+        Some(replaced.token.clone())
     }
 
     pub(crate) fn snapshot(&self) -> Snapshot {

@@ -400,6 +400,10 @@ impl TokenEndpoint {
 
     fn parse_success(&self, status: StatusCode, bytes: &[u8]) -> Result<Token, TokenEndpointError> {
         let map = json_object(bytes)?;
+        let declared = match &self.format {
+            ResponseFormat::Standard => map.get("token_type").is_some_and(|v| !v.is_null()),
+            ResponseFormat::Envelope(envelope) => envelope.declares_token_type(&map),
+        };
         match &self.format {
             ResponseFormat::Standard => {
                 if !map.contains_key("access_token") {
@@ -411,23 +415,28 @@ impl TokenEndpoint {
             }
             ResponseFormat::Envelope(envelope) => envelope.parse(map),
         }
-        .and_then(|token| self.check_binding(token))
+        .and_then(|token| self.check_binding(token, declared))
     }
 
     #[cfg(not(feature = "dpop"))]
-    fn check_binding(&self, token: Token) -> Result<Token, TokenEndpointError> {
+    fn check_binding(&self, token: Token, _declared: bool) -> Result<Token, TokenEndpointError> {
         Ok(token)
     }
 
     /// With DPoP, the server must have bound the token to the key: a
     /// `Bearer` token in answer to a proof means it ignored the proof, and
     /// presenting that token with proofs would fail at the resource server.
+    /// `declared`: whether the answer gave a `token_type` at all.
     #[cfg(feature = "dpop")]
-    fn check_binding(&self, token: Token) -> Result<Token, TokenEndpointError> {
+    fn check_binding(&self, token: Token, declared: bool) -> Result<Token, TokenEndpointError> {
         if self.dpop.is_some() && !token.token_type().eq_ignore_ascii_case("dpop") {
+            let what = if declared {
+                format!("the token is of type `{}`", token.token_type())
+            } else {
+                "the answer has no `token_type`".to_owned()
+            };
             return Err(TokenEndpointError::malformed(format!(
-                "a DPoP proof was sent but the token is of type `{}`, not `DPoP`",
-                token.token_type()
+                "a DPoP proof was sent but {what}, not `DPoP`"
             )));
         }
         Ok(token)

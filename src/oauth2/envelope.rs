@@ -138,6 +138,18 @@ impl Envelope {
         })
     }
 
+    /// Whether the envelope gives a token type (one is configured and found).
+    pub(crate) fn declares_token_type(&self, map: &Map<String, Value>) -> bool {
+        let Some(pointer) = &self.token_type else {
+            return false;
+        };
+        // A token answer is small (the endpoint caps it); one copy per
+        // refresh is fine.
+        Value::Object(map.clone())
+            .pointer(pointer)
+            .is_some_and(|value| !value.is_null())
+    }
+
     /// Turns a successful (HTTP 2xx) envelope into a [`Token`].
     pub(crate) fn parse(&self, map: Map<String, Value>) -> Result<Token, TokenEndpointError> {
         let root = Value::Object(map);

@@ -161,34 +161,41 @@ impl TokenEndpointError {
 
 impl fmt::Display for TokenEndpointError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.describe(f, "token endpoint")
+    }
+}
+
+impl TokenEndpointError {
+    /// The error, told of `endpoint` (the token or the revocation endpoint).
+    pub(crate) fn describe(&self, f: &mut fmt::Formatter<'_>, endpoint: &str) -> fmt::Result {
         match self {
-            Self::OAuth(e) => write!(f, "token endpoint error {e}"),
+            Self::OAuth(e) => write!(f, "{endpoint} error {e}"),
             Self::Status { status, attempts } => write!(
                 f,
-                "token endpoint answered HTTP {} (after {attempts} attempt{})",
+                "{endpoint} answered HTTP {} (after {attempts} attempt{})",
                 status.as_u16(),
                 if *attempts == 1 { "" } else { "s" }
             ),
             Self::Transport { source, attempts } => write!(
                 f,
-                "token endpoint unreachable after {attempts} attempt{}: {source}",
+                "{endpoint} unreachable after {attempts} attempt{}: {source}",
                 if *attempts == 1 { "" } else { "s" }
             ),
             Self::Timeout { after } => {
-                write!(f, "token endpoint did not answer within {after:?}")
+                write!(f, "{endpoint} did not answer within {after:?}")
             }
             Self::TooLarge { limit } => {
-                write!(f, "token endpoint response is larger than {limit} bytes")
+                write!(f, "{endpoint} response is larger than {limit} bytes")
             }
             Self::Malformed { reason } => {
-                write!(f, "malformed token endpoint response: {reason}")
+                write!(f, "malformed {endpoint} response: {reason}")
             }
             Self::MissingField { field, pointer } => write!(
                 f,
-                "token endpoint response has no `{field}` at JSON pointer `{pointer}`"
+                "{endpoint} response has no `{field}` at JSON pointer `{pointer}`"
             ),
             Self::Business { code, message } => {
-                write!(f, "token endpoint returned business code {code}")?;
+                write!(f, "{endpoint} returned business code {code}")?;
                 if let Some(message) = message {
                     write!(f, ": {message}")?;
                 }

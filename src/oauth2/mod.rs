@@ -42,5 +42,5 @@ pub use envelope::{Envelope, ExpiryFormat};
 pub use error::{InvalidTokenUrl, OAuthError, TokenEndpointError};
 pub use grant::{AuthorizationCode, Grant};
 pub use pkce::Pkce;
-pub use revocation::RevocationNotConfigured;
+pub use revocation::{RevocationFailed, RevocationNotConfigured};
 pub use source::{OAuth2Source, OAuth2SourceBuilder};

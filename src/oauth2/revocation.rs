@@ -24,6 +24,30 @@ impl TokenTypeHint {
     }
 }
 
+/// The revocation endpoint (RFC 7009) did not revoke the token: it
+/// answered with an error, or could not be reached. The token is forgotten
+/// all the same. Its `Display` names the revocation endpoint; the details
+/// are in [`error`](Self::error). It never shows the token.
+#[derive(Debug, Clone)]
+pub struct RevocationFailed {
+    error: TokenEndpointError,
+}
+
+impl RevocationFailed {
+    /// What went wrong, in the terms of an OAuth2 endpoint call.
+    pub fn error(&self) -> &TokenEndpointError {
+        &self.error
+    }
+}
+
+impl fmt::Display for RevocationFailed {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.error.describe(f, "revocation endpoint")
+    }
+}
+
+impl std::error::Error for RevocationFailed {}
+
 /// [`TokenHandle::revoke`](crate::TokenHandle::revoke) was called on an
 /// [`OAuth2Source`](super::OAuth2Source) built without
 /// [`revocation_url`](super::OAuth2SourceBuilder::revocation_url).
@@ -43,6 +67,16 @@ impl TokenEndpoint {
     /// once, within the timeout. A 200 is success, whether or not the server
     /// knew the token (RFC 7009 §2.2).
     pub(crate) async fn revoke(
+        &self,
+        token: &SecretString,
+        hint: TokenTypeHint,
+    ) -> Result<(), RevocationFailed> {
+        self.try_revoke(token, hint)
+            .await
+            .map_err(|error| RevocationFailed { error })
+    }
+
+    async fn try_revoke(
         &self,
         token: &SecretString,
         hint: TokenTypeHint,
