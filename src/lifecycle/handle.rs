@@ -149,7 +149,7 @@ impl TokenHandle {
     }
 
     fn revoke_in_background(&self, token: Arc<Token>) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        let Some(runtime) = super::background::runtime_for_caller() else {
             tracing::warn!("no Tokio runtime: the cleared token was not revoked");
             return;
         };
