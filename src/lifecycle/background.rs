@@ -12,6 +12,8 @@
 //!   keeps its refreshes and timers on its own runtime: a paused clock only
 //!   moves for the tasks of its runtime, and a token aged by real time
 //!   would not follow it.
+//! - Work spawned there carries the caller's tracing subscriber
+//!   (`with_current_subscriber`), so its logs go where the caller's go.
 //! - When the thread cannot be started (the OS refused it), work falls
 //!   back to the caller's runtime, as a last resort.
 

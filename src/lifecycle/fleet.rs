@@ -43,6 +43,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;
+use tracing::instrument::WithSubscriber;
 
 use super::fetch::{Fetcher, Obtained, Previous};
 use crate::error::{RefreshError, RefreshFailed, StoreUnreachable};
@@ -633,16 +634,18 @@ impl FleetStore {
         }
     }
 
-    /// Saves a token given by the application, without waiting.
+    /// Saves a token given by the application, without waiting, where
+    /// refreshes run (before any refresh started after it).
     pub(crate) fn save_in_background(&self, token: Arc<Token>) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        let Some(runtime) = super::background::runtime_for_caller() else {
             return;
         };
         let this = self.clone();
-        runtime.spawn(async move {
+        let save = async move {
             if let Err(err) = this.timed(this.store.save(&this.key, &token, None)).await {
                 tracing::warn!(error = %err, "could not save the token");
             }
-        });
+        };
+        runtime.spawn(save.with_current_subscriber());
     }
 }

@@ -154,11 +154,12 @@ impl TokenHandle {
             return;
         };
         let revoke = self.manager.revoke(token);
-        runtime.spawn(async move {
+        let revoke = async move {
             if let Err(err) = revoke.await {
                 tracing::warn!(error = %err, "revoking the cleared token failed");
             }
-        });
+        };
+        runtime.spawn(tracing::instrument::WithSubscriber::with_current_subscriber(revoke));
     }
 }
 

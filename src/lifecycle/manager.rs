@@ -44,6 +44,7 @@ use http::HeaderValue;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
+use tracing::instrument::WithSubscriber;
 
 use super::background;
 use super::current::{Current, Timing, Use};
@@ -527,7 +528,8 @@ impl TokenManager {
         let task = runtime.spawn(
             manager
                 .fetch_and_install(previous, reason, ended.clone(), epoch)
-                .instrument(span),
+                .instrument(span)
+                .with_current_subscriber(),
         );
         let abort = task.abort_handle();
         let shared = async move {
@@ -654,11 +656,12 @@ impl TokenManager {
             if let (false, Ok(runtime)) = (obtained.adopted, tokio::runtime::Handle::try_current())
             {
                 let revoke = self.fetcher.revoke(Arc::new(obtained.token));
-                runtime.spawn(async move {
+                let revoke = async move {
                     if let Err(err) = revoke.await {
                         tracing::warn!(error = %err, "revoking a token fetched during a logout failed");
                     }
-                });
+                };
+                runtime.spawn(revoke.with_current_subscriber());
             }
         }
         RefreshError::Failed(RefreshFailed::from_message(

@@ -87,7 +87,8 @@ where
         let Some(runtime) = crate::lifecycle::runtime_for_caller() else {
             return Box::pin(call);
         };
-        let task = runtime.spawn(call);
+        let task =
+            runtime.spawn(tracing::instrument::WithSubscriber::with_current_subscriber(call));
         Box::pin(async move {
             // A caller that gives up (its timeout) ends the call.
             let _abort = AbortOnDrop(task.abort_handle());
