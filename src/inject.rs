@@ -176,6 +176,19 @@ pub(crate) fn query_has_key(query: &str, name: &str) -> bool {
     form_urlencoded::parse(query.as_bytes()).any(|(key, _)| key == name)
 }
 
+/// `query` without its pairs whose decoded key is `name` (the others kept
+/// byte for byte), or `None` when it has no such pair.
+pub(crate) fn query_without_key(query: &str, name: &str) -> Option<String> {
+    if !query_has_key(query, name) {
+        return None;
+    }
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|pair| !form_urlencoded::parse(pair.as_bytes()).any(|(key, _)| key == name))
+        .collect();
+    Some(kept.join("&"))
+}
+
 fn with_query_pair(uri: &Uri, pair: &[u8]) -> Option<Uri> {
     let pair = std::str::from_utf8(pair).ok()?;
     let path = uri.path();
@@ -273,5 +286,22 @@ mod tests {
         let injector = TokenInjector::bearer();
         assert!(injector.prepare(&Token::bearer("line\nbreak")).is_err());
         assert!(injector.prepare(&Token::bearer("")).is_err());
+    }
+
+    #[test]
+    fn a_query_key_is_removed_and_the_rest_kept_as_it_was() {
+        assert_eq!(
+            query_without_key("page=2&access_token=tok-1", "access_token").as_deref(),
+            Some("page=2")
+        );
+        assert_eq!(
+            query_without_key("a=%20x&access%5Ftoken=t&b", "access_token").as_deref(),
+            Some("a=%20x&b")
+        );
+        assert_eq!(
+            query_without_key("access_token=t", "access_token").as_deref(),
+            Some("")
+        );
+        assert_eq!(query_without_key("page=2", "access_token"), None);
     }
 }

@@ -14,7 +14,7 @@ use crate::{AuthRefresh, TokenHandle, TokenSource, Unauthorized};
 pub const DEFAULT_MAX_REPLAY_BYTES: usize = 1024 * 1024;
 /// Default cap on the response body a detector may look at: 64 KiB.
 pub const DEFAULT_PEEK_LIMIT: usize = 64 * 1024;
-/// Default time a response of unknown length may wait for a detector: 5 ms.
+/// Default time a response may wait for a detector that asked for its body: 5 ms.
 pub const DEFAULT_PEEK_DEADLINE: Duration = Duration::from_millis(5);
 
 /// The per-layer settings shared by every service and future.
@@ -149,23 +149,34 @@ impl AuthRefreshLayer {
         self
     }
 
-    /// How long a response whose body has no known length may wait for a
-    /// detector that asked for the body (default 5 ms).
+    /// How long a response may wait for a detector that asked for its body
+    /// (default 5 ms).
     ///
     /// The response head is handed to the caller once the body has ended,
+    /// its bytes so far form one complete JSON object or array (a JSON
+    /// error whose chunked transfer ends later is judged at once), it has
     /// passed the [peek limit](Self::peek_limit), or this deadline has
     /// passed, whichever comes first. A body not complete by then is passed
     /// on undetected (with a `tracing` debug event), the bytes read so far
     /// first: a stream of JSON events is never held back for longer than
-    /// this. A body with a `Content-Length` within the peek limit is read
-    /// whole, without a deadline (the caller waits for those bytes anyway).
+    /// this. The deadline applies to a body with a `Content-Length` too: a
+    /// server that stalls in the middle of a short body does not hold the
+    /// head. A body whose `Content-Length` is over the peek limit is not
+    /// read at all.
+    ///
+    /// The deadline needs tokio's timer. On a runtime built without it
+    /// (`enable_io()` only), only a body with a `Content-Length` within the
+    /// peek limit is read (with no deadline); any other body is passed on
+    /// undetected.
     ///
     /// Whatever the deadline, these bodies are never read by a detector and
     /// count as not expired:
     ///
     /// - streams: a content type with a `stream=` parameter (Kubernetes'
     ///   `application/json;stream=watch`), `text/event-stream`,
-    ///   `application/x-ndjson`, `application/jsonl`, `application/json-seq`,
+    ///   `application/x-ndjson`, `application/ndjson`, `application/jsonl`,
+    ///   `application/jsonlines`, `application/x-jsonlines`,
+    ///   `application/x-json-stream`, `application/json-seq`,
     ///   `application/stream+json`;
     /// - compressed bodies: any `Content-Encoding` other than `identity`.
     ///   To have compressed JSON read, put the decompression layer *inside*

@@ -4,12 +4,12 @@
 use std::fmt;
 use std::sync::Arc;
 
-use ::reqwest::{Request, Response, ResponseBuilderExt};
+use ::reqwest::{Request, Response, ResponseBuilderExt, Url};
 use http::{Extensions, HeaderValue};
 use reqwest_middleware::{Middleware, Next};
 
 use crate::detect::{ExpiryDetector, HeadVerdict, ResponseHead};
-use crate::inject::query_has_key;
+use crate::inject::{query_has_key, query_without_key};
 use crate::layer::LayerConfig;
 use crate::lifecycle::{Acquired, Counters, Rejection, TokenManager};
 use crate::retry::{judge_body, mark_skipped};
@@ -32,13 +32,23 @@ use crate::{
 /// [`reqwest_middleware::Error::Middleware`] whose `anyhow::Error` downcasts
 /// to [`RefreshFailed`], [`RefreshTimedOut`] or [`ReauthorizationRequired`].
 /// With [`TokenInjector::query`], the `reqwest::Error`s it returns carry no
-/// URL (the URL holds the token); middlewares between this one and the
-/// client still see the URL. With [`AuthRefreshLayer::dpop`], each attempt
-/// carries `Authorization: DPoP` and a proof of its own, and a resource
-/// server's nonce challenge is answered once when the body can be cloned
-/// (a stream's challenge comes back marked
-/// [`SkipReason::BodyNotCloneable`], its nonce remembered for the next
-/// request).
+/// URL (the URL holds the token), and the response it hands back has the
+/// token's parameter taken out of its URL (`url()`, `Debug`,
+/// `error_for_status()`); middlewares between this one and the client
+/// still see the URL. reqwest's own redirect handling sends the URL it
+/// followed a redirect from as `Referer` to the next server, token
+/// included, whatever the origin: with the token in the query, turn it off
+/// (`reqwest::ClientBuilder::referer(false)`) or do not follow redirects
+/// (`redirect(reqwest::redirect::Policy::none())`). With
+/// [`AuthRefreshLayer::dpop`], each attempt carries `Authorization: DPoP`
+/// and a proof of its own, and a resource server's nonce challenge is
+/// answered once when the body can be cloned (a stream's challenge comes
+/// back marked [`SkipReason::BodyNotCloneable`], its nonce remembered for
+/// the next request).
+///
+/// An answer from another origin than the request's (reqwest followed a
+/// redirect there) is not judged: the token was not sent there, so its
+/// 401 is not about the token, which is neither refreshed nor retried.
 ///
 /// ```no_run
 /// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
@@ -100,23 +110,44 @@ impl AuthRefreshMiddleware {
             HeadVerdict::NotExpired | HeadVerdict::Veto => (false, response),
             HeadVerdict::Expired => (true, response),
             HeadVerdict::NeedBody => {
-                // NOTE: the conversion to `http::Response` drops the response's
-                // URL; it is carried over in the extensions reqwest reads back.
                 let url = response.url().clone();
-                let (mut parts, body) =
-                    http::Response::<::reqwest::Body>::from(response).into_parts();
-                if let Ok(with_url) = http::Response::builder().url(url).body(()) {
-                    parts.extensions.extend(with_url.into_parts().0.extensions);
-                }
+                let (parts, body) = http::Response::<::reqwest::Body>::from(response).into_parts();
                 let (expired, body) = judge_body(&self.config, &parts, body).await;
                 let body = ::reqwest::Body::wrap(body);
-                (
-                    expired,
-                    Response::from(http::Response::from_parts(parts, body)),
-                )
+                (expired, with_url(parts, body, url))
             }
         }
     }
+}
+
+/// A `reqwest::Response` made of parts, whose `url()` is `url`.
+///
+/// NOTE: the conversion to `http::Response` drops the response's URL; it is
+/// put back in the extensions reqwest reads it from.
+fn with_url(mut parts: http::response::Parts, body: ::reqwest::Body, url: Url) -> Response {
+    if let Ok(carrier) = http::Response::builder().url(url).body(()) {
+        parts.extensions.extend(carrier.into_parts().0.extensions);
+    }
+    Response::from(http::Response::from_parts(parts, body))
+}
+
+/// The response with the token's query parameter taken out of its URL
+/// (`Response::url()`, its `Debug`, `error_for_status()` all show it).
+fn without_token_in_url(injector: &TokenInjector, response: Response) -> Response {
+    let Some(name) = injector.query_name() else {
+        return response;
+    };
+    let Some(query) = response
+        .url()
+        .query()
+        .and_then(|query| query_without_key(query, name))
+    else {
+        return response;
+    };
+    let mut url = response.url().clone();
+    url.set_query(Some(&query).filter(|q| !q.is_empty()).map(String::as_str));
+    let (parts, body) = http::Response::<::reqwest::Body>::from(response).into_parts();
+    with_url(parts, body, url)
 }
 
 fn apply(injector: &TokenInjector, header: &HeaderValue, request: &mut Request) {
@@ -209,15 +240,25 @@ impl Middleware for AuthRefreshMiddleware {
                     .map_err(to_middleware_error)?
             }
         };
+        let origin = request.url().origin();
         apply(injector, &header, &mut request);
         self.dpop_stamp(&mut request)?;
         let response = without_token_url(injector, next.clone().run(request, extensions).await)?;
+        let response = without_token_in_url(injector, response);
+        // NOTE: after a redirect to another origin (followed by reqwest),
+        // the answer comes from a server the token was not sent to: it says
+        // nothing about our token (nor is its nonce challenge ours).
+        if response.url().origin() != origin {
+            return Ok(response);
+        }
         let response = match self
             .dpop_answer(response, retry.as_ref(), &mut generation, extensions, &next)
             .await?
         {
-            NonceAnswer::Judge(response) => response,
-            NonceAnswer::HandBack(response) => return Ok(response),
+            NonceAnswer::Judge(response) => without_token_in_url(injector, response),
+            NonceAnswer::HandBack(response) => {
+                return Ok(without_token_in_url(injector, response));
+            }
         };
         let (expired, response) = self.expired(response).await;
         if !expired {
@@ -252,7 +293,9 @@ impl Middleware for AuthRefreshMiddleware {
             .dpop_answer(response, spare.as_ref(), &mut generation, extensions, &next)
             .await?
         {
-            NonceAnswer::Judge(response) | NonceAnswer::HandBack(response) => Ok(response),
+            NonceAnswer::Judge(response) | NonceAnswer::HandBack(response) => {
+                Ok(without_token_in_url(injector, response))
+            }
         }
     }
 }

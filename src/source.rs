@@ -58,6 +58,12 @@ pub struct RefreshContext {
     /// or another process may have spent it already. A source should then
     /// use a grant that does not rotate (client credentials, a password
     /// grant) or fail.
+    ///
+    /// A source must present **only this refresh token**, never one it
+    /// kept itself (from an earlier answer, an SDK session): the fleet
+    /// decides which refresh token may be presented, and a source with a
+    /// refresh token of its own presents what another process may have
+    /// spent.
     pub previous: Option<Arc<Token>>,
     /// Why the token is fetched.
     pub reason: RefreshReason,
@@ -65,6 +71,11 @@ pub struct RefreshContext {
 
 /// Obtains tokens. The manager calls it at most once at a time, however many
 /// requests are waiting.
+///
+/// A source is stateless about refresh tokens: a refresh-token grant
+/// presents the refresh token of [`RefreshContext::previous`] and nothing
+/// else (with a [`TokenStore`](crate::TokenStore), that is how the fleet
+/// makes sure a rotated refresh token is presented once, by one process).
 ///
 /// Implement it for a type, or adapt an async closure with [`token_source_fn`].
 /// An error is reported to callers as [`RefreshFailed`](crate::RefreshFailed);

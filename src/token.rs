@@ -289,10 +289,21 @@ fn default_token_type() -> String {
     "Bearer".to_owned()
 }
 
+/// Where a token read from a newer format keeps that format's number, among
+/// its unknown fields: it is written back with it.
+const FORMAT_FIELD: &str = "format";
+
 impl Serialize for Token {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let read_as = self
+            .unknown_fields
+            .get(FORMAT_FIELD)
+            .and_then(serde_json::Value::as_u64)
+            .and_then(|format| u32::try_from(format).ok());
+        let mut unknown = self.unknown_fields.clone();
+        unknown.remove(FORMAT_FIELD);
         StoredToken {
-            format: STORED_FORMAT,
+            format: read_as.map_or(STORED_FORMAT, |read| read.max(STORED_FORMAT)),
             access_token: self.access_token.expose_secret().to_owned(),
             token_type: self.token_type.clone(),
             expires_at_ms: self.expires_at.map(unix_millis),
@@ -303,7 +314,7 @@ impl Serialize for Token {
             refresh_expires_at_ms: self.refresh_expires_at.map(unix_millis),
             scopes: self.scopes.clone(),
             metadata: self.metadata.clone(),
-            unknown: self.unknown_fields.clone(),
+            unknown,
         }
         .serialize(serializer)
     }
@@ -323,7 +334,13 @@ impl<'de> Deserialize<'de> for Token {
             refresh_expires_at: stored.refresh_expires_at_ms.map(from_unix_millis),
             scopes: stored.scopes,
             metadata: stored.metadata,
-            unknown_fields: stored.unknown,
+            unknown_fields: {
+                let mut unknown = stored.unknown;
+                if stored.format != STORED_FORMAT {
+                    unknown.insert(FORMAT_FIELD.to_owned(), stored.format.into());
+                }
+                unknown
+            },
         })
     }
 }
@@ -373,10 +390,13 @@ mod tests {
         let again: serde_json::Value =
             serde_json::from_str(&serde_json::to_string(&token).unwrap()).unwrap();
         assert_eq!(again["dpop_jkt"], "x1", "{again}");
+        assert_eq!(again["format"], 2, "the newer format is kept: {again}");
         assert_eq!(STORED_FORMAT, 1);
+        let first: serde_json::Value =
+            serde_json::to_value(Token::bearer("a").with_refresh_token("r")).unwrap();
         assert!(
-            again.get("format").is_none(),
-            "format 1 is implicit: {again}"
+            first.get("format").is_none(),
+            "format 1 is implicit: {first}"
         );
     }
 

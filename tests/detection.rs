@@ -32,7 +32,8 @@ use http::StatusCode;
 use http_body_util::BodyExt;
 use tower::{ServiceBuilder, ServiceExt};
 use tower_auth_refresh::{
-    AuthRefreshLayer, ExpiryDetectorExt, JsonBodyRule, TokenHandle, Unauthorized, body_detector_fn,
+    AuthRefreshLayer, ExpiryDetectorExt, JsonBodyRule, Token, TokenHandle, Unauthorized,
+    body_detector_fn,
 };
 
 /// Every test is bounded: a hang is a failure, not a stuck CI job.
@@ -99,6 +100,32 @@ async fn answer(State(state): State<Arc<Upstream>>, request: Request) -> Respons
             let text = format!(r#"{{"code":0,"msg":"order {n} created; coupon expired"}}"#);
             ([("content-type", "application/json")], text).into_response()
         }
+        "/orders/float-zero" => {
+            let n = state.orders.fetch_add(1, Ordering::SeqCst) + 1;
+            let text = format!(
+                r#"{{"code":0.0,"msg":"order {n} created; old token expired, new token issued"}}"#
+            );
+            ([("content-type", "application/json")], text).into_response()
+        }
+        "/scope/utf8" | "/scope/token68" | "/scope/spaces" | "/scope/zurich" => {
+            let challenge: &[u8] = match path.as_str() {
+                "/scope/utf8" => {
+                    "Bearer error=\"insufficient_scope\", error_description=\"权限不足\"".as_bytes()
+                }
+                "/scope/token68" => br#"Negotiate abc==, Bearer error="insufficient_scope""#,
+                "/scope/spaces" => br#"Bearer  error="insufficient_scope""#,
+                _ => "Bearer realm=\"Zürich\", error=\"insufficient_scope\"".as_bytes(),
+            };
+            let mut response = json(
+                StatusCode::UNAUTHORIZED,
+                r#"{"statusCode":401,"message":"Unauthorized"}"#,
+            );
+            response.headers_mut().insert(
+                "www-authenticate",
+                http::HeaderValue::from_bytes(challenge).unwrap(),
+            );
+            response
+        }
         "/scope" => (
             StatusCode::UNAUTHORIZED,
             [
@@ -110,6 +137,17 @@ async fn answer(State(state): State<Arc<Upstream>>, request: Request) -> Respons
             .into_response(),
         _ if !rejected => json(StatusCode::OK, r#"{"code":0,"msg":"ok"}"#),
         "/vendor/40003" => json(StatusCode::OK, r#"{"code":40003,"msg":"token过期或异常"}"#),
+        "/vendor/open" => {
+            // The whole JSON error, then a transfer that does not end.
+            let error = Bytes::from_static(r#"{"code":40003,"msg":"token过期或异常"}"#.as_bytes());
+            let body = futures::stream::once(async move { Ok::<_, Infallible>(error) })
+                .chain(futures::stream::pending());
+            (
+                [("content-type", "application/json")],
+                AxumBody::from_stream(body),
+            )
+                .into_response()
+        }
         "/vendor/401" => json(StatusCode::OK, r#"{"code":401,"msg":"Token无效"}"#),
         "/vendor/40001" => json(StatusCode::OK, r#"{"code":40001,"msg":"access denied"}"#),
         "/vendor/40002" => json(StatusCode::OK, r#"{"code":"40002"}"#),
@@ -173,6 +211,7 @@ async fn the_vendor_formats_of_an_expired_token_are_still_detected() {
         "/vendor/40002",
         "/vendor/error",
         "/vendor/bom",
+        "/vendor/open",
     ] {
         let (handle, issuer) = handle_with_tok1().await;
         let service = ServiceBuilder::new()
@@ -184,7 +223,9 @@ async fn the_vendor_formats_of_an_expired_token_are_still_detected() {
             .unwrap();
         assert_eq!(response.status(), StatusCode::OK, "{path}");
         assert_eq!(
-            body_text(response).await,
+            tokio::time::timeout(LIMIT, body_text(response))
+                .await
+                .unwrap(),
             r#"{"code":0,"msg":"ok"}"#,
             "{path}"
         );
@@ -226,6 +267,60 @@ async fn an_insufficient_scope_challenge_is_not_overruled_by_the_body() {
     );
     assert_eq!(upstream.requests.lock().unwrap().len(), 1, "sent once");
     assert_eq!(issuer.calls(), 1, "not refreshed");
+}
+
+/// Challenges that are valid HTTP but that a strict parser rejects (UTF-8
+/// in a quoted string, a token68 challenge first, two spaces after the
+/// scheme): the scope error must still be found, so the POST is sent once.
+#[tokio::test]
+async fn an_insufficient_scope_challenge_in_any_legal_spelling_is_not_replayed() {
+    for path in [
+        "/scope/utf8",
+        "/scope/token68",
+        "/scope/spaces",
+        "/scope/zurich",
+    ] {
+        let (base, upstream) = start().await;
+        let (handle, issuer) = handle_with_tok1().await;
+        let service = ServiceBuilder::new()
+            .layer(json_layer(handle))
+            .service(client());
+        let response = tokio::time::timeout(
+            LIMIT,
+            service.oneshot(post(&format!("{base}{path}"), r#"{"item":1}"#)),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{path}");
+        assert_eq!(
+            upstream.requests.lock().unwrap().len(),
+            1,
+            "{path}: sent once"
+        );
+        assert_eq!(issuer.calls(), 1, "{path}: not refreshed");
+    }
+}
+
+/// `{"code":0.0}` is the success code 0: its message is not read, and the
+/// POST is not sent again.
+#[tokio::test]
+async fn a_success_code_written_as_a_float_is_not_replayed() {
+    let (base, upstream) = start().await;
+    let (handle, issuer) = handle_with_tok1().await;
+    let service = ServiceBuilder::new()
+        .layer(json_layer(handle))
+        .service(client());
+    let response = tokio::time::timeout(
+        LIMIT,
+        service.oneshot(post(&format!("{base}/orders/float-zero"), r#"{"item":1}"#)),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(upstream.orders.load(Ordering::SeqCst), 1, "sent once");
+    assert_eq!(issuer.calls(), 1, "no refresh beyond the first token");
 }
 
 /// Sends a request to `path`, whose response streams the events the test
@@ -306,4 +401,48 @@ async fn a_chunked_json_stream_is_passed_on_after_the_peek_deadline() {
     // The default deadline: a few milliseconds.
     let (handle, _issuer) = handle_with_tok1().await;
     events_arrive_one_by_one("/chunked-json", json_layer(handle)).await;
+}
+
+/// A runtime built without tokio's timer (`enable_io()` only): the JSON
+/// rule judges a body of known length and passes one of unknown length on
+/// unread; nothing panics.
+#[test]
+fn a_runtime_without_a_timer_gets_its_json_answers() {
+    let servers = tokio::runtime::Runtime::new().unwrap();
+    let (base, upstream) = servers.block_on(start());
+    let no_timer = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .unwrap();
+    no_timer.block_on(async {
+        let issuer = Issuer::detached();
+        let handle = TokenHandle::new(issuer.source());
+        // A token the upstream accepts: a known-length JSON success.
+        handle.set_token(Token::bearer("preset")).unwrap();
+        let service = ServiceBuilder::new()
+            .layer(json_layer(handle.clone()))
+            .service(client());
+        let response = service
+            .oneshot(get(&format!("{base}/items")))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(body_text(response).await, r#"{"code":0,"msg":"ok"}"#);
+
+        // A streamed JSON body: passed on unread, its first bytes arrive.
+        handle.set_token(Token::bearer("tok-1")).unwrap();
+        let service = ServiceBuilder::new()
+            .layer(json_layer(handle))
+            .service(client());
+        let response = service
+            .oneshot(get(&format!("{base}/vendor/open")))
+            .await
+            .unwrap();
+        assert_eq!(response.status(), StatusCode::OK);
+        let mut body = response.into_body();
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first, r#"{"code":40003,"msg":"token过期或异常"}"#);
+        assert_eq!(issuer.calls(), 0, "nothing refreshed");
+    });
+    assert_eq!(upstream.requests.lock().unwrap().len(), 2);
 }

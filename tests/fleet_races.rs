@@ -4,6 +4,8 @@
 //! of a spent one is counted as reuse.
 
 mod common;
+#[cfg(feature = "redis")]
+mod fleet_support;
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -414,6 +416,39 @@ async fn local_refresh_with_the_refresh_token_is_an_opt_in() {
 }
 
 #[tokio::test]
+async fn once_the_store_is_back_a_refresh_token_spent_locally_is_not_presented_again() {
+    let server = Strict::default();
+    let store = Flaky::default();
+    store
+        .inner
+        .save(
+            "k",
+            &Token::bearer("at-1")
+                .with_refresh_token("rt-1")
+                .with_expires_in(LIFETIME),
+            None,
+        )
+        .await
+        .unwrap();
+    server.ledger.lock().unwrap().serial = 1;
+    let handle = TokenHandle::builder(server.source())
+        .store(store.clone(), "k")
+        .when_store_unreachable(UnreachableStore::RefreshLocally)
+        .build();
+    handle.valid_token().await.unwrap();
+    store.set_down(true);
+    handle.refresh_now().await.unwrap(); // rt-1 → rt-2, not saved
+    store.set_down(false);
+
+    // The store still holds rt-1, spent: this process's own rt-2 goes next.
+    let token = handle.refresh_now().await.unwrap();
+    assert_eq!(rt_of(&token), "rt-3");
+    assert_eq!(server.presented(), ["rt-1", "rt-2"]);
+    let stored = store.inner.load("k").await.unwrap().unwrap();
+    assert_eq!(rt_of(&stored.token), "rt-3");
+}
+
+#[tokio::test]
 async fn a_lease_wait_that_runs_out_withholds_the_refresh_token() {
     let store = MemoryStore::new();
     let server = Strict::default();
@@ -635,4 +670,389 @@ async fn a_withheld_refresh_token_is_a_failure_not_a_dead_grant() {
         "{err}"
     );
     assert_eq!(server.presented(), ["rt-1"]);
+}
+
+// ---- 4. tokens given by the application, tokens remembered in memory ----
+
+/// A whole-second expiry, as a JWT `exp` gives: tokens issued in the same
+/// ten seconds expire at the same instant.
+fn whole_ten_seconds_from_now() -> std::time::SystemTime {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    std::time::UNIX_EPOCH + Duration::from_secs((now / 10 + 60) * 10)
+}
+
+/// A strict server whose tokens all expire at `expiry`.
+fn same_expiry_source(server: &Strict, expiry: std::time::SystemTime) -> impl TokenSource + use<> {
+    let strict = server.source();
+    token_source_fn(move |cx: RefreshContext| {
+        let fut = strict.fetch(cx);
+        async move { fut.await.map(|token| token.with_expires_at(expiry)) }
+    })
+}
+
+/// A strict server whose logins (no refresh token presented) give tokens
+/// that live a minute only.
+fn short_logins(server: &Strict) -> impl TokenSource + use<> {
+    let strict = server.source();
+    token_source_fn(move |cx: RefreshContext| {
+        let login = cx
+            .previous
+            .as_ref()
+            .is_none_or(|t| t.refresh_token().is_none());
+        let fut = strict.fetch(cx);
+        async move {
+            let token = fut.await?;
+            Ok::<_, BoxError>(if login {
+                token.with_expires_in(Duration::from_secs(60))
+            } else {
+                token
+            })
+        }
+    })
+}
+
+/// A MemoryStore that can lose the answer of a save it applied (a Redis
+/// response timeout), and delay the saves of one access token.
+#[derive(Clone, Default)]
+struct Lossy {
+    inner: MemoryStore,
+    lose_next_answer: Arc<std::sync::atomic::AtomicBool>,
+    slow_access_token: Arc<Mutex<Option<String>>>,
+}
+
+impl TokenStore for Lossy {
+    fn load<'a>(
+        &'a self,
+        key: &'a str,
+    ) -> BoxFuture<'a, Result<Option<tower_auth_refresh::StoredToken>, StoreError>> {
+        self.inner.load(key)
+    }
+    fn save<'a>(
+        &'a self,
+        key: &'a str,
+        token: &'a Token,
+        expected_version: Option<u64>,
+    ) -> BoxFuture<'a, Result<u64, StoreError>> {
+        Box::pin(async move {
+            let marking = token
+                .metadata()
+                .contains_key("tower-auth-refresh:presented");
+            let slow = self.slow_access_token.lock().unwrap().clone();
+            if !marking && slow.as_deref() == Some(token.access_token().expose_secret()) {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            let saved = self.inner.save(key, token, expected_version).await;
+            if saved.is_ok()
+                && !marking
+                && self
+                    .lose_next_answer
+                    .swap(false, std::sync::atomic::Ordering::SeqCst)
+            {
+                return Err(StoreError::Unavailable("no answer (timeout)".into()));
+            }
+            saved
+        })
+    }
+    fn delete<'a>(
+        &'a self,
+        key: &'a str,
+        expected_version: Option<u64>,
+    ) -> BoxFuture<'a, Result<bool, StoreError>> {
+        self.inner.delete(key, expected_version)
+    }
+    fn list_keys(&self) -> BoxFuture<'_, Result<Vec<String>, StoreError>> {
+        self.inner.list_keys()
+    }
+    fn try_lock<'a>(
+        &'a self,
+        key: &'a str,
+        ttl: Duration,
+    ) -> BoxFuture<'a, Result<Option<tower_auth_refresh::Lease>, StoreError>> {
+        self.inner.try_lock(key, ttl)
+    }
+    fn unlock(&self, lease: tower_auth_refresh::Lease) -> BoxFuture<'_, Result<(), StoreError>> {
+        self.inner.unlock(lease)
+    }
+}
+
+fn member(store: impl TokenStore, source: impl TokenSource) -> TokenHandle {
+    TokenHandle::builder(source)
+        .store(store, "k")
+        .store_timing(
+            Duration::from_secs(2),
+            Duration::from_millis(10),
+            Duration::from_millis(300),
+        )
+        .build()
+}
+
+/// Waits until the store's lease of `k` is free: a save in the background
+/// holds it while it runs.
+async fn lease_free(store: &MemoryStore) {
+    for _ in 0..500 {
+        if let Some(lease) = store.try_lock("k", Duration::from_secs(1)).await.unwrap() {
+            store.unlock(lease).await.unwrap();
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("the lease of `k` was never released");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_initial_token_of_a_late_replica_does_not_overwrite_a_rotated_token() {
+    let store = MemoryStore::new();
+    let server = Strict::default();
+    // The deployment's initial token, from a login done once: rt-1.
+    let initial = Token::bearer("at-1")
+        .with_refresh_token("rt-1")
+        .with_expires_in(LIFETIME);
+    server.ledger.lock().unwrap().serial = 1;
+    let a = TokenHandle::builder(server.source())
+        .store(store.clone(), "k")
+        .initial_token(initial.clone())
+        .build();
+    lease_free(&store).await;
+    a.refresh_now().await.unwrap(); // rt-1 → rt-2, stored
+
+    // A replica started later with the same configuration.
+    let b = TokenHandle::builder(server.source())
+        .store(store.clone(), "k")
+        .initial_token(initial)
+        .build();
+    lease_free(&store).await;
+    let stored = store.load("k").await.unwrap().unwrap();
+    assert_eq!(
+        rt_of(&stored.token),
+        "rt-2",
+        "the rotated token stays stored"
+    );
+
+    let b_refreshed = b.refresh_now().await;
+    let a_refreshed = a.refresh_now().await;
+    assert_eq!(server.presented(), ["rt-1", "rt-2", "rt-3"]);
+    b_refreshed.unwrap();
+    a_refreshed.unwrap();
+    assert_eq!(server.reused(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_set_token_save_cannot_put_a_spent_refresh_token_back() {
+    let store = Lossy::default();
+    *store.slow_access_token.lock().unwrap() = Some("at-app".to_owned());
+    let server = Strict::default();
+    let a = member(store.clone(), server.source());
+    let b = member(store.clone(), server.source());
+    // A token the application got elsewhere (an authorization code).
+    a.set_token(
+        Token::bearer("at-app")
+            .with_refresh_token("rt-app")
+            .with_expires_in(LIFETIME),
+    )
+    .unwrap();
+    a.refresh_now().await.unwrap(); // rt-app is spent, once
+    lease_free(&store.inner).await;
+    tokio::time::sleep(Duration::from_millis(300)).await; // the slow save lands, or not
+    lease_free(&store.inner).await;
+
+    let stored = store.inner.load("k").await.unwrap().unwrap();
+    assert_ne!(
+        rt_of(&stored.token),
+        "rt-app",
+        "the spent refresh token is not stored"
+    );
+    b.refresh_now().await.unwrap();
+    assert_eq!(server.reused(), 0, "presented {:?}", server.presented());
+    assert_eq!(
+        server
+            .presented()
+            .iter()
+            .filter(|rt| *rt == "rt-app")
+            .count(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_set_token_another_process_refreshed_is_not_presented_again_when_expiries_tie() {
+    let store = MemoryStore::new();
+    let server = Strict::default();
+    let expiry = whole_ten_seconds_from_now();
+    let a = member(store.clone(), same_expiry_source(&server, expiry));
+    let b = member(store.clone(), same_expiry_source(&server, expiry));
+    a.set_token(
+        Token::bearer("at-app")
+            .with_refresh_token("rt-app")
+            .with_expires_at(expiry),
+    )
+    .unwrap();
+    lease_free(&store).await;
+    b.valid_token().await.unwrap(); // adopts rt-app
+    b.refresh_now().await.unwrap(); // rt-app → rt-1, same expiry
+
+    a.refresh_now().await.unwrap();
+    assert_eq!(server.presented(), ["rt-app", "rt-1"]);
+    assert_eq!(server.reused(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_save_whose_answer_was_lost_is_not_presented_after_another_process_refreshed_it() {
+    let store = Lossy::default();
+    let server = Strict::default();
+    let expiry = whole_ten_seconds_from_now();
+    store
+        .inner
+        .save(
+            "k",
+            &Token::bearer("at-0")
+                .with_refresh_token("rt-0")
+                .with_expires_at(expiry),
+            None,
+        )
+        .await
+        .unwrap();
+    let a = member(store.clone(), same_expiry_source(&server, expiry));
+    let b = member(store.clone(), same_expiry_source(&server, expiry));
+    a.valid_token().await.unwrap();
+    b.valid_token().await.unwrap();
+
+    store
+        .lose_next_answer
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    a.refresh_now().await.unwrap(); // rt-0 → rt-1: stored, but A never heard
+    b.refresh_now().await.unwrap(); // rt-1 → rt-2
+    a.refresh_now().await.unwrap();
+    assert_eq!(server.presented(), ["rt-0", "rt-1", "rt-2"]);
+    assert_eq!(server.reused(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_data_loss_a_higher_version_in_memory_is_not_presented() {
+    let store = MemoryStore::new();
+    let server = Strict::default();
+    server.ledger.lock().unwrap().serial = 1;
+    store
+        .save(
+            "k",
+            &Token::bearer("at-1")
+                .with_refresh_token("rt-1")
+                .with_expires_in(LIFETIME),
+            None,
+        )
+        .await
+        .unwrap();
+    let a = member(store.clone(), short_logins(&server));
+    a.valid_token().await.unwrap();
+    a.refresh_now().await.unwrap(); // rt-1 → rt-2
+    let b = member(store.clone(), server.source());
+    b.valid_token().await.unwrap(); // adopts rt-2
+    a.refresh_now().await.unwrap(); // rt-2 → rt-3: B's rt-2 is spent
+    store.delete("k", None).await.unwrap(); // the store lost its data
+    // A's logs in (its rt-3 is withheld); the login's token lives shorter
+    // than B's in memory, and its version is lower.
+    a.refresh_now().await.unwrap();
+    let stored = store.load("k").await.unwrap().unwrap();
+    assert_eq!(rt_of(&stored.token), "rt-4");
+
+    b.refresh_now().await.unwrap();
+    assert_eq!(server.presented(), ["rt-1", "rt-2", "rt-4"]);
+    assert_eq!(server.reused(), 0);
+}
+
+/// Handles on one store doing what applications do, in a random order:
+/// refresh, set a token, forget it, use it. No refresh token is presented
+/// twice.
+async fn random_interleavings(
+    store: impl TokenStore + Clone,
+    server: &Strict,
+    members: usize,
+    during: impl FnOnce() + Send + 'static,
+) {
+    let mut tasks = Vec::new();
+    for i in 0..members {
+        let handle = member(store.clone(), server.source());
+        let server = server.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut rng = fastrand::Rng::with_seed(i as u64 + 7);
+            for _ in 0..150 {
+                match rng.u8(..10) {
+                    0..=4 => {
+                        let _ = handle.refresh_now().await;
+                    }
+                    5 => handle.clear(),
+                    6 => {
+                        let login = {
+                            let mut ledger = server.ledger.lock().unwrap();
+                            ledger.serial += 1;
+                            ledger.serial
+                        };
+                        let _ = handle.set_token(
+                            Token::bearer(format!("at-{login}"))
+                                .with_refresh_token(format!("rt-{login}"))
+                                .with_expires_in(LIFETIME),
+                        );
+                    }
+                    _ => {
+                        let _ = handle.valid_token().await;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(rng.u64(0..4))).await;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    during();
+    for task in tasks {
+        task.await.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn random_interleavings_on_one_memory_store_present_each_refresh_token_once() {
+    let store = MemoryStore::new();
+    let server = Strict::default();
+    seed(&store, "k", 0).await;
+    random_interleavings(store, &server, 4, || {}).await;
+    assert!(
+        server.presented().len() > 50,
+        "{}",
+        server.presented().len()
+    );
+    assert_eq!(server.reused(), 0, "presented {:?}", server.presented());
+}
+
+#[cfg(feature = "redis")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn random_interleavings_on_redis_with_a_restart_present_each_refresh_token_once() {
+    let redis = Arc::new(Mutex::new(fleet_support::RedisServer::start()));
+    let url = redis.lock().unwrap().url();
+    let store = tower_auth_refresh::RedisStore::builder(url)
+        .timeouts(Duration::from_millis(200), Duration::from_millis(200))
+        .build()
+        .unwrap();
+    let server = Strict::default();
+    store
+        .save(
+            "k",
+            &Token::bearer("at-0")
+                .with_refresh_token("rt-0")
+                .with_expires_in(LIFETIME),
+            None,
+        )
+        .await
+        .unwrap();
+    let restarting = redis.clone();
+    random_interleavings(store, &server, 4, move || {
+        std::thread::spawn(move || restarting.lock().unwrap().restart());
+    })
+    .await;
+    assert!(
+        server.presented().len() > 50,
+        "{}",
+        server.presented().len()
+    );
+    assert_eq!(server.reused(), 0, "presented {:?}", server.presented());
 }

@@ -25,7 +25,8 @@ use tower_auth_refresh::oauth2::{
     OAuth2SourceBuilder, RetryPolicy, TokenEndpointError,
 };
 use tower_auth_refresh::{
-    AuthRefreshLayer, ReauthorizationRequired, RefreshFailed, Token, TokenHandle,
+    AuthRefreshLayer, MemoryStore, ReauthorizationRequired, RefreshFailed, Token, TokenHandle,
+    TokenStore,
 };
 
 /// One request the token server received.
@@ -858,6 +859,91 @@ async fn a_refresh_grant_is_retried_on_503_or_429_with_retry_after() {
         let token = refresh_once(&server).await.unwrap();
         assert_eq!(token.access_token().expose_secret(), "new");
         assert_eq!(server.grant_types(), ["refresh_token", "refresh_token"]);
+    }
+}
+
+/// A fleet member on `store`, with a password grant to fall back on.
+fn fleet_member(source: OAuth2SourceBuilder, store: &MemoryStore) -> TokenHandle {
+    TokenHandle::builder(
+        source
+            .initial_grant(Grant::password("u", "p"))
+            .build()
+            .unwrap(),
+    )
+    .store(store.clone(), "k")
+    .build()
+}
+
+#[tokio::test]
+async fn a_5xx_with_an_error_body_after_the_rotation_leaves_the_refresh_token_marked() {
+    // The server rotated rt-1 and then answered 5xx with an error body of
+    // its own kind (an RFC 6749 error, a vendor envelope): the refresh
+    // token's fate is unknown, so no process presents it again.
+    let answers: [(StatusCode, serde_json::Value, bool); 3] = [
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            serde_json::json!({"error": "server_error"}),
+            false,
+        ),
+        (
+            StatusCode::BAD_GATEWAY,
+            serde_json::json!({"error": "temporarily_unavailable"}),
+            false,
+        ),
+        (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            serde_json::json!({"code": 50000, "msg": "系统繁忙"}),
+            true,
+        ),
+    ];
+    for (status, body, envelope) in answers {
+        let server = TokenServer::start(move |request, n| {
+            if request.grant_type() == "refresh_token" && n == 1 {
+                return json(status, body.clone());
+            }
+            if request.grant_type() == "refresh_token" {
+                // rt-1 was spent by the first call: a second use is reuse.
+                return oauth_error(StatusCode::BAD_REQUEST, "invalid_grant");
+            }
+            ok(serde_json::json!({"access_token": format!("at-{n}"), "refresh_token": format!("rt-{n}"),
+                "code": 0, "data": {"accessToken": format!("at-{n}"), "refreshToken": format!("rt-{n}")}}))
+        })
+        .await;
+        let builder = || {
+            let builder = server.builder();
+            if envelope {
+                builder.envelope(
+                    Envelope::new("/data/accessToken")
+                        .refresh_token("/data/refreshToken")
+                        .code("/code", 0)
+                        .message("/msg"),
+                )
+            } else {
+                builder
+            }
+        };
+        let store = MemoryStore::new();
+        store
+            .save("k", &Token::bearer("at-0").with_refresh_token("rt-1"), None)
+            .await
+            .unwrap();
+        let a = fleet_member(builder(), &store);
+        let b = fleet_member(builder(), &store);
+
+        a.refresh_now().await.unwrap_err();
+        b.refresh_now().await.unwrap();
+        a.refresh_now().await.unwrap();
+
+        let presented: Vec<String> = server
+            .received()
+            .iter()
+            .filter_map(|r| r.form.get("refresh_token").cloned())
+            .collect();
+        assert_eq!(
+            presented.iter().filter(|rt| *rt == "rt-1").count(),
+            1,
+            "{status} {envelope}: rt-1 presented once; presented {presented:?}"
+        );
     }
 }
 

@@ -183,7 +183,8 @@ fn render(challenge: &Challenge) -> String {
     format!("{} {}", challenge.scheme, params.join(", "))
 }
 
-/// The model: the `error` of the first `Bearer` challenge that has one.
+/// The model: the `error` of the first `Bearer` challenge that has a
+/// non-empty one (`error=""` names nothing).
 fn model_error(challenges: &[Challenge]) -> Option<&'static str> {
     challenges
         .iter()
@@ -191,7 +192,7 @@ fn model_error(challenges: &[Challenge]) -> Option<&'static str> {
         .find_map(|c| {
             c.params
                 .iter()
-                .find(|p| p.name.eq_ignore_ascii_case("error"))
+                .find(|p| p.name.eq_ignore_ascii_case("error") && !p.value.trim().is_empty())
                 .map(|p| p.value)
         })
 }
@@ -417,15 +418,19 @@ proptest! {
     }
 
     #[test]
-    fn keywords_match_in_any_ascii_case_and_any_surrounding_text(
+    fn keywords_match_as_words_in_any_ascii_case_and_any_surrounding_text(
         keyword in prop::sample::select(KEYWORDS.to_vec()),
         flips in prop::collection::vec(any::<bool>(), 1..16),
-        prefix in ".{0,10}",
+        prefix in "[0-9 ,.!?:余额不足]{0,10}",
+        separators in prop::sample::select(vec![(" ", " "), (": ", "."), ("(", ")"), ("\"", "\"")]),
         suffix in ".{0,10}",
         field in prop::sample::select(vec!["msg", "message"]),
         code in other_code(),
     ) {
-        let text = format!("{prefix}{}{suffix}", recase(keyword, &flips));
+        // Whole words: a keyword is not matched inside a longer word, nor
+        // right after a word naming another token ("CSRF token expired").
+        let (before, after) = separators;
+        let text = format!("{prefix}{before}{}{after}{suffix}", recase(keyword, &flips));
         let body = json!({ "code": code, field: text });
         prop_assert!(json_expired(&serde_json::to_vec(&body).unwrap()), "{}", body);
     }
@@ -434,6 +439,10 @@ proptest! {
     fn success_envelopes_are_never_expired(
         code in prop::sample::select(SUCCESS_CODES.to_vec()),
         as_string in any::<bool>(),
+        spelling in prop::sample::select(vec![
+            None, Some("0.0"), Some("-0"), Some("0e0"), Some("200.0"), Some("2e2"),
+            Some("\"0000\""), Some("\" 200 \""), Some("\"SUCCESS\""), Some("\"ok\""),
+        ]),
         status in prop::sample::select(vec![200u16, 201, 202, 204, 400, 401, 403, 500]),
         msg in any_message(),
         message in any_message(),
@@ -441,7 +450,12 @@ proptest! {
         data in any_json(),
         bom in any::<bool>(),
     ) {
-        let code = if as_string { Value::from(code.to_string()) } else { Value::from(code) };
+        let code = match spelling {
+            // The same success code written another way.
+            Some(spelling) => serde_json::from_str::<Value>(spelling).unwrap(),
+            None if as_string => Value::from(code.to_string()),
+            None => Value::from(code),
+        };
         let body = json!({
             "code": code, "msg": msg, "message": message, "error": error,
             "error_description": error, "data": data,

@@ -14,8 +14,8 @@ use http_body::Frame;
 use http_body_util::StreamBody;
 use reqwest_middleware::{ClientBuilder, ClientWithMiddleware};
 use tower_auth_refresh::{
-    AuthRefreshLayer, AuthRefreshMiddleware, JsonBodyRule, Origin, RefreshReason, RetrySkipped,
-    SkipReason, Token, TokenHandle, TokenInjector,
+    AuthRefreshLayer, AuthRefreshMiddleware, ExpiryDetectorExt, JsonBodyRule, Origin,
+    RefreshReason, RetrySkipped, SkipReason, Token, TokenHandle, TokenInjector,
 };
 
 fn handle(issuer: &Issuer) -> TokenHandle {
@@ -299,6 +299,160 @@ async fn a_percent_encoded_query_key_counts_as_the_callers_token() {
     assert_eq!(
         upstream.seen()[0].query.as_deref(),
         Some("access%5Ftoken=mine")
+    );
+}
+
+/// A server that answers every request with `answer`, counting requests.
+async fn raw_server(answer: Vec<u8>) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", listener.local_addr().unwrap());
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = count.clone();
+    let answer = std::sync::Arc::new(answer);
+    tokio::spawn(async move {
+        loop {
+            let (mut socket, _) = listener.accept().await.unwrap();
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                let mut request = vec![0u8; 65536];
+                let _ = socket.read(&mut request).await;
+                let _ = socket.write_all(&answer).await;
+                let _ = socket.shutdown().await;
+            });
+        }
+    });
+    (base, count)
+}
+
+#[tokio::test]
+async fn an_insufficient_scope_challenge_with_utf8_is_not_replayed() {
+    let mut answer = "HTTP/1.1 401 Unauthorized\r\ncontent-type: application/json\r\n\
+        www-authenticate: Bearer error=\"insufficient_scope\", error_description=\"权限不足\"\r\n\
+        content-length: 2\r\nconnection: close\r\n\r\n"
+        .as_bytes()
+        .to_vec();
+    answer.extend_from_slice(b"{}");
+    let (base, count) = raw_server(answer).await;
+    let issuer = Issuer::detached();
+    let handle = handle(&issuer);
+    handle.refresh_now().await.unwrap();
+    let layer = AuthRefreshLayer::new(handle)
+        .detector(tower_auth_refresh::Unauthorized::new().or(JsonBodyRule::default_rules()));
+    let response = client(AuthRefreshMiddleware::from_layer(&layer))
+        .post(format!("{base}/orders"))
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    assert_eq!(
+        count.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "sent once"
+    );
+    assert_eq!(issuer.calls(), 1, "not refreshed");
+}
+
+#[tokio::test]
+async fn a_query_token_is_not_in_the_response_handed_back() {
+    let upstream = Upstream::start().await;
+    let issuer = Issuer::new(&upstream);
+    let handle = TokenHandle::builder(issuer.source())
+        .injector(TokenInjector::query("access_token"))
+        .min_token_age(Duration::ZERO)
+        .build();
+    let client = client(AuthRefreshMiddleware::new(handle));
+    // Always 401: refreshed once, retried once, the 401 is handed back.
+    let response = client
+        .get(upstream.url("/always-401?page=2"))
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        upstream.seen()[0]
+            .query
+            .as_deref()
+            .is_some_and(|q| q.contains("access_token=tok-1")),
+        "the token was sent"
+    );
+    assert_eq!(
+        response.url().as_str(),
+        upstream.url("/always-401?page=2"),
+        "the caller's URL, without the token"
+    );
+    let shown = format!("{response:?}");
+    assert!(!shown.contains("access_token"), "{shown}");
+    let err = response.error_for_status().unwrap_err();
+    let shown = format!("{err} {err:?}");
+    assert!(!shown.contains("access_token"), "{shown}");
+    assert!(!shown.contains("tok-"), "{shown}");
+
+    // A success is handed back without the token too.
+    let response = client.get(upstream.url("/items")).send().await.unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.url().as_str(), upstream.url("/items"));
+}
+
+/// reqwest follows a redirect to another origin (and drops the
+/// `Authorization` header on the way): that origin's 401 is not about our
+/// token, which it never saw.
+#[tokio::test]
+async fn a_foreign_origins_401_after_a_redirect_does_not_refresh_our_token() {
+    let ours = Upstream::start().await;
+    let other = Upstream::start().await;
+    let issuer = Issuer::new(&ours);
+    let handle = handle(&issuer);
+    let client = client(AuthRefreshMiddleware::new(handle));
+    let target = other.url("/landing");
+    let response = client
+        .get(ours.url(&format!("/redirect?to={target}")))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 401, "the other origin's answer");
+    assert_eq!(response.url().as_str(), target);
+    assert_eq!(issuer.calls(), 1, "our token was not refreshed");
+    assert_eq!(other.seen().len(), 1, "not retried");
+    assert_eq!(other.seen()[0].authorization, None);
+}
+
+/// reqwest sends the URL it followed a redirect from as `Referer`, query
+/// token included; the documented remedy, `referer(false)`, keeps the
+/// token from the other origin.
+#[tokio::test]
+async fn a_query_token_does_not_follow_a_redirect_with_referer_off() {
+    let other = Upstream::start().await;
+    let target = other.url("/landing");
+    let redirect = format!(
+        "HTTP/1.1 302 Found\r\nlocation: {target}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"
+    );
+    let (base, count) = raw_server(redirect.into_bytes()).await;
+    let issuer = Issuer::detached();
+    let handle = TokenHandle::builder(issuer.source())
+        .injector(TokenInjector::query("access_token"))
+        .min_token_age(Duration::ZERO)
+        .build();
+    let client = ClientBuilder::new(reqwest::Client::builder().referer(false).build().unwrap())
+        .with(AuthRefreshMiddleware::new(handle))
+        .build();
+    let response = client
+        .get(format!("{base}/start?page=1"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(count.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(response.url().as_str(), target);
+    let seen = other.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].path, "/landing");
+    assert_eq!(seen[0].query, None);
+    assert!(seen[0].headers.get("referer").is_none());
+    assert_eq!(
+        issuer.calls(),
+        1,
+        "the other origin's 401 refreshed nothing"
     );
 }
 

@@ -355,6 +355,50 @@ async fn a_file_written_by_an_earlier_release_under_its_old_name_is_read_and_mov
     assert_eq!(store.list_keys().await.unwrap(), ["Seller-A"]);
 }
 
+/// Where case is ignored (macOS, Windows), the path `Seller-A.json` (key
+/// `Seller-A`'s name in earlier releases) opens key `seller-a`'s file. The
+/// filesystem of the tests is case-sensitive: a symbolic link stands for
+/// the alias such a filesystem makes.
+#[cfg(unix)]
+fn alias_seller_a(dir: &std::path::Path) {
+    std::os::unix::fs::symlink(dir.join("seller-a.json"), dir.join("Seller-A.json")).unwrap();
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn an_old_file_name_that_is_another_key_s_file_where_case_is_ignored_is_not_read() {
+    let dir = TempDir::new("file-legacy-alias-read");
+    let store = FileStore::new(dir.path());
+    store.save("seller-a", &token("lower"), None).await.unwrap();
+    alias_seller_a(dir.path());
+
+    assert!(
+        store.load("Seller-A").await.unwrap().is_none(),
+        "key Seller-A does not read key seller-a's token"
+    );
+    assert!(!store.delete("Seller-A", None).await.unwrap());
+    let lower = store.load("seller-a").await.unwrap().expect("still there");
+    assert_eq!(lower.token.access_token().expose_secret(), "lower");
+}
+
+#[cfg(unix)]
+#[tokio::test]
+async fn saving_a_capitalised_key_leaves_another_key_s_file_where_case_is_ignored() {
+    let dir = TempDir::new("file-legacy-alias-write");
+    let store = FileStore::new(dir.path());
+    store.save("seller-a", &token("lower"), None).await.unwrap();
+    alias_seller_a(dir.path());
+
+    store.save("Seller-A", &token("upper"), None).await.unwrap();
+    store.delete("Seller-A", None).await.unwrap();
+    assert!(
+        std::fs::symlink_metadata(dir.path().join("Seller-A.json")).is_ok(),
+        "the path Seller-A.json (seller-a.json where case is ignored) is left alone"
+    );
+    let lower = store.load("seller-a").await.unwrap().expect("still there");
+    assert_eq!(lower.token.access_token().expose_secret(), "lower");
+}
+
 #[tokio::test]
 async fn deleting_a_key_removes_its_lock_and_lease_files() {
     let dir = TempDir::new("file-stale");
@@ -396,4 +440,30 @@ async fn valid_json_that_is_not_a_token_is_left_in_place() {
         "{err:?}"
     );
     assert_eq!(names_in(dir.path()), ["k.json", "k.lock"]);
+}
+
+#[tokio::test]
+async fn an_entry_written_by_a_newer_release_is_saved_again_with_what_it_added() {
+    let dir = TempDir::new("file-newer-fields");
+    let store = FileStore::new(dir.path());
+    store.save("k", &token("a"), None).await.unwrap();
+    let newer = serde_json::json!({
+        "version": 7,
+        "written_by": "3.0",
+        "token": {"format": 2, "access_token": "at", "refresh_token": "rt", "dpop_jkt": "x"},
+    });
+    std::fs::write(dir.path().join("k.json"), newer.to_string()).unwrap();
+    let stored = store.load("k").await.unwrap().expect("read");
+    store
+        .save("k", &stored.token.clone().with_metadata("m", "1"), Some(7))
+        .await
+        .unwrap();
+
+    let again: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("k.json")).unwrap()).unwrap();
+    assert_eq!(again["version"], 8);
+    assert_eq!(again["written_by"], "3.0", "{again}");
+    assert_eq!(again["token"]["format"], 2, "{again}");
+    assert_eq!(again["token"]["dpop_jkt"], "x", "{again}");
+    assert_eq!(again["token"]["metadata"]["m"], "1", "{again}");
 }

@@ -243,11 +243,13 @@ impl TokenStore for Flaky {
 }
 
 #[tokio::test]
-async fn a_token_obtained_during_an_outage_is_the_base_of_the_next_refresh() {
+async fn after_an_outage_the_next_refresh_starts_from_the_stored_token() {
     // The store keeps the token from before the outage; this process got a
     // new one meanwhile without presenting the shared refresh token (another
-    // process may have spent it). The next refresh presents the local
-    // refresh token, this process's own, and then stores the result.
+    // process may have spent it). Once the store answers, the refresh token
+    // read from it under the lease, unmarked, is the one presented (nobody
+    // spent it: a spend marks the entry first); a token in memory is never
+    // judged newer than the stored one by its expiry.
     let store = Flaky::default();
     store
         .inner
@@ -299,11 +301,11 @@ async fn a_token_obtained_during_an_outage_is_the_base_of_the_next_refresh() {
     store.down.store(false, std::sync::atomic::Ordering::SeqCst);
     let next = handle.refresh_now().await.unwrap();
     assert_eq!(next.access_token().expose_secret(), "local-2");
-    assert_eq!(*presented.lock().unwrap(), ["r-1"]);
+    assert_eq!(*presented.lock().unwrap(), ["r-before"]);
     let stored = store.inner.load("k").await.unwrap().unwrap();
     assert_eq!(stored.token.access_token().expose_secret(), "local-2");
     assert_eq!(
         stored.version, 3,
-        "version 1 marked before r-1 was presented (2), then replaced (3)"
+        "version 1 marked before r-before was presented (2), then replaced (3)"
     );
 }

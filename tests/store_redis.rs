@@ -125,6 +125,19 @@ async fn a_huge_max_ttl_is_clamped_and_a_save_is_never_half_applied() {
 }
 
 #[tokio::test]
+async fn a_zero_max_ttl_means_no_maximum() {
+    let redis = RedisServer::start();
+    let store = RedisStore::builder(redis.url())
+        .prefix("zero:")
+        .max_ttl(Duration::ZERO)
+        .build()
+        .unwrap();
+    store.save("k", &token("a"), None).await.unwrap();
+    let ttl: i64 = raw(&redis, redis::cmd("PTTL").arg("zero:token:k")).await;
+    assert_eq!(ttl, -1, "kept until deleted, not given a ttl of 1 s");
+}
+
+#[tokio::test]
 async fn an_entry_written_by_a_newer_release_is_read_and_not_put_aside() {
     let redis = RedisServer::start();
     let store = store(&redis, "newer:");
@@ -148,6 +161,10 @@ async fn an_entry_written_by_a_newer_release_is_read_and_not_put_aside() {
         .unwrap();
     let json: String = raw(&redis, redis::cmd("HGET").arg("newer:token:k").arg("token")).await;
     assert!(json.contains(r#""dpop_jkt":"x""#), "{json}");
+    assert!(
+        json.contains(r#""format":2"#),
+        "the newer format is kept: {json}"
+    );
     let keys: Vec<String> = raw(&redis, redis::cmd("KEYS").arg("newer:corrupt:*")).await;
     assert!(keys.is_empty(), "{keys:?}");
 }

@@ -1,5 +1,6 @@
 //! Request replay and response peeking bodies.
 
+mod json_end;
 mod peek;
 mod replay;
 

@@ -2,6 +2,7 @@
 //! prefix a detector peeked at put back in front.
 
 use std::any::Any;
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::fmt;
 use std::pin::Pin;
@@ -14,6 +15,8 @@ use http::header::{CONTENT_ENCODING, CONTENT_TYPE};
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use pin_project_lite::pin_project;
+
+use super::json_end::{JsonEnd, Progress, is_one_document};
 
 pin_project! {
     #[project = InnerProj]
@@ -71,8 +74,8 @@ impl<B> ResponseBody<B> {
 pub(crate) struct Peeked<B> {
     /// The whole body, to hand to the caller.
     pub(crate) body: ResponseBody<B>,
-    /// The whole body's bytes, when it ended within the limit (and, for a
-    /// body of unknown length, within the deadline).
+    /// The body's bytes, when it ended, or formed one complete JSON
+    /// document, within the limit and the deadline.
     pub(crate) complete: Option<Bytes>,
 }
 
@@ -110,24 +113,32 @@ pub(crate) fn not_peekable(headers: &HeaderMap) -> Option<&'static str> {
 }
 
 /// Media types whose bodies are streams of documents or events.
-const STREAMING_TYPES: [&str; 5] = [
+const STREAMING_TYPES: [&str; 9] = [
     "text/event-stream",
     "application/x-ndjson",
+    "application/ndjson",
     "application/jsonl",
+    "application/jsonlines",
+    "application/x-jsonlines",
+    "application/x-json-stream",
     "application/json-seq",
     "application/stream+json",
 ];
 
 /// Reads the start of `body` for a detector and gives back the body to hand
-/// on plus, when the whole body could be read, all of its bytes.
+/// on plus, when it could be judged, its bytes.
 ///
-/// The head must never wait long for a detector, so:
-/// - a body whose length is known (`Content-Length`) is read whole if it is
-///   within `limit`, and not at all if it is longer;
-/// - a body of unknown length is read until it ends, passes `limit` (at
-///   most one frame past it is held) or `deadline` passes, whichever comes
-///   first. After the deadline the frames read so far are handed on first
-///   and the body is not judged.
+/// The head must never wait long for a detector, so the body is read until
+/// it ends, its bytes so far form one complete JSON object or array, it
+/// passes `limit` (at most one frame past it is held) or `deadline` passes,
+/// whichever comes first; a body whose known length (`Content-Length`) is
+/// over `limit` is not read at all. The bytes are shown when the body ended
+/// or formed a complete JSON document in time; after the deadline the
+/// frames read so far are handed on first and the body is not judged.
+///
+/// Without a tokio timer (a runtime built without `enable_time`), only a
+/// body of known length within `limit` is read (it needs no deadline, but
+/// a stalled one holds the head); any other body is passed on unread.
 pub(crate) async fn peek<B>(body: B, limit: usize, deadline: Duration) -> Peeked<B>
 where
     B: Body,
@@ -142,23 +153,31 @@ where
     let mut inner_done = inner.is_end_stream();
     let hint = inner.size_hint();
     let too_long = hint.lower() > limit as u64;
-    // NOTE: a known length within the limit is read whole, without a
-    // deadline: those bytes are all the caller is waiting for too.
     let known_length = hint.exact().is_some();
-    let sleep = tokio::time::sleep(if known_length {
-        Duration::MAX
-    } else {
-        deadline
-    });
+    let timer = deadline_timer(deadline);
+    let no_timer = timer.is_none();
+    let sleep = async move {
+        match timer {
+            Some(sleep) => sleep.await,
+            None => std::future::pending().await,
+        }
+    };
     tokio::pin!(sleep);
+    let mut json_end = JsonEnd::default();
+    let mut json_closed = false;
 
     let mut complete = !too_long;
-    if !inner_done && !too_long {
+    if !inner_done && !too_long && no_timer && !known_length {
+        tracing::debug!(
+            "no tokio timer for the peek deadline; response body of unknown length passed on undetected"
+        );
+        complete = false;
+    } else if !inner_done && !too_long {
         loop {
             let frame = tokio::select! {
                 biased;
                 frame = inner.frame() => frame,
-                () = &mut sleep, if !known_length => {
+                () = &mut sleep => {
                     tracing::debug!(
                         deadline_ms = deadline.as_millis() as u64,
                         peeked_bytes = total,
@@ -175,9 +194,11 @@ where
                 }
                 Some(Ok(frame)) => {
                     let frame = frame.map_data(to_bytes);
+                    let mut closed = false;
                     if let Some(data) = frame.data_ref() {
                         total += data.len() as u64;
                         chunks.push(data.clone());
+                        closed = json_end.feed(data) == Progress::Closed;
                     }
                     buffered.push_back(frame);
                     if total > limit as u64 {
@@ -186,6 +207,13 @@ where
                     }
                     if inner.is_end_stream() {
                         inner_done = true;
+                        break;
+                    }
+                    // NOTE: a JSON error may arrive whole while the transfer
+                    // goes on (the chunked terminator comes later): judge it
+                    // now and pass the rest on.
+                    if closed {
+                        json_closed = true;
                         break;
                     }
                 }
@@ -198,7 +226,13 @@ where
         }
     }
 
-    let complete = (complete && inner_done).then(|| concat(chunks));
+    let complete = if complete && inner_done {
+        Some(concat(chunks))
+    } else if complete && json_closed {
+        Some(concat(chunks)).filter(|bytes| is_one_document(bytes))
+    } else {
+        None
+    };
     Peeked {
         body: ResponseBody {
             buffered,
@@ -208,6 +242,33 @@ where
             inner: Inner::Peeked { body: inner },
         },
         complete,
+    }
+}
+
+thread_local! {
+    /// The last runtime found without a timer on this thread: asked once.
+    static NO_TIMER: Cell<Option<tokio::runtime::Id>> = const { Cell::new(None) };
+}
+
+/// A sleep of `deadline` on the current tokio runtime's timer, or `None`
+/// when there is no runtime or it has no timer.
+///
+/// NOTE: tokio offers no way to ask whether the time driver is enabled;
+/// creating a `Sleep` without it panics. That panic is caught here (once
+/// per runtime and thread: the answer is remembered), so a runtime built
+/// with `enable_io()` only never panics in the layer. With `panic = "abort"`
+/// the process would abort instead: enable the timer there.
+fn deadline_timer(deadline: Duration) -> Option<tokio::time::Sleep> {
+    let runtime = tokio::runtime::Handle::try_current().ok()?.id();
+    if NO_TIMER.with(Cell::get) == Some(runtime) {
+        return None;
+    }
+    match std::panic::catch_unwind(|| tokio::time::sleep(deadline)) {
+        Ok(sleep) => Some(sleep),
+        Err(_) => {
+            NO_TIMER.with(|cell| cell.set(Some(runtime)));
+            None
+        }
     }
 }
 
@@ -423,17 +484,15 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_stalled_body_is_handed_on_after_the_deadline() {
         let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Frame<Bytes>, std::io::Error>>();
-        tx.unbounded_send(Ok(Frame::data(Bytes::from_static(
-            b"{\"type\":\"ADDED\"}\n",
-        ))))
-        .unwrap();
+        tx.unbounded_send(Ok(Frame::data(Bytes::from_static(b"{\"type\":\"ADDED\","))))
+            .unwrap();
         let started = tokio::time::Instant::now();
         let peeked = peek(StreamBody::new(rx), 1024, Duration::from_millis(5)).await;
         assert_eq!(started.elapsed(), Duration::from_millis(5));
         assert!(peeked.complete.is_none(), "not judged");
         let mut body = Box::pin(peeked.body);
         let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
-        assert_eq!(first, "{\"type\":\"ADDED\"}\n");
+        assert_eq!(first, "{\"type\":\"ADDED\",");
         tx.unbounded_send(Ok(Frame::data(Bytes::from_static(b"next"))))
             .unwrap();
         drop(tx);
@@ -441,10 +500,103 @@ mod tests {
         assert_eq!(rest, b"next");
     }
 
+    /// A body that says it has `len` bytes, yields `first`, then stalls.
+    struct Stalled {
+        first: Option<Bytes>,
+        len: u64,
+    }
+
+    impl Body for Stalled {
+        type Data = Bytes;
+        type Error = Infallible;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Infallible>>> {
+            match self.first.take() {
+                Some(first) => Poll::Ready(Some(Ok(Frame::data(first)))),
+                None => Poll::Pending,
+            }
+        }
+
+        fn size_hint(&self) -> SizeHint {
+            SizeHint::with_exact(self.len)
+        }
+    }
+
     #[tokio::test(start_paused = true)]
-    async fn a_known_length_is_read_whole_without_a_deadline() {
-        let peeked = peek(Full::new(Bytes::from_static(b"{}")), 64, Duration::ZERO).await;
-        assert_eq!(peeked.complete.as_deref(), Some(&b"{}"[..]));
+    async fn a_stalled_body_of_known_length_is_handed_on_after_the_deadline() {
+        let body = Stalled {
+            first: Some(Bytes::from_static(b"{\"code\":")),
+            len: 14,
+        };
+        let started = tokio::time::Instant::now();
+        let peeked = peek(body, 64, Duration::from_millis(5)).await;
+        assert_eq!(started.elapsed(), Duration::from_millis(5));
+        assert!(peeked.complete.is_none(), "not judged");
+        let mut body = Box::pin(peeked.body);
+        let first = body.frame().await.unwrap().unwrap().into_data().unwrap();
+        assert_eq!(first, "{\"code\":");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_complete_json_document_is_judged_before_the_body_ends() {
+        let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Frame<Bytes>, std::io::Error>>();
+        for part in ["{\"code\":40003,", "\"msg\":\"}\"}\r\n"] {
+            tx.unbounded_send(Ok(Frame::data(Bytes::from_static(part.as_bytes()))))
+                .unwrap();
+        }
+        let started = tokio::time::Instant::now();
+        let peeked = peek(StreamBody::new(rx), 1024, Duration::from_secs(60)).await;
+        assert_eq!(
+            started.elapsed(),
+            Duration::ZERO,
+            "not held to the deadline"
+        );
+        assert_eq!(
+            peeked.complete.as_deref(),
+            Some(&b"{\"code\":40003,\"msg\":\"}\"}\r\n"[..])
+        );
+        drop(tx);
+        let (bytes, _, _) = read_all(Box::pin(peeked.body)).await;
+        assert_eq!(bytes, b"{\"code\":40003,\"msg\":\"}\"}\r\n");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_closed_bracket_that_is_not_json_is_not_judged_early() {
+        let (tx, rx) = futures::channel::mpsc::unbounded::<Result<Frame<Bytes>, std::io::Error>>();
+        tx.unbounded_send(Ok(Frame::data(Bytes::from_static(b"{code:1}"))))
+            .unwrap();
+        let peeked = peek(StreamBody::new(rx), 1024, Duration::from_secs(60)).await;
+        assert!(peeked.complete.is_none());
+        drop(tx);
+        let (bytes, _, _) = read_all(Box::pin(peeked.body)).await;
+        assert_eq!(bytes, b"{code:1}");
+    }
+
+    #[test]
+    fn without_a_timer_only_a_known_length_is_read_and_nothing_panics() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_io()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let known = peek(Full::new(Bytes::from_static(b"{}")), 64, WAIT).await;
+            assert_eq!(known.complete.as_deref(), Some(&b"{}"[..]));
+            for _ in 0..2 {
+                let (tx, rx) =
+                    futures::channel::mpsc::unbounded::<Result<Frame<Bytes>, std::io::Error>>();
+                tx.unbounded_send(Ok(Frame::data(Bytes::from_static(b"{\"code\""))))
+                    .unwrap();
+                let unknown = peek(StreamBody::new(rx), 64, WAIT).await;
+                assert!(unknown.complete.is_none(), "passed on unread");
+                assert_eq!(unknown.body.buffered_len, 0);
+                drop(tx);
+                let (bytes, _, _) = read_all(Box::pin(unknown.body)).await;
+                assert_eq!(bytes, b"{\"code\"");
+            }
+        });
     }
 
     #[test]
@@ -476,6 +628,22 @@ mod tests {
             ),
             (
                 vec![("content-type", "application/json-seq")],
+                Some("streaming content-type"),
+            ),
+            (
+                vec![("content-type", "application/ndjson")],
+                Some("streaming content-type"),
+            ),
+            (
+                vec![("content-type", "application/x-json-stream")],
+                Some("streaming content-type"),
+            ),
+            (
+                vec![("content-type", "application/jsonlines")],
+                Some("streaming content-type"),
+            ),
+            (
+                vec![("content-type", "Application/X-JsonLines; charset=utf-8")],
                 Some("streaming content-type"),
             ),
             (

@@ -16,7 +16,8 @@ use super::{ExpiryDetector, HeadVerdict, ResponseHead};
 /// Messages are read only on failures: a phrase never makes a success
 /// envelope expired. An envelope is a success when a code it carries is
 /// one the rule knows as success ([`success_codes_at`](Self::success_codes_at);
-/// `/code` ∈ {0, 200} for the defaults), or when the status is 2xx and the
+/// for the defaults `/code` is 0, 200, `"success"` or `"ok"` in any
+/// spelling, or `/success` is `true`), or when the status is 2xx and the
 /// body carries no other code at the rule's pointers. A success such as
 /// `200 {"code":0,"msg":"order 1 created; coupon expired"}` is therefore never
 /// replayed.
@@ -28,9 +29,11 @@ use super::{ExpiryDetector, HeadVerdict, ResponseHead};
 /// [`AuthRefreshLayer::peek_deadline`](crate::AuthRefreshLayer::peek_deadline)).
 /// A compressed body (`Content-Encoding: gzip` …) is not read: put a
 /// decompression layer inside the auth layer to have it decoded first. A
-/// UTF-8 byte order mark before the JSON is ignored. A code given as a
-/// number matches the same number written as a string, and the other way
-/// round.
+/// UTF-8 byte order mark before the JSON is ignored. Codes compare by
+/// numeric value (`0`, `0.0`, `-0`, `"0"`, `"0000"` are one code; so are
+/// `40003`, `40003.0`, `4.0003e4` and `"40003"`); text codes compare
+/// trimmed and ASCII case-insensitively. Keywords match whole words, not
+/// about another kind of token (see [`default_rules`](Self::default_rules)).
 ///
 /// ```
 /// use http::{HeaderMap, StatusCode, Version};
@@ -58,8 +61,8 @@ use super::{ExpiryDetector, HeadVerdict, ResponseHead};
 /// ```
 #[derive(Debug, Clone, Default)]
 pub struct JsonBodyRule {
-    codes: Vec<(String, Vec<String>)>,
-    success_codes: Vec<(String, Vec<String>)>,
+    codes: Vec<(String, Vec<Code>)>,
+    success_codes: Vec<(String, Vec<Code>)>,
     keywords: Vec<(String, Vec<String>)>,
     statuses: Option<Vec<StatusCode>>,
 }
@@ -67,30 +70,99 @@ pub struct JsonBodyRule {
 /// The expiry codes of [`JsonBodyRule::default_rules`].
 const DEFAULT_CODES: [i64; 4] = [401, 40001, 40002, 40003];
 
-/// The success codes of [`JsonBodyRule::default_rules`].
-const DEFAULT_SUCCESS_CODES: [i64; 2] = [0, 200];
+/// The success codes at `/code` of [`JsonBodyRule::default_rules`].
+const DEFAULT_SUCCESS_CODES: [&str; 4] = ["0", "200", "success", "ok"];
 
 /// The message pointers of [`JsonBodyRule::default_rules`].
 const DEFAULT_MESSAGE_POINTERS: [&str; 4] = ["/msg", "/message", "/error", "/error_description"];
 
 /// The phrases of [`JsonBodyRule::default_rules`]: each names the token.
-const DEFAULT_KEYWORDS: [&str; 15] = [
+const DEFAULT_KEYWORDS: [&str; 28] = [
     "token过期",
     "token已过期",
+    "token已失效",
+    "token不存在或已过期",
+    "token超时",
     "无效token",
     "token无效",
     "token异常",
     "token失效",
+    "令牌已过期",
+    "令牌过期",
+    "令牌无效",
     "登录过期",
+    "登录已过期",
     "invalid token",
     "invalid_token",
+    "invalid access token",
     "token invalid",
     "token is invalid",
     "token expired",
     "token has expired",
+    "token has been expired",
     "token is expired",
+    "token provided is expired",
+    "token provided has expired",
     "expired token",
+    "expired access token",
+    "access token expired",
 ];
+
+/// Words that, just before a phrase, say it is about another token than the
+/// access token: "CSRF token expired", "password reset token expired",
+/// "验证码token过期". A refresh token's expiry is not one either: refreshing
+/// cannot cure it.
+const OTHER_TOKENS: [&str; 20] = [
+    "csrf",
+    "xsrf",
+    "refresh",
+    "reset",
+    "password",
+    "payment",
+    "idempotency",
+    "verification",
+    "confirmation",
+    "captcha",
+    "activation",
+    "invitation",
+    "invite",
+    "email",
+    "page",
+    "pagination",
+    "continuation",
+    "upload",
+    "验证码",
+    "刷新",
+];
+
+/// Whether `text` (lowercased) mentions `phrase` (lowercased) as a phrase:
+/// not inside a longer word (`invalid token_type_hint` is not `invalid
+/// token`), and not about another kind of token ([`OTHER_TOKENS`]).
+fn mentions(text: &str, phrase: &str) -> bool {
+    let is_word = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    let starts_word = phrase.chars().next().is_some_and(is_word);
+    let ends_word = phrase.chars().next_back().is_some_and(is_word);
+    text.match_indices(phrase).any(|(start, _)| {
+        let before = &text[..start];
+        let after = &text[start + phrase.len()..];
+        let joined_before = starts_word && before.chars().next_back().is_some_and(is_word);
+        let joined_after = ends_word && after.chars().next().is_some_and(is_word);
+        !joined_before && !joined_after && !about_another_token(before)
+    })
+}
+
+/// Whether the text before a phrase ends with a word naming another token.
+fn about_another_token(before: &str) -> bool {
+    let before = before.trim_end_matches([' ', '-', '_']);
+    OTHER_TOKENS.iter().any(|word| {
+        before.strip_suffix(word).is_some_and(|rest| {
+            !rest
+                .chars()
+                .next_back()
+                .is_some_and(|c| c.is_ascii_alphanumeric())
+        })
+    })
+}
 
 /// What the codes of a body say about its messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -112,26 +184,46 @@ impl JsonBodyRule {
 
     /// The common envelopes. A response is expired when:
     ///
-    /// - `/code` is 401, 40001, 40002 or 40003 (a number or a string), on
-    ///   any status; or
+    /// - `/code` is 401, 40001, 40002 or 40003, on any status: a number of
+    ///   that value in any spelling (`40003`, `40003.0`, `4.0003e4`) or a
+    ///   string holding one (`"40003"`); or
     /// - the text at `/msg`, `/message`, `/error` or `/error_description`
-    ///   contains, case-insensitively, one of "token过期", "token已过期",
-    ///   "无效token", "token无效", "token异常", "token失效", "登录过期",
-    ///   "invalid token", "invalid_token", "token invalid",
-    ///   "token is invalid", "token expired", "token has expired",
-    ///   "token is expired", "expired token"; and the response is not a
-    ///   success: `/code` is not 0 or 200, and either `/code` holds another
-    ///   code or the status is not 2xx.
+    ///   mentions, case-insensitively and as whole words, one of
+    ///   "token过期", "token已过期", "token已失效", "token不存在或已过期",
+    ///   "token超时", "无效token", "token无效", "token异常", "token失效",
+    ///   "令牌已过期", "令牌过期", "令牌无效", "登录过期", "登录已过期",
+    ///   "invalid token", "invalid_token", "invalid access token",
+    ///   "token invalid", "token is invalid", "token expired",
+    ///   "token has expired", "token has been expired", "token is expired",
+    ///   "token provided is expired", "token provided has expired",
+    ///   "expired token", "expired access token", "access token expired";
+    ///   and the response is not a success (below).
+    ///
+    /// A phrase right after a word naming another kind of token is not
+    /// about the access token and does not count: "CSRF token expired",
+    /// "password reset token expired", "refresh token expired" (refreshing
+    /// cannot cure that one), "验证码token过期"; nor does a phrase inside a
+    /// longer word ("invalid token_type_hint").
+    ///
+    /// A response is a success, and its messages are never read, when
+    /// `/code` is zero or 200 (any spelling: `0`, `0.0`, `-0`, `"0"`,
+    /// `"0000"`, `"200"`), `"success"` or `"ok"` (any case), or `/success`
+    /// is `true`; or when the status is 2xx and no code is at `/code` or
+    /// `/success` (`null` and `""` are no code). Any other code (`1`,
+    /// `"E_AUTH"`, `"success": false`) is a failure whose messages are read.
     ///
     /// So `200 {"code":40003,"msg":"token过期或异常"}`,
     /// `200 {"code":1,"msg":"Token expired"}` and
     /// `403 {"error":"Token expired, please refresh"}` are expired;
-    /// `200 {"code":0,"msg":"coupon expired"}`, `200 {"msg":"token expired"}`
-    /// and `400 {"msg":"unauthorized"}` are not.
+    /// `200 {"code":0,"msg":"coupon expired"}`,
+    /// `200 {"code":"SUCCESS","msg":"token expired, new one issued"}`,
+    /// `200 {"msg":"token expired"}` and `400 {"msg":"unauthorized"}` are
+    /// not.
     pub fn default_rules() -> Self {
         let mut rule = Self::new()
             .code_at("/code", DEFAULT_CODES)
-            .success_codes_at("/code", DEFAULT_SUCCESS_CODES);
+            .success_codes_at("/code", DEFAULT_SUCCESS_CODES)
+            .success_codes_at("/success", [true]);
         for pointer in DEFAULT_MESSAGE_POINTERS {
             rule = rule.keywords_at(pointer, DEFAULT_KEYWORDS);
         }
@@ -139,7 +231,10 @@ impl JsonBodyRule {
     }
 
     /// Expired when the value at `pointer` (RFC 6901, e.g. `/code` or
-    /// `/error/code`) is one of `codes` (numbers or strings).
+    /// `/error/code`) is one of `codes` (numbers, strings or booleans).
+    /// Numbers, and strings that hold one, compare by numeric value (`0`,
+    /// `0.0`, `"0"` and `"0000"` are equal); other strings compare trimmed
+    /// and ASCII case-insensitively.
     pub fn code_at<I>(mut self, pointer: impl Into<String>, codes: I) -> Self
     where
         I: IntoIterator,
@@ -150,7 +245,8 @@ impl JsonBodyRule {
     }
 
     /// The value at `pointer` is one of `codes` on a success: such a body is
-    /// never expired by a keyword, whatever its messages say.
+    /// never expired by a keyword, whatever its messages say. Codes compare
+    /// as in [`code_at`](Self::code_at).
     pub fn success_codes_at<I>(mut self, pointer: impl Into<String>, codes: I) -> Self
     where
         I: IntoIterator,
@@ -160,9 +256,12 @@ impl JsonBodyRule {
         self
     }
 
-    /// Expired when the text at `pointer` contains one of `keywords`,
+    /// Expired when the text at `pointer` mentions one of `keywords`,
     /// compared case-insensitively, and the body is not a success (see the
-    /// type's docs). Prefer phrases that name the token ("token expired")
+    /// type's docs). A keyword matches whole words only (its ends are not
+    /// inside a longer ASCII word), and not right after a word naming
+    /// another kind of token ("CSRF", "refresh", "password reset",
+    /// "验证码" …). Prefer phrases that name the token ("token expired")
     /// to bare words ("expired"), which failures of other kinds use too.
     pub fn keywords_at<I>(mut self, pointer: impl Into<String>, keywords: I) -> Self
     where
@@ -190,14 +289,14 @@ impl JsonBodyRule {
         self.codes
             .iter()
             .chain(&self.success_codes)
-            .chain(&self.keywords)
             .map(|(pointer, _)| pointer.as_str())
+            .chain(self.keywords.iter().map(|(pointer, _)| pointer.as_str()))
     }
 
     fn envelope(&self, json: &Value) -> Envelope {
         let mut envelope = Envelope::NoCode;
         for (pointer, _) in self.success_codes.iter().chain(&self.codes) {
-            if let Some(code) = json.pointer(pointer).and_then(code_text) {
+            if let Some(code) = json.pointer(pointer).and_then(Code::of_json) {
                 if self.is_success(pointer, &code) {
                     return Envelope::Success;
                 }
@@ -207,16 +306,16 @@ impl JsonBodyRule {
         envelope
     }
 
-    fn is_success(&self, pointer: &str, code: &str) -> bool {
+    fn is_success(&self, pointer: &str, code: &Code) -> bool {
         self.success_codes
             .iter()
-            .any(|(p, codes)| p == pointer && codes.iter().any(|c| c == code))
+            .any(|(p, codes)| p == pointer && codes.contains(code))
     }
 
     fn matches(&self, json: &Value, status: StatusCode) -> bool {
         let code_hit = self.codes.iter().any(|(pointer, codes)| {
             json.pointer(pointer)
-                .and_then(code_text)
+                .and_then(Code::of_json)
                 .is_some_and(|code| codes.contains(&code) && !self.is_success(pointer, &code))
         });
         if code_hit {
@@ -235,27 +334,82 @@ impl JsonBodyRule {
                 json.pointer(pointer)
                     .and_then(Value::as_str)
                     .map(str::to_lowercase)
-                    .is_some_and(|text| keywords.iter().any(|k| text.contains(k.as_str())))
+                    .is_some_and(|text| keywords.iter().any(|k| mentions(&text, k)))
             })
     }
 }
 
-fn code_list<I>(codes: I) -> Vec<String>
+fn code_list<I>(codes: I) -> Vec<Code>
 where
     I: IntoIterator,
     I::Item: ToString,
 {
     codes
         .into_iter()
-        .map(|c| c.to_string().trim().to_owned())
+        .filter_map(|c| Code::of_text(&c.to_string()))
         .collect()
 }
 
-fn code_text(value: &Value) -> Option<String> {
-    match value {
-        Value::Number(n) => Some(n.to_string()),
-        Value::String(s) => Some(s.trim().to_owned()),
-        _ => None,
+/// A business code, compared as servers mean it: by numeric value when it
+/// is a number or a string holding one (`0`, `0.0`, `-0`, `0e0`, `"0"` and
+/// `"0000"` are all zero; `40003`, `4.0003e4` and `"40003"` are equal),
+/// otherwise as text, ASCII case-insensitively and trimmed (`"OK"` is
+/// `"ok"`; `true` is `"true"`).
+#[derive(Debug, Clone, PartialEq)]
+enum Code {
+    Integer(i128),
+    Fraction(f64),
+    Text(String),
+}
+
+impl Code {
+    /// The code a JSON value holds: a number, a non-empty string or a
+    /// boolean; `null`, `""`, objects and arrays hold none.
+    fn of_json(value: &Value) -> Option<Self> {
+        match value {
+            Value::Number(n) => {
+                if let Some(i) = n.as_i64() {
+                    Some(Self::Integer(i128::from(i)))
+                } else if let Some(u) = n.as_u64() {
+                    Some(Self::Integer(i128::from(u)))
+                } else {
+                    n.as_f64().map(Self::of_float)
+                }
+            }
+            Value::String(s) => Self::of_text(s),
+            Value::Bool(b) => Some(Self::Text(b.to_string())),
+            _ => None,
+        }
+    }
+
+    fn of_text(text: &str) -> Option<Self> {
+        let text = text.trim();
+        if text.is_empty() {
+            return None;
+        }
+        if let Ok(i) = text.parse::<i128>() {
+            return Some(Self::Integer(i));
+        }
+        // NOTE: only text that reads as a number (digits, a sign, a point,
+        // an exponent): Rust's float parser also takes "inf" and "NaN".
+        let numeric = text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || matches!(b, b'+' | b'-' | b'.' | b'e' | b'E'))
+            && text.bytes().any(|b| b.is_ascii_digit());
+        match text.parse::<f64>() {
+            Ok(f) if numeric && f.is_finite() => Some(Self::of_float(f)),
+            _ => Some(Self::Text(text.to_ascii_lowercase())),
+        }
+    }
+
+    fn of_float(f: f64) -> Self {
+        // NOTE: integral floats within i64 are integers (-0.0 is 0); the
+        // cast is exact there.
+        if f.fract() == 0.0 && f.abs() < 9.0e18 {
+            Self::Integer(f as i128)
+        } else {
+            Self::Fraction(f)
+        }
     }
 }
 
@@ -474,5 +628,101 @@ mod tests {
         assert_eq!(rule.check_head(&ok), HeadVerdict::NeedBody);
         assert_eq!(rule.check_head(&bad), HeadVerdict::NotExpired);
         assert_eq!(JsonBodyRule::new().check_head(&ok), HeadVerdict::NotExpired);
+    }
+
+    #[test]
+    fn a_success_code_in_any_spelling_is_a_success() {
+        for body in [
+            r#"{"code":"0","msg":"token expired, new one issued"}"#,
+            r#"{"code":"200","msg":"token expired, new one issued"}"#,
+            r#"{"code":" 0 ","msg":"token expired"}"#,
+            r#"{"code":0.0,"msg":"token expired, new one issued"}"#,
+            r#"{"code":200.0,"msg":"token expired, new one issued"}"#,
+            r#"{"code":0e0,"msg":"token expired, new one issued"}"#,
+            r#"{"code":-0,"msg":"token expired, new one issued"}"#,
+            r#"{"code":-0.0,"msg":"token expired, new one issued"}"#,
+            r#"{"code":"0000","msg":"token expired, new one issued"}"#,
+            r#"{"code":"SUCCESS","msg":"token expired, new one issued"}"#,
+            r#"{"code":"OK","msg":"token expired, new one issued"}"#,
+            r#"{"code":"success","msg":"token expired, new one issued"}"#,
+            r#"{"success":true,"msg":"token expired, new one issued"}"#,
+            r#"{"code":"","msg":"old token expired; new token issued"}"#,
+            r#"{"code":null,"msg":"token expired"}"#,
+        ] {
+            assert!(!expired(body), "{body}");
+        }
+        // A failure spelled out is still read.
+        assert!(expired(r#"{"success":false,"msg":"token expired"}"#));
+        assert!(expired(r#"{"code":"FAIL","msg":"token expired"}"#));
+    }
+
+    #[test]
+    fn an_expiry_code_in_any_spelling_is_expiry() {
+        for body in [
+            r#"{"code":40003.0}"#,
+            r#"{"code":4.0003e4}"#,
+            r#"{"code":"40003.0"}"#,
+            r#"{"code":401.0,"msg":"x"}"#,
+            r#"{"code":"+40003"}"#,
+            r#"{"code":" 40001 "}"#,
+        ] {
+            assert!(expired(body), "{body}");
+        }
+        assert!(!expired(r#"{"code":40003.5}"#));
+        assert!(!expired(r#"{"code":"40003x"}"#));
+        assert!(!expired(r#"{"code":"inf"}"#));
+    }
+
+    #[test]
+    fn text_codes_compare_trimmed_and_case_insensitively() {
+        let headers = head_with("application/json");
+        let head = ResponseHead::new(StatusCode::OK, Version::HTTP_11, &headers);
+        let rule = JsonBodyRule::new().code_at("/code", ["E_TOKEN_EXPIRED"]);
+        assert!(rule.check_body(&head, br#"{"code":"e_token_expired "}"#));
+        assert!(!rule.check_body(&head, br#"{"code":"E_TOKEN"}"#));
+    }
+
+    #[test]
+    fn phrases_about_other_tokens_are_not_expiry() {
+        for (status, body) in [
+            (400, r#"{"code":1001,"msg":"Password reset token expired"}"#),
+            (403, r#"{"message":"CSRF token expired"}"#),
+            (403, r#"{"message":"csrf-token expired"}"#),
+            (422, r#"{"error":"payment token is invalid"}"#),
+            (
+                400,
+                r#"{"error":"invalid_grant","error_description":"Refresh token expired"}"#,
+            ),
+            (200, r#"{"code":2,"msg":"验证码token过期"}"#),
+            (400, r#"{"error":"invalid token_type_hint"}"#),
+            (409, r#"{"message":"idempotency token expired"}"#),
+            (400, r#"{"message":"mytoken expired"}"#),
+        ] {
+            assert!(!expired_with(status, body), "{status} {body}");
+        }
+        // The access token named as such still counts.
+        assert!(expired_with(401, r#"{"message":"Access token expired"}"#));
+        assert!(expired_with(403, r#"{"message":"token expired."}"#));
+    }
+
+    #[test]
+    fn common_phrases_about_the_access_token_are_expiry() {
+        for msg in [
+            "token已失效",
+            "登录已过期，请重新登录",
+            "令牌已过期",
+            "token不存在或已过期",
+            "Token has been expired",
+            "Access token is expired",
+            "The access token provided is expired",
+            "Invalid access token",
+            "token超时",
+            "Token expired, please refresh",
+            "token过期或异常",
+            "无效token",
+        ] {
+            let body = format!(r#"{{"code":1,"msg":"{msg}"}}"#);
+            assert!(expired(&body), "{msg}");
+        }
     }
 }

@@ -129,8 +129,11 @@ pub trait ExpiryDetector: Send + Sync + 'static {
     fn check_head(&self, head: &ResponseHead<'_>) -> HeadVerdict;
 
     /// Decides from the body, when [`check_head`](Self::check_head) answered
-    /// [`HeadVerdict::NeedBody`]. `body` is the whole body; a body longer
-    /// than the peek limit is never shown and counts as not expired.
+    /// [`HeadVerdict::NeedBody`]. `body` is the whole body, or, when the
+    /// bytes that arrived form one complete JSON object or array before
+    /// the transfer ended, those bytes. A body longer than the peek limit,
+    /// or not complete within the peek deadline, is never shown and counts
+    /// as not expired.
     fn check_body(&self, head: &ResponseHead<'_>, body: &[u8]) -> bool {
         let _ = (head, body);
         false

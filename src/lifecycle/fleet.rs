@@ -9,7 +9,13 @@
 //!    holder saves (adopt) or the lease expires (take it over).
 //! 3. With the lease: re-read once more, and decide what to refresh from.
 //!    A refresh token is presented only when it is read from the store
-//!    under the lease, unmarked (or is this process's own, never stored).
+//!    under the lease, unmarked; or when it is this process's own, never
+//!    stored, and the store has no entry (or, after a local refresh the
+//!    application opted into, holds the refresh token this process spent).
+//!    A token in memory is never judged newer than the stored one by its
+//!    expiry: expiries tie (whole-second `exp`), run backwards (a shorter
+//!    login lifetime, clock skew), and a save whose answer was lost leaves
+//!    a stored token this process does not know it wrote.
 //!    Before presenting it, mark the stored entry ("a refresh with this
 //!    refresh token has started", `PRESENTED_KEY` in its metadata, a
 //!    compare-and-swap save), check the lease is still ours, then call the
@@ -26,7 +32,8 @@
 //! 6. When the source fails (`invalid_grant` …), re-read before giving up:
 //!    another process may have refreshed. Never delete what another wrote.
 //!    A failure that certainly left the refresh token as it was (refused
-//!    connection, an error answer of the server's own) unmarks the entry.
+//!    connection, a 4xx error answer) unmarks the entry; a 5xx never does,
+//!    whatever its body says.
 //! 7. When the process cannot coordinate (the store does not answer, the
 //!    lease cannot be had in time), [`UnreachableStore`] decides: by default
 //!    the source is called without the refresh token.
@@ -34,14 +41,22 @@
 //!    `newer_than` only looks: a newer stored token, or the one a lease
 //!    holder is about to save. It never calls the token source.
 //!
-//! "Newer" is decided by `Known::superseded_by`: a higher version in the
-//! same line of versions or, for a token that is not from that line (a local
-//! refresh, a store that lost its data), the later expiry.
+//! 9. A token given by the application (`set_token`, `initial_token`) is
+//!    saved under the lease too, with a compare-and-swap: an initial token
+//!    only when the store has no entry; a set token only over the entry of
+//!    the token it replaces (never over one whose refresh token moved on
+//!    since), and only while it is still this process's current token
+//!    (a token already refreshed from is spent).
+//!
+//! "Newer" (`Known::superseded_by`) means "not the token this process
+//! holds": stores only move forward (a version, once saved, is replaced
+//! under the lease), so a stored token other than ours is the fleet's.
 //! A corrupt stored entry (put aside by the store) counts as no token.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use secrecy::{ExposeSecret, SecretString};
 use tokio::time::Instant;
 use tracing::instrument::WithSubscriber;
 
@@ -98,6 +113,18 @@ pub(crate) struct FleetStore {
     pub(crate) poll_interval: Duration,
     pub(crate) op_timeout: Duration,
     pub(crate) unreachable: UnreachableStore,
+    /// The refresh token a local refresh ([`UnreachableStore::RefreshLocally`])
+    /// spent without the lease, while the token it got could not be saved.
+    pub(crate) locally_spent: Arc<std::sync::Mutex<Option<SecretString>>>,
+}
+
+/// What an application-given token may replace in the store.
+pub(crate) enum Replacing {
+    /// An initial token: only an empty store.
+    Nothing,
+    /// A token set over this (store version, token), if any: only that
+    /// entry, or one with the same refresh token.
+    Current(Option<(u64, Arc<Token>)>),
 }
 
 impl std::fmt::Debug for FleetStore {
@@ -116,33 +143,43 @@ struct Known {
     /// The store version it came with; 0 when it did not come from the store.
     version: u64,
     token: Option<Arc<Token>>,
+    /// The refresh token a local refresh spent without the lease.
+    locally_spent: Option<SecretString>,
 }
 
 impl Known {
-    /// `true` when `stored` replaced the known token: a later save in the
-    /// same line of versions or, when the known token is not from that line
-    /// (a local refresh while the store was out of reach, a store that lost
-    /// its data and counts from 1 again), the token that expires later.
+    /// `true` when `stored` holds another token than the known one.
     /// Metadata (usage, the presented mark) does not make a token new.
+    ///
+    /// NOTE: no expiry comparison. A stored token other than ours was
+    /// saved by the fleet (stores move forward under the lease); the one
+    /// exception, a stored refresh token this process spent locally, is
+    /// `Known::spent_here`.
     fn superseded_by(&self, stored: &StoredToken) -> bool {
         let Some(ours) = &self.token else {
             return true;
         };
-        if stored.token.same_secrets(ours) {
+        !stored.token.same_secrets(ours) && !self.spent_here(stored)
+    }
+
+    /// `true` when the stored refresh token is the one this process spent
+    /// in a local refresh (its replacement is ours, not saved yet).
+    fn spent_here(&self, stored: &StoredToken) -> bool {
+        let Some(spent) = &self.locally_spent else {
             return false;
-        }
-        if self.version > 0 && stored.version > self.version {
-            return true;
-        }
-        match (stored.token.expires_at(), ours.expires_at()) {
-            (Some(theirs), Some(ours)) => theirs > ours,
-            _ => true,
-        }
+        };
+        stored
+            .token
+            .refresh_token()
+            .is_some_and(|rt| rt.expose_secret() == spent.expose_secret())
     }
 
     /// `true` when `stored` replaced the known token and can be used as is.
+    /// A marked entry (a refresh is under way, or its outcome is unknown) is
+    /// not a newer token; it is adopted only by a process that has none.
     fn adoptable(&self, stored: &StoredToken, rejected: Option<&Token>) -> bool {
         self.superseded_by(stored)
+            && (self.token.is_none() || !is_marked(&stored.token))
             && !stored.token.is_expired()
             && rejected.is_none_or(|rejected| !rejected.same_secrets(&stored.token))
     }
@@ -168,25 +205,19 @@ impl Plan {
                     "a refresh with the stored refresh token was started and its outcome is unknown",
                 ),
             },
-            Some(stored)
-                if known.superseded_by(&stored)
-                    || known.version == stored.version
-                    || known
-                        .token
-                        .as_ref()
-                        .is_some_and(|ours| ours.same_secrets(&stored.token)) =>
-            {
-                Plan {
-                    expected: stored.version,
-                    base: Some(Arc::new(stored.token)),
-                    withheld: None,
-                }
-            }
-            // Ours replaced the stored one (refreshed while the store was out
-            // of reach): its refresh token is this process's own.
-            Some(stored) => Plan {
+            // A local refresh spent the stored refresh token; ours replaced
+            // it and is this process's own.
+            Some(stored) if known.version == 0 && known.spent_here(&stored) => Plan {
                 expected: stored.version,
                 base: known.token.clone(),
+                withheld: None,
+            },
+            // NOTE: read under the lease and unmarked: the only refresh token
+            // of the fleet that may be presented. Whatever this process holds
+            // in memory is older, or was never shared.
+            Some(stored) => Plan {
+                expected: stored.version,
+                base: Some(Arc::new(stored.token)),
                 withheld: None,
             },
             None if known.version > 0 => Plan {
@@ -226,10 +257,10 @@ fn adopted(mut stored: StoredToken) -> Obtained {
 }
 
 /// `true` when a failed refresh certainly left the presented refresh token
-/// as it was (the connection was refused, the server answered with an
-/// error of its own), or when the token is dead anyway (rejected): the
-/// entry is unmarked. Any other failure (a 502, a timeout) may come after
-/// the server rotated it: the mark stays.
+/// as it was (the connection was refused, the server answered 4xx), or
+/// when the token is dead anyway (rejected): the entry is unmarked. Any
+/// other failure (a 5xx whatever its body, a timeout) may come after the
+/// server rotated it: the mark stays.
 fn refresh_token_unchanged(err: &RefreshError) -> bool {
     if matches!(err, RefreshError::Reauthorize(_)) {
         return true;
@@ -252,6 +283,26 @@ fn refresh_token_unchanged(err: &RefreshError) -> bool {
 }
 
 impl FleetStore {
+    fn known(&self, previous: Previous) -> Known {
+        let locally_spent = self
+            .locally_spent
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .clone();
+        Known {
+            version: previous.store_version,
+            token: previous.token,
+            locally_spent,
+        }
+    }
+
+    fn remember_locally_spent(&self, spent: Option<SecretString>) {
+        *self
+            .locally_spent
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = spent;
+    }
+
     async fn timed<T>(
         &self,
         op: impl Future<Output = Result<T, StoreError>>,
@@ -295,10 +346,7 @@ impl FleetStore {
     ) -> Result<Obtained, RefreshError> {
         let rejected = previous.token.clone();
         let rejected = rejected.as_deref();
-        let mut known = Known {
-            version: previous.store_version,
-            token: previous.token,
-        };
+        let mut known = self.known(previous);
 
         // 1. Someone else may have refreshed already.
         match self.load().await {
@@ -313,6 +361,7 @@ impl FleetStore {
                     known = Known {
                         version: stored.version,
                         token: Some(Arc::new(stored.token.clone())),
+                        locally_spent: None,
                     };
                 }
             }
@@ -490,13 +539,15 @@ impl FleetStore {
         mut expected: u64,
         spent: Option<secrecy::SecretString>,
     ) -> Obtained {
-        use secrecy::ExposeSecret;
         for _ in 0..SAVE_ATTEMPTS {
             match self
                 .timed(self.store.save(&self.key, &token, Some(expected)))
                 .await
             {
-                Ok(version) => return Obtained::saved(token, version),
+                Ok(version) => {
+                    self.remember_locally_spent(None);
+                    return Obtained::saved(token, version);
+                }
                 Err(StoreError::Conflict { .. }) => {}
                 Err(err) => {
                     tracing::warn!(error = %err, "could not save the refreshed token; using it locally");
@@ -563,7 +614,18 @@ impl FleetStore {
             UnreachableStore::RefreshLocally => {
                 tracing::warn!(error = %why, "token store unavailable; refreshing locally");
                 let token = fetcher.fetch(known.token.clone(), reason).await?;
-                Ok(self.save_over(token, known.version).await)
+                let obtained = self.save_over(token, known.version).await;
+                if obtained.store_version.is_none() {
+                    // NOTE: the stored entry may still hold the refresh token
+                    // just spent: remember it, so that it is neither adopted
+                    // nor presented once the store answers again.
+                    let spent = known
+                        .token
+                        .as_ref()
+                        .and_then(|t| t.refresh_token().cloned());
+                    self.remember_locally_spent(spent.or(known.locally_spent.clone()));
+                }
+                Ok(obtained)
             }
             UnreachableStore::InitialGrantOnly => {
                 tracing::warn!(
@@ -604,10 +666,7 @@ impl FleetStore {
     /// A store out of reach counts as nothing newer.
     pub(crate) async fn newer_than(&self, previous: Previous) -> Option<StoredToken> {
         let rejected = previous.token.clone();
-        let known = Known {
-            version: previous.store_version,
-            token: previous.token,
-        };
+        let known = self.known(previous);
         let newer = |stored: Option<StoredToken>| {
             stored.filter(|stored| known.adoptable(stored, rejected.as_deref()))
         };
@@ -634,18 +693,94 @@ impl FleetStore {
         }
     }
 
-    /// Saves a token given by the application, without waiting, where
-    /// refreshes run (before any refresh started after it).
-    pub(crate) fn save_in_background(&self, token: Arc<Token>) {
+    /// 9. Saves a token given by the application, in the background (where
+    ///    refreshes run), under the lease. `still_current` tells whether the
+    ///    token is still this process's current one: once it has been
+    ///    refreshed from, its refresh token is spent and it must not be
+    ///    stored.
+    pub(crate) fn save_application(
+        &self,
+        token: Arc<Token>,
+        replacing: Replacing,
+        still_current: impl Fn() -> bool + Send + Sync + 'static,
+    ) {
         let Some(runtime) = super::background::runtime_for_caller() else {
             return;
         };
         let this = self.clone();
         let save = async move {
-            if let Err(err) = this.timed(this.store.save(&this.key, &token, None)).await {
-                tracing::warn!(error = %err, "could not save the token");
+            let Some(lease) = this.wait_for_lease().await else {
+                tracing::warn!("could not take the token lease; the token set is not saved");
+                return;
+            };
+            let result = this
+                .save_application_with_lease(&token, &replacing, &still_current)
+                .await;
+            if let Err(err) = this.timed(this.store.unlock(lease)).await {
+                tracing::warn!(error = %err, "could not release the token lease; it will expire");
+            }
+            match result {
+                Ok(true) => {}
+                Ok(false) => tracing::debug!(
+                    "the token set is not saved: the store holds a newer one, or it was refreshed already"
+                ),
+                Err(err) => tracing::warn!(error = %err, "could not save the token"),
             }
         };
         runtime.spawn(save.with_current_subscriber());
+    }
+
+    /// The lease, within twice its ttl; `None` when it cannot be had.
+    async fn wait_for_lease(&self) -> Option<Lease> {
+        let give_up_at = Instant::now().checked_add(self.lease_ttl.saturating_mul(2));
+        loop {
+            if let Some(lease) = self
+                .timed(self.store.try_lock(&self.key, self.lease_ttl))
+                .await
+                .ok()?
+            {
+                return Some(lease);
+            }
+            if give_up_at.is_some_and(|at| Instant::now() >= at) {
+                return None;
+            }
+            tokio::time::sleep(self.poll_interval).await;
+        }
+    }
+
+    async fn save_application_with_lease(
+        &self,
+        token: &Token,
+        replacing: &Replacing,
+        still_current: &(impl Fn() -> bool + Sync),
+    ) -> Result<bool, StoreError> {
+        if !still_current() {
+            return Ok(false);
+        }
+        let expected = match (self.load().await?, replacing) {
+            (None, _) => 0,
+            (Some(_), Replacing::Nothing) => return Ok(false),
+            (Some(stored), Replacing::Current(None)) => stored.version,
+            (Some(stored), Replacing::Current(Some((version, replaced)))) => {
+                let same_refresh_token =
+                    match (stored.token.refresh_token(), replaced.refresh_token()) {
+                        (Some(theirs), Some(ours)) => {
+                            theirs.expose_secret() == ours.expose_secret()
+                        }
+                        (None, None) => true,
+                        _ => false,
+                    };
+                if stored.version != *version && !same_refresh_token {
+                    return Ok(false);
+                }
+                stored.version
+            }
+        };
+        if !still_current() {
+            return Ok(false);
+        }
+        self.timed(self.store.save(&self.key, token, Some(expected)))
+            .await
+            .map(|_| true)
     }
 }

@@ -122,6 +122,13 @@ impl TokenHandle {
 
     /// Installs a token obtained elsewhere (for example by exchanging an
     /// authorization code). It gets a new generation; any back-off ends.
+    ///
+    /// With a [`TokenStore`](crate::TokenStore), the token is saved in the
+    /// background, under the key's lease, with compare-and-swap: only over
+    /// the stored entry of the token it replaces (or one with the same
+    /// refresh token), never over an entry whose refresh token has moved on
+    /// since, and not at all once this process has refreshed from it. When
+    /// it is not saved, the next refresh starts from the stored token.
     pub fn set_token(&self, token: Token) -> Result<(), crate::InvalidTokenValue> {
         self.manager.set_token(token).map(drop)
     }
@@ -324,6 +331,12 @@ impl TokenHandleBuilder {
     }
 
     /// Starts with this token instead of fetching one on the first request.
+    ///
+    /// With a [`TokenStore`](crate::TokenStore) it is a fallback: it is
+    /// saved only when the store has no entry for the key, never over a
+    /// stored one (a replica started after the fleet rotated the token must
+    /// not bring the spent refresh token back); the first refresh starts
+    /// from the stored token.
     pub fn initial_token(mut self, token: Token) -> Self {
         self.initial = Some(token);
         self
@@ -378,6 +391,7 @@ fn fleet_store(
         poll_interval: timing.poll_interval,
         op_timeout: timing.op_timeout,
         unreachable: UnreachableStore::default(),
+        locally_spent: Arc::default(),
     }
 }
 

@@ -49,7 +49,7 @@ use tracing::instrument::WithSubscriber;
 use super::background;
 use super::current::{Current, Timing, Use};
 use super::fetch::{Fetcher, Obtained, Previous};
-use super::fleet::FleetStore;
+use super::fleet::{FleetStore, Replacing};
 use crate::error::{RefreshError, RefreshFailed, RefreshTimedOut};
 use crate::{BoxError, RefreshReason, Token, TokenInjector, TokenSource};
 
@@ -248,7 +248,7 @@ impl TokenManager {
             weak_self: weak_self.clone(),
         });
         if let Some(token) = initial {
-            if manager.set_token(token).is_err() {
+            if manager.set_application_token(token, true).is_err() {
                 tracing::warn!("initial token cannot be sent as a header; fetching a new one");
             }
         }
@@ -726,10 +726,36 @@ impl TokenManager {
 
     /// Installs a token given by the application; resets the back-off.
     pub(crate) fn set_token(&self, token: Token) -> Result<Arc<Current>, crate::InvalidTokenValue> {
+        self.set_application_token(token, false)
+    }
+
+    /// Installs a token given by the application and saves it through the
+    /// fleet protocol (`FleetStore::save_application`): an initial token
+    /// only into an empty store, a set token only over the one it replaces.
+    fn set_application_token(
+        &self,
+        token: Token,
+        initial: bool,
+    ) -> Result<Arc<Current>, crate::InvalidTokenValue> {
         let mut state = self.lock();
+        let replaced = self
+            .current
+            .load_full()
+            .map(|c| (c.store_version, c.token.clone()));
         let current = self.install(&mut state, token, None, Origin::Application)?;
         if let Some(store) = &self.store {
-            store.save_in_background(current.token.clone());
+            let replacing = if initial {
+                Replacing::Nothing
+            } else {
+                Replacing::Current(replaced)
+            };
+            let weak = self.weak_self.clone();
+            let generation = current.generation;
+            store.save_application(current.token.clone(), replacing, move || {
+                weak.upgrade()
+                    .and_then(|manager| manager.current())
+                    .is_some_and(|current| current.generation == generation)
+            });
         }
         state.backoff_until = None;
         state.last_error = None;

@@ -453,7 +453,9 @@ impl TokenEndpoint {
             if let Some(err) = parse_error(status, &map) {
                 return TokenEndpointError::OAuth(err);
             }
-            if let ResponseFormat::Envelope(envelope) = &self.format {
+            if let (ResponseFormat::Envelope(envelope), false) =
+                (&self.format, status.is_server_error())
+            {
                 if let Some(err) = envelope.business_error(&serde_json::Value::Object(map)) {
                     return err;
                 }

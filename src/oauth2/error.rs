@@ -72,8 +72,10 @@ impl StdError for OAuthError {}
 pub enum TokenEndpointError {
     /// An RFC 6749 §5.2 error (`invalid_grant`, `invalid_client` …).
     OAuth(OAuthError),
-    /// A non-success status without an RFC 6749 error body, after `attempts`
-    /// tries (a 5xx or 429 is retried, a 4xx is not).
+    /// A non-success status without an RFC 6749 error body (or a 5xx with a
+    /// vendor envelope), after `attempts` tries (a 5xx or 429 is retried, a
+    /// 4xx is not; for a refresh-token grant, see
+    /// [`RetryPolicy`](super::RetryPolicy)).
     Status {
         /// The last status.
         status: StatusCode,
@@ -111,7 +113,10 @@ pub enum TokenEndpointError {
         /// The JSON pointer that found nothing.
         pointer: String,
     },
-    /// A vendor envelope carries a business code other than the success value.
+    /// A vendor envelope carries a business code other than the success value,
+    /// in a 2xx or 4xx answer. A 5xx answer is reported as
+    /// [`Status`](Self::Status), whatever its body: the server may have
+    /// processed the request before it failed.
     Business {
         /// The code, as JSON text (`40003`, `"E_AUTH"`).
         code: String,
@@ -122,13 +127,19 @@ pub enum TokenEndpointError {
 
 impl TokenEndpointError {
     /// `true` when the server certainly did not grant anything for this
-    /// request, so a refresh token it carried is still as it was: an error
-    /// answer from the server itself (an RFC 6749 error, a 4xx, a business
-    /// code), or a connection that could not be opened. A 5xx, a timeout or
-    /// an unreadable answer may come after the server rotated the token.
+    /// request, so a refresh token it carried is still as it was: a 4xx
+    /// answer (an RFC 6749 error such as `invalid_grant`, a business code,
+    /// a bare status), or a connection that could not be opened. A 5xx never
+    /// is, whatever its body says (`server_error`, `temporarily_unavailable`
+    /// may come from a server, or a gateway in front of it, after the
+    /// rotation); nor is a timeout or an unreadable answer.
+    ///
+    /// NOTE: a `Business` error is only made from a 2xx or 4xx answer
+    /// (`TokenEndpoint::parse_failure` reports a 5xx as `Status`).
     pub(crate) fn left_credential_unspent(&self) -> bool {
         match self {
-            Self::OAuth(_) | Self::Business { .. } => true,
+            Self::OAuth(e) => e.status.is_client_error() || e.status.is_success(),
+            Self::Business { .. } => true,
             Self::Status { status, .. } => status.is_client_error(),
             Self::Transport { source, .. } => super::endpoint::is_connect_error(&**source),
             Self::Timeout { .. }

@@ -94,6 +94,10 @@ impl fmt::Debug for FileStore {
 struct Entry {
     version: u64,
     token: Token,
+    /// Top-level fields of a newer release, kept as they are (rolling
+    /// upgrades).
+    #[serde(flatten)]
+    unknown: serde_json::Map<String, serde_json::Value>,
 }
 
 /// An I/O failure with what was being done and where.
@@ -183,7 +187,8 @@ struct Paths {
     lease: PathBuf,
     /// Where releases that did not escape capital letters kept the token
     /// (`Seller-A.json`), when that differs: read while the new file is
-    /// missing, removed once the new one is written.
+    /// missing, removed once the new one is written. Only ever used through
+    /// [`Paths::legacy_file`].
     legacy_token: Option<PathBuf>,
 }
 
@@ -206,6 +211,21 @@ impl Paths {
             legacy_token: (legacy != stem).then(|| dir.join(format!("{legacy}.json"))),
             stem,
         })
+    }
+
+    /// The file an earlier release wrote for this key, if there is one.
+    ///
+    /// NOTE: where case is ignored (macOS, Windows) the path `Seller-A.json`
+    /// opens `seller-a.json`, another key's file. The old file counts only
+    /// when the directory lists a regular file under exactly its name.
+    fn legacy_file(&self) -> Option<&Path> {
+        let legacy = self.legacy_token.as_deref()?;
+        let name = legacy.file_name()?;
+        let entries = fs::read_dir(&self.dir).ok()?;
+        entries
+            .filter_map(Result::ok)
+            .any(|entry| entry.file_name() == name && entry.file_type().is_ok_and(|t| t.is_file()))
+            .then_some(legacy)
     }
 
     /// Creates the directory (mode `0700`) if it is missing.
@@ -250,7 +270,7 @@ impl Paths {
     fn read(&self) -> Result<Option<Result<StoredToken, Unreadable>>, StoreError> {
         let bytes = match read_file(&self.token)? {
             Some(bytes) => bytes,
-            None => match &self.legacy_token {
+            None => match self.legacy_file() {
                 Some(legacy) => match read_file(legacy)? {
                     Some(bytes) => bytes,
                     None => return Ok(None),
@@ -274,6 +294,27 @@ impl Paths {
                     },
                 ),
         ))
+    }
+
+    /// The top-level fields of the stored entry this release does not know.
+    /// Called with the key's lock held.
+    fn unknown_fields_locked(&self) -> serde_json::Map<String, serde_json::Value> {
+        let path = if self.token.exists() {
+            Some(self.token.as_path())
+        } else {
+            self.legacy_file()
+        };
+        let Some(Ok(Some(bytes))) = path.map(read_file) else {
+            return serde_json::Map::new();
+        };
+        match serde_json::from_slice::<serde_json::Value>(&bytes) {
+            Ok(serde_json::Value::Object(mut fields)) => {
+                fields.remove("version");
+                fields.remove("token");
+                fields
+            }
+            _ => serde_json::Map::new(),
+        }
     }
 
     /// Renames a bad `<k>.json` to `<k>.json.corrupt-<unix ms>`. Called with
@@ -338,7 +379,7 @@ impl Paths {
             let _ = fs::remove_file(&temp);
             return Err(io_error("write", &self.token, e));
         }
-        if let Some(legacy) = &self.legacy_token {
+        if let Some(legacy) = self.legacy_file() {
             let _ = fs::remove_file(legacy);
         }
         sync_dir(&self.dir);
@@ -570,7 +611,12 @@ impl TokenStore for FileStore {
                 }
             }
             let version = found.unwrap_or(0) + 1;
-            paths.write(&Entry { version, token })?;
+            let unknown = paths.unknown_fields_locked();
+            paths.write(&Entry {
+                version,
+                token,
+                unknown,
+            })?;
             drop(lock);
             Ok(version)
         })
@@ -582,7 +628,7 @@ impl TokenStore for FileStore {
         expected_version: Option<u64>,
     ) -> BoxFuture<'a, Result<bool, StoreError>> {
         self.blocking(key, move |paths| {
-            if !paths.token.exists() && !paths.legacy_token.as_ref().is_some_and(|p| p.exists()) {
+            if !paths.token.exists() && paths.legacy_file().is_none() {
                 return Ok(false);
             }
             let lock = paths.open_locked(&paths.lock)?;
@@ -602,7 +648,7 @@ impl TokenStore for FileStore {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => return Err(io_error("remove", &paths.token, e)),
             }
-            if let Some(legacy) = &paths.legacy_token {
+            if let Some(legacy) = paths.legacy_file() {
                 let _ = fs::remove_file(legacy);
             }
             paths.remove_lock_files(lock);

@@ -203,9 +203,12 @@ impl RedisStoreBuilder {
     /// The longest time to live of a stored token, also given to tokens
     /// whose expiry is unknown (default: none; such entries are kept until
     /// deleted). Between 1 s and about 100 years: a longer one is taken as
-    /// the ceiling (`Duration::MAX` is fine).
+    /// the ceiling (`Duration::MAX` is fine), a shorter one as 1 s.
+    /// `Duration::ZERO` means no maximum, as if it were not set: entries
+    /// are never given a time to live they would die of at once.
     pub fn max_ttl(mut self, max_ttl: Duration) -> Self {
-        self.max_ttl = Some(max_ttl.clamp(Duration::from_secs(1), TTL_CEILING));
+        self.max_ttl =
+            (!max_ttl.is_zero()).then(|| max_ttl.clamp(Duration::from_secs(1), TTL_CEILING));
         self
     }
 
