@@ -87,19 +87,34 @@
 //!
 //! # Runtime
 //!
-//! The crate needs [tokio](https://docs.rs/tokio) 1.x: refreshes are tokio
-//! tasks and token ages are kept with tokio timers, so a refresh needs a
-//! runtime with its time driver (`enable_all`/`enable_time`; without it the
-//! refresh fails with a [`RefreshFailed`], nothing panics).
+//! The crate needs [tokio](https://docs.rs/tokio) 1.x. Refreshes and the
+//! timers that age tokens run on the crate's own background runtime: a
+//! current-thread tokio runtime (time and IO enabled) on one thread named
+//! `tower-auth-refresh`, started on first use and kept for the life of the
+//! process.
 //!
-//! A [`TokenHandle`] is not tied to a runtime. It can live in a `static`
-//! used by several `#[tokio::test]`s, or behind a sync wrapper that builds a
-//! runtime per call: a refresh runs on the runtime of the caller that
-//! started it, and when that runtime is dropped mid-refresh the next caller
-//! starts a new one on its own runtime at once. When the runtime that timed
-//! a token's refresh-ahead and expiry is gone, readers read the clock
-//! instead, so an expired token is never sent. [`TokenHandle::set_token`]
-//! may be called from any thread.
+//! A [`TokenHandle`] is therefore not tied to any runtime of the
+//! application. It can live in a `static` used by several
+//! `#[tokio::test]`s, or behind a sync wrapper that builds a runtime per
+//! call, or that keeps one and calls `block_on` per request: a refresh
+//! always ends and installs its answer, whatever happens to the runtime of
+//! the caller that started it (dropped, or idle), and wakes waiters on
+//! every runtime; a token expires on time while the application's runtimes
+//! are idle, so an expired token is never sent. A caller waits for a
+//! refresh at most the refresh timeout (with a store, plus the lease
+//! protocol) and a second, on its own clock. A runtime without its time
+//! driver works; [`TokenHandle::set_token`] may be called from any thread.
+//!
+//! A [`TokenSource`]'s (and a [`TokenStore`]'s) futures are polled on the
+//! background thread: they must not block it (`spawn_blocking` for blocking
+//! work), and should not depend on I/O resources made on one of the
+//! application's runtimes (a hyper or reqwest client that keeps its
+//! connections there stalls when that runtime is idle or gone). The OAuth2
+//! source's own client sends its calls through the background runtime.
+//!
+//! For tests: a caller whose tokio clock is paused (`tokio::time::pause`)
+//! keeps refreshes and timers on its own runtime, so tokens age with the
+//! paused clock.
 //!
 //! # Cargo features
 //!

@@ -82,6 +82,14 @@ pub struct RefreshContext {
 /// return [`ReauthorizationRequired`](crate::ReauthorizationRequired) when no
 /// token can be had without a person.
 ///
+/// The future `fetch` returns is polled on the crate's background runtime
+/// (see the crate docs, "Runtime"), not on the caller's: it must not block
+/// its thread (use `tokio::task::spawn_blocking`), and should not depend on
+/// I/O resources made on an application runtime that may be idle or
+/// dropped (a client whose pooled connections live there); make such a
+/// client inside the future, or use one whose calls do not depend on that
+/// runtime.
+///
 /// ```
 /// use tower_auth_refresh::{BoxError, RefreshContext, Token, TokenSource};
 /// use futures::future::BoxFuture;

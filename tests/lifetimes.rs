@@ -143,3 +143,53 @@ async fn a_proactive_refresh_refused_by_back_off_is_claimed_again_after_it() {
     );
     assert_eq!(seen.lock().unwrap().last().unwrap(), "Bearer tok-2");
 }
+
+/// Tokens that arrive with a few milliseconds to live (`expires_in` of
+/// 1 ms or 10 ms, an absolute expiry a moment ahead through clock skew)
+/// get the same floor as tokens that arrive expired.
+#[tokio::test(start_paused = true)]
+async fn near_zero_lifetimes_do_not_cost_a_token_call_per_request() {
+    for (name, life) in [
+        ("1 ms", Duration::from_millis(1)),
+        ("10 ms", Duration::from_millis(10)),
+        ("50 ms", Duration::from_millis(50)),
+        ("99 ms", Duration::from_millis(99)),
+    ] {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counter = calls.clone();
+        let handle = TokenHandle::builder(token_source_fn(move |_cx: RefreshContext| {
+            let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+            async move { Ok::<_, BoxError>(Token::bearer(format!("tok-{n}")).with_expires_in(life)) }
+        }))
+        .build();
+        // 50 requests, 5 ms apart: 250 ms, inside the first floor (1 s).
+        for _ in 0..50 {
+            handle.valid_token().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 1, "lifetime {name}");
+    }
+}
+
+/// A short lifetime above the floor is honoured as given: a 300 ms token is
+/// not used past its expiry.
+#[tokio::test(start_paused = true)]
+async fn a_short_lifetime_above_the_floor_is_honoured() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let counter = calls.clone();
+    let handle = TokenHandle::builder(token_source_fn(move |_cx: RefreshContext| {
+        let n = counter.fetch_add(1, Ordering::SeqCst) + 1;
+        async move {
+            Ok::<_, BoxError>(
+                Token::bearer(format!("tok-{n}")).with_expires_in(Duration::from_millis(300)),
+            )
+        }
+    }))
+    .no_refresh_ahead()
+    .build();
+    handle.valid_token().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert!(!handle.status().valid);
+    handle.valid_token().await.unwrap();
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+}

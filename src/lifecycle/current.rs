@@ -4,10 +4,14 @@
 //! NOTE: the invariants of this file.
 //! - The hot path reads the clock only when no timer it can trust ages the
 //!   token. A timer task flips `freshness` when the token enters its
-//!   refresh-ahead window and when it expires. A timer belongs to the
-//!   runtime that armed it and dies with it: the timer's guard then moves
-//!   the token to a `CLOCKED*` state, where readers read the clock. A token
-//!   installed where no timer could be armed starts `CLOCKED`.
+//!   refresh-ahead window and when it expires. Timers run on the crate's
+//!   background runtime (`background.rs`), which is always driven: a timer
+//!   never sleeps through an expiry because the runtime of the caller that
+//!   installed the token is idle or gone. Only a caller whose clock is
+//!   paused (tests) arms it on its own runtime, where it may die with that
+//!   runtime: the timer's guard then moves the token to a `CLOCKED*` state,
+//!   where readers read the clock. A token installed where no timer could
+//!   be armed starts `CLOCKED`.
 //! - A proactive refresh that could not run (back-off, no runtime, its
 //!   task gone with its runtime) never leaves the token claimed: it goes
 //!   back to `STALE`, or to `CLOCKED` with `retry_at` set, so a later
@@ -22,6 +26,7 @@ use http::HeaderValue;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 
+use super::background;
 use super::header_cache::HeaderCopies;
 use crate::Token;
 
@@ -45,7 +50,8 @@ const CLOCKED_REFRESHING: u8 = 5;
 pub(crate) struct Timing {
     pub(crate) refresh_ahead: Option<Duration>,
     pub(crate) min_validity: Duration,
-    /// A token that arrives with no lifetime left is used this long.
+    /// A token that arrives with (almost) no lifetime left is used at least
+    /// this long; zero for any other token.
     pub(crate) floor: Duration,
 }
 
@@ -84,8 +90,8 @@ pub(crate) struct Current {
 }
 
 impl Current {
-    /// A token installed now as `generation`. A token with no lifetime left
-    /// (an expiry of zero, or behind the local clock) is given `timing.floor`.
+    /// A token installed now as `generation`. Its lifetime is at least
+    /// `timing.floor` (given to tokens that arrive with almost none left).
     pub(crate) fn new(
         token: Token,
         header: HeaderValue,
@@ -94,13 +100,9 @@ impl Current {
         timing: Timing,
     ) -> Arc<Self> {
         let now = Instant::now();
-        let lifetime = token.expires_in().map(|lifetime| {
-            if lifetime.is_zero() {
-                timing.floor
-            } else {
-                lifetime
-            }
-        });
+        let lifetime = token
+            .expires_in()
+            .map(|lifetime| lifetime.max(timing.floor));
         // A lifetime too far away for the clock counts as no expiry.
         let expires_at = lifetime.and_then(|lifetime| now.checked_add(lifetime));
         let lifetime = lifetime.filter(|_| expires_at.is_some());
@@ -144,15 +146,15 @@ impl Current {
         current
     }
 
-    /// Arms the timer that ages this token, on the runtime of the caller,
-    /// once. Without a runtime (or without an expiry) readers keep reading
+    /// Arms the timer that ages this token, on the background runtime (a
+    /// paused caller's own runtime), once. Without a runtime (or without an expiry) readers keep reading
     /// the clock; a reader on a runtime arms it later. A timer that dies is
     /// not armed again: readers read the clock until the next token.
     pub(crate) fn arm_timer(self: &Arc<Self>) {
         if self.wait_at.is_none() || self.armed.load(Ordering::Acquire) {
             return;
         }
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        let Some(runtime) = background::runtime_for_caller() else {
             return;
         };
         if self.armed.swap(true, Ordering::AcqRel) {

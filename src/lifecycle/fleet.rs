@@ -58,6 +58,7 @@ use std::time::Duration;
 
 use secrecy::{ExposeSecret, SecretString};
 use tokio::time::Instant;
+use tracing::instrument::WithSubscriber;
 
 use super::fetch::{Fetcher, Obtained, Previous};
 use crate::error::{RefreshError, RefreshFailed, StoreUnreachable};
@@ -692,21 +693,22 @@ impl FleetStore {
         }
     }
 
-    /// 9. Saves a token given by the application, in the background,
-    ///    under the lease. `still_current` tells whether the token is
-    ///    still this process's current one: once it has been refreshed
-    ///    from, its refresh token is spent and it must not be stored.
+    /// 9. Saves a token given by the application, in the background (where
+    ///    refreshes run), under the lease. `still_current` tells whether the
+    ///    token is still this process's current one: once it has been
+    ///    refreshed from, its refresh token is spent and it must not be
+    ///    stored.
     pub(crate) fn save_application(
         &self,
         token: Arc<Token>,
         replacing: Replacing,
         still_current: impl Fn() -> bool + Send + Sync + 'static,
     ) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        let Some(runtime) = super::background::runtime_for_caller() else {
             return;
         };
         let this = self.clone();
-        runtime.spawn(async move {
+        let save = async move {
             let Some(lease) = this.wait_for_lease().await else {
                 tracing::warn!("could not take the token lease; the token set is not saved");
                 return;
@@ -724,7 +726,8 @@ impl FleetStore {
                 ),
                 Err(err) => tracing::warn!(error = %err, "could not save the token"),
             }
-        });
+        };
+        runtime.spawn(save.with_current_subscriber());
     }
 
     /// The lease, within twice its ttl; `None` when it cannot be had.

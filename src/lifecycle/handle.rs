@@ -161,16 +161,17 @@ impl TokenHandle {
     }
 
     fn revoke_in_background(&self, token: Arc<Token>) {
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        let Some(runtime) = super::background::runtime_for_caller() else {
             tracing::warn!("no Tokio runtime: the cleared token was not revoked");
             return;
         };
         let revoke = self.manager.revoke(token);
-        runtime.spawn(async move {
+        let revoke = async move {
             if let Err(err) = revoke.await {
                 tracing::warn!(error = %err, "revoking the cleared token failed");
             }
-        });
+        };
+        runtime.spawn(tracing::instrument::WithSubscriber::with_current_subscriber(revoke));
     }
 }
 

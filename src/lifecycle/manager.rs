@@ -11,19 +11,27 @@
 //!   `futures::Shared`, so a caller that is dropped cannot cancel it.
 //! - The task installs the new token and clears `in_flight` under the same
 //!   lock, so a caller that sees no refresh in flight also sees its result.
-//! - A refresh task belongs to the runtime of the caller that started it,
-//!   and dies with that runtime. An entry whose task ended without clearing
-//!   it (`InFlight::is_live` is false) is dropped by the next caller, who
-//!   starts a fresh refresh on its own runtime; a waiter that sees the task
+//! - A refresh task runs on the crate's background runtime (`background.rs`),
+//!   which is always driven and never dropped: a refresh ends and installs
+//!   its answer whatever happens to the runtime of the caller that started
+//!   it (dropped, or kept but idle), and wakes waiters on every runtime.
+//!   Only a caller whose clock is paused (tests) runs it on its own runtime;
+//!   such a task dies with that runtime, and an entry whose task ended
+//!   without clearing it (`InFlight::is_live` is false) is dropped by the
+//!   next caller, who starts a fresh refresh; a waiter that sees the task
 //!   cancelled does the same. The task contains panics (token store, a
 //!   runtime without its time driver): they end as a failed refresh, with
 //!   back-off, like any other failure.
+//! - Every waiter is bounded on its own clock (`waiter_bound`: the refresh
+//!   timeout, the lease protocol with a store, and a margin), so nothing
+//!   waits forever on a refresh that cannot end.
 //! - A proactive refresh that cannot run gives its claim back
 //!   (`Current::defer_proactive`, `Current::release_proactive`): a later
 //!   reader claims it again once the back-off window has passed.
-//! - A token that arrives with no lifetime left is used for a while rather
-//!   than refreshed on every request: for a back-off step (at least 1 s),
-//!   doubling while the source keeps sending expired tokens.
+//! - A token that arrives with no lifetime left, or less than
+//!   `NEAR_ZERO_LIFETIME`, is used for a while rather than refreshed on
+//!   every request: for a back-off step (at least 1 s), doubling while the
+//!   source keeps sending such tokens.
 
 use std::panic::AssertUnwindSafe;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -36,11 +44,13 @@ use http::HeaderValue;
 use tokio::task::AbortHandle;
 use tokio::time::Instant;
 use tracing::Instrument;
+use tracing::instrument::WithSubscriber;
 
+use super::background;
 use super::current::{Current, Timing, Use};
 use super::fetch::{Fetcher, Obtained, Previous};
 use super::fleet::{FleetStore, Replacing};
-use crate::error::{RefreshError, RefreshFailed};
+use crate::error::{RefreshError, RefreshFailed, RefreshTimedOut};
 use crate::{BoxError, RefreshReason, Token, TokenInjector, TokenSource};
 
 /// Settings of a [`TokenManager`], set through
@@ -96,6 +106,17 @@ pub(crate) enum Rejection {
 
 /// A token that arrives with no lifetime left is used at least this long.
 const MIN_FLOOR: Duration = Duration::from_secs(1);
+
+/// A token that arrives with less than this to live counts as arriving with
+/// no lifetime left: `expires_in` 0 or a few milliseconds, or an absolute
+/// expiry a moment ahead of (or behind) the local clock through clock skew.
+/// No request could use it before it expires; refreshing it on every
+/// request would only hammer the token source. Longer lifetimes, however
+/// short, are honoured as given.
+const NEAR_ZERO_LIFETIME: Duration = Duration::from_millis(100);
+
+/// How much longer than the refresh timeout a caller waits for a refresh.
+const WAITER_MARGIN: Duration = Duration::from_secs(1);
 
 /// Where an installed token comes from.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -394,7 +415,7 @@ impl TokenManager {
             match start {
                 Start::Ready(current) => return Ok(current),
                 Start::Failed(err, _) => return Err(err.into_box()),
-                Start::Wait(shared) => match shared.await {
+                Start::Wait(shared) => match self.wait_bounded(shared).await {
                     Outcome::Done(result) => return result.map_err(RefreshError::into_box),
                     Outcome::Cancelled => {
                         tracing::debug!("token refresh went with its runtime; starting it again");
@@ -407,6 +428,44 @@ impl TokenManager {
             "token refresh task was cancelled: its runtime shut down",
         ))
         .into_box())
+    }
+
+    /// Awaits a refresh for at most [`Self::waiter_bound`], measured on the
+    /// waiter's own clock when it has one: a refresh that cannot end in time
+    /// (its runtime idle, its thread blocked) never holds a caller forever.
+    /// Without a timer of its own, the waiter relies on the refresh's own
+    /// timeout.
+    async fn wait_bounded(&self, shared: SharedRefresh) -> Outcome {
+        let bound = self.waiter_bound();
+        let timer = tokio::runtime::Handle::try_current()
+            .ok()
+            .and_then(|_| std::panic::catch_unwind(move || tokio::time::sleep(bound)).ok());
+        let Some(timer) = timer else {
+            return shared.await;
+        };
+        tokio::select! {
+            outcome = shared => outcome,
+            () = timer => {
+                tracing::warn!(
+                    waited_ms = u64::try_from(bound.as_millis()).unwrap_or(u64::MAX),
+                    "gave up waiting for a token refresh"
+                );
+                Outcome::Done(Err(RefreshError::TimedOut(RefreshTimedOut::new(bound))))
+            }
+        }
+    }
+
+    /// The longest a caller waits for a refresh: the refresh timeout and,
+    /// with a store, the lease protocol around it, plus a margin so that the
+    /// refresh's own timeout (which starts back-off) normally ends it first.
+    fn waiter_bound(&self) -> Duration {
+        let refresh = self.config.refresh_timeout.saturating_add(WAITER_MARGIN);
+        match &self.store {
+            None => refresh,
+            Some(store) => refresh
+                .saturating_add(store.lease_ttl.saturating_mul(2))
+                .saturating_add(store.op_timeout.saturating_mul(8)),
+        }
     }
 
     /// Joins the refresh in flight or starts one. `seen` is the generation
@@ -449,7 +508,7 @@ impl TokenManager {
                 now,
             );
         };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+        let Some(runtime) = background::runtime_for_caller() else {
             return Start::Failed(
                 RefreshError::Failed(RefreshFailed::from_message(
                     "token refresh needs a tokio runtime",
@@ -473,7 +532,8 @@ impl TokenManager {
         let task = runtime.spawn(
             manager
                 .fetch_and_install(previous, reason, ended.clone(), epoch)
-                .instrument(span),
+                .instrument(span)
+                .with_current_subscriber(),
         );
         let abort = task.abort_handle();
         let shared = async move {
@@ -601,11 +661,12 @@ impl TokenManager {
             if let (false, Ok(runtime)) = (obtained.adopted, tokio::runtime::Handle::try_current())
             {
                 let revoke = self.fetcher.revoke(Arc::new(obtained.token));
-                runtime.spawn(async move {
+                let revoke = async move {
                     if let Err(err) = revoke.await {
                         tracing::warn!(error = %err, "revoking a token fetched during a logout failed");
                     }
-                });
+                };
+                runtime.spawn(revoke.with_current_subscriber());
             }
         }
         RefreshError::Failed(RefreshFailed::from_message(
@@ -623,19 +684,24 @@ impl TokenManager {
     ) -> Result<Arc<Current>, crate::InvalidTokenValue> {
         let header = self.config.injector.prepare(&token)?;
         state.next_generation += 1;
-        // A refresh that brings a token with no lifetime left counts into
-        // back-off: the token is used for one back-off step (at least 1 s),
+        // A refresh that brings a token with no lifetime left (or almost
+        // none, `NEAR_ZERO_LIFETIME`) counts into back-off: the token is
+        // used for one back-off step (at least 1 s),
         // doubling while it lasts. A token the application sets already
         // expired is refreshed before it is used, as usual.
         let floor = match origin {
-            Origin::Refresh if token.is_expired() => {
+            Origin::Refresh
+                if token
+                    .expires_in()
+                    .is_some_and(|left| left < NEAR_ZERO_LIFETIME) =>
+            {
                 let window = next_backoff(state.backoff_window, &self.config);
                 state.backoff_window = window;
                 let floor = window.max(MIN_FLOOR);
                 tracing::warn!(
                     used_for_ms = u64::try_from(floor.as_millis()).unwrap_or(u64::MAX),
-                    "the new token has no lifetime left (expires_in 0, or an expiry \
-                     behind the local clock); using it for a while"
+                    "the new token has (almost) no lifetime left (expires_in 0 or a few ms, \
+                     or an expiry behind the local clock); using it for a while"
                 );
                 floor
             }

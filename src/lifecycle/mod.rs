@@ -13,7 +13,10 @@
 //! - `fetch.rs`: one call of the token source (timeout, panics contained)
 //!   and what a refresh obtained.
 //! - `header_cache.rs`: copies of a token's header, one per thread slot.
+//! - `background.rs`: the crate's own runtime, where refreshes and timers
+//!   run whatever happens to the caller's runtime.
 
+mod background;
 mod counting;
 mod current;
 mod fetch;
@@ -22,6 +25,7 @@ mod handle;
 mod header_cache;
 mod manager;
 
+pub(crate) use background::runtime_for_caller;
 pub(crate) use manager::{Acquired, Rejection, TokenManager};
 
 pub use fleet::UnreachableStore;

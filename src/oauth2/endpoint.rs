@@ -55,6 +55,58 @@ where
     )
 }
 
+/// Runs each call of the default client on the crate's background runtime
+/// (where refreshes run), so that its pooled connections are always driven,
+/// whichever runtime the caller is on, and none is tied to a runtime that
+/// may be idle or dropped.
+#[derive(Clone)]
+struct OnBackground<C>(C);
+
+impl<C> Service<Request<TokenRequestBody>> for OnBackground<C>
+where
+    C: Service<Request<TokenRequestBody>> + Clone + Send + 'static,
+    C::Future: Send + 'static,
+    C::Response: Send + 'static,
+    C::Error: Into<BoxError>,
+{
+    type Response = C::Response;
+    type Error = BoxError;
+    type Future = futures::future::BoxFuture<'static, Result<C::Response, BoxError>>;
+
+    fn poll_ready(
+        &mut self,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
+        // Readiness is awaited inside the call, where the call runs.
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<TokenRequestBody>) -> Self::Future {
+        let client = self.0.clone();
+        let call = async move { client.oneshot(request).await.map_err(Into::into) };
+        let Some(runtime) = crate::lifecycle::runtime_for_caller() else {
+            return Box::pin(call);
+        };
+        let task =
+            runtime.spawn(tracing::instrument::WithSubscriber::with_current_subscriber(call));
+        Box::pin(async move {
+            // A caller that gives up (its timeout) ends the call.
+            let _abort = AbortOnDrop(task.abort_handle());
+            task.await
+                .unwrap_or_else(|err| Err(format!("token endpoint call ended: {err}").into()))
+        })
+    }
+}
+
+/// Aborts a task when dropped.
+struct AbortOnDrop(tokio::task::AbortHandle);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// The default client: a hyper-util client with its own connection pool,
 /// separate from any client the application wraps. Plain HTTP, or HTTP and
 /// HTTPS (rustls, webpki roots) with the `oauth2-rustls` feature.
@@ -78,13 +130,15 @@ pub(crate) fn default_service() -> Result<HttpService, String> {
             .https_or_http()
             .enable_http1()
             .wrap_connector(connector);
-        Ok(boxed_service(builder.build::<_, TokenRequestBody>(https)))
+        Ok(boxed_service(OnBackground(
+            builder.build::<_, TokenRequestBody>(https),
+        )))
     }
     #[cfg(not(feature = "oauth2-rustls"))]
     {
-        Ok(boxed_service(
+        Ok(boxed_service(OnBackground(
             builder.build::<_, TokenRequestBody>(connector),
-        ))
+        )))
     }
 }
 
