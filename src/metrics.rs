@@ -1,7 +1,8 @@
 //! Reporting through the [`metrics`](https://docs.rs/metrics) facade
 //! (feature `metrics`): whatever recorder the application installed
-//! (Prometheus, OpenTelemetry, StatsD …) receives these. Without the
-//! feature every function here is empty.
+//! (Prometheus, OpenTelemetry, StatsD …) receives these. Refreshes run on
+//! the crate's background thread, so the recorder must be the global one.
+//! Without the feature every function here is empty.
 //!
 //! Names and labels follow the OpenTelemetry conventions: dotted lowercase
 //! names, the unit given apart (an exporter adds it, e.g.

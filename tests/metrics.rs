@@ -2,13 +2,14 @@
 //! units), through the tower layer against a real upstream on 127.0.0.1;
 //! and `RefreshStats` differences with the first-token wait counted apart.
 //!
-//! Each test installs its own recorder for its thread; `#[tokio::test]`
-//! runs every task of the test on that thread.
+//! Refreshes run on the crate's background thread, so the recorder is the
+//! global one, installed once for this binary; each test reads only the
+//! series of its own token (the `token` label).
 
 mod common;
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use common::{Issuer, Upstream, body_text, client, get, post};
@@ -20,6 +21,23 @@ use tower_auth_refresh::{
     AuthRefreshLayer, BoxError, ReauthorizationRequired, RefreshContext, Token, TokenHandle,
     token_source_fn,
 };
+
+/// A snapshot drains what it reads: the tests that read the recorder take
+/// turns.
+static RECORDING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// The global recorder of this test binary, installed on first use.
+fn snapshotter() -> &'static Snapshotter {
+    static SNAPSHOTTER: OnceLock<Snapshotter> = OnceLock::new();
+    SNAPSHOTTER.get_or_init(|| {
+        let recorder = DebuggingRecorder::new();
+        let snapshotter = recorder.snapshotter();
+        recorder
+            .install()
+            .expect("no other global recorder in this test binary");
+        snapshotter
+    })
+}
 
 /// One reported series: name, labels (sorted), unit and value.
 #[derive(Debug)]
@@ -83,9 +101,8 @@ fn series<'a>(series: &'a [Series], name: &str, pairs: &[(&str, &str)]) -> &'a S
 
 #[tokio::test]
 async fn refreshes_waits_retries_and_skips_reach_the_recorder() {
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    let _local = metrics::set_default_local_recorder(&recorder);
+    let _alone = RECORDING.lock().await;
+    let snapshotter = snapshotter();
 
     let upstream = Upstream::start().await;
     let issuer = Issuer::new(&upstream).lifetime(Duration::from_secs(3600));
@@ -206,9 +223,8 @@ async fn refreshes_waits_retries_and_skips_reach_the_recorder() {
 
 #[tokio::test]
 async fn failed_and_refused_refreshes_have_their_outcome() {
-    let recorder = DebuggingRecorder::new();
-    let snapshotter = recorder.snapshotter();
-    let _local = metrics::set_default_local_recorder(&recorder);
+    let _alone = RECORDING.lock().await;
+    let snapshotter = snapshotter();
 
     let calls = Arc::new(AtomicUsize::new(0));
     let counted = calls.clone();
