@@ -148,7 +148,7 @@ async fn refreshes_waits_retries_and_skips_reach_the_recorder() {
         .unwrap();
     assert_eq!(body_text(response).await, "ok tok-4 ");
 
-    let reported = drain(&snapshotter);
+    let reported = drain(snapshotter);
     let token = ("token", "orders");
     let refreshes = "auth_refresh.refreshes";
     let success = ("outcome", "success");
@@ -246,7 +246,7 @@ async fn failed_and_refused_refreshes_have_their_outcome() {
     let err = handle.refresh_now().await.unwrap_err();
     assert!(err.downcast_ref::<ReauthorizationRequired>().is_some());
 
-    let reported = drain(&snapshotter);
+    let reported = drain(snapshotter);
     let manual = [("token", "billing"), ("reason", "manual")];
     let with = |outcome| [manual[0], manual[1], ("outcome", outcome)];
     assert_eq!(
