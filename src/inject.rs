@@ -178,6 +178,7 @@ pub(crate) fn query_has_key(query: &str, name: &str) -> bool {
 
 /// `query` without its pairs whose decoded key is `name` (the others kept
 /// byte for byte), or `None` when it has no such pair.
+#[cfg_attr(not(feature = "reqwest"), allow(dead_code))]
 pub(crate) fn query_without_key(query: &str, name: &str) -> Option<String> {
     if !query_has_key(query, name) {
         return None;
