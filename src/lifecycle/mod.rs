@@ -25,6 +25,7 @@ mod handle;
 mod header_cache;
 mod manager;
 
+#[cfg(feature = "oauth2")]
 pub(crate) use background::runtime_for_caller;
 pub(crate) use manager::{Acquired, Rejection, TokenManager};
 
