@@ -802,6 +802,19 @@ async fn lease_free(store: &MemoryStore) {
     panic!("the lease of `k` was never released");
 }
 
+/// Waits until the application's token, saved in the background, is stored.
+async fn stored_refresh_token_becomes(store: &MemoryStore, expected: &str) {
+    for _ in 0..500 {
+        if let Some(stored) = store.load("k").await.unwrap() {
+            if rt_of(&stored.token) == expected {
+                return;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("`{expected}` was never stored");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_initial_token_of_a_late_replica_does_not_overwrite_a_rotated_token() {
     let store = MemoryStore::new();
@@ -889,7 +902,7 @@ async fn a_set_token_another_process_refreshed_is_not_presented_again_when_expir
             .with_expires_at(expiry),
     )
     .unwrap();
-    lease_free(&store).await;
+    stored_refresh_token_becomes(&store, "rt-app").await;
     b.valid_token().await.unwrap(); // adopts rt-app
     b.refresh_now().await.unwrap(); // rt-app → rt-1, same expiry
 
