@@ -1,11 +1,16 @@
 //! [`JsonBodyRule`]: business codes and messages in a JSON envelope, such
 //! as `HTTP 200 {"code":40003,"msg":"token过期"}`.
 
+use std::borrow::Cow;
+use std::fmt;
+
 use http::header::CONTENT_TYPE;
 use http::{HeaderMap, StatusCode};
 use serde_json::Value;
 
-use super::json_fields::{first_member, wanted_members};
+use super::json_fields::{Kept, Leaf, Members};
+use super::json_pointer::JsonPointer;
+use super::json_success::top_level_scalar;
 use super::{ExpiryDetector, HeadVerdict, ResponseHead};
 
 /// Expired when a JSON response body carries a code or a message that says
@@ -59,12 +64,53 @@ use super::{ExpiryDetector, HeadVerdict, ResponseHead};
 /// assert!(custom.check_body(&head, br#"{"status":{"code":"E_AUTH","message":"Session timed out"}}"#));
 /// assert!(!custom.check_body(&head, br#"{"status":{"code":"OK","message":"session timed out"}}"#));
 /// ```
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct JsonBodyRule {
-    codes: Vec<(String, Vec<Code>)>,
-    success_codes: Vec<(String, Vec<Code>)>,
-    keywords: Vec<(String, Vec<String>)>,
+    codes: Vec<(Field, Vec<Code<'static>>)>,
+    success_codes: Vec<(Field, Vec<Code<'static>>)>,
+    keywords: Vec<(Field, Vec<String>)>,
     statuses: Option<Vec<StatusCode>>,
+    /// How bodies are read, worked out from the pointers when the rule is
+    /// built.
+    reading: Reading,
+}
+
+impl fmt::Debug for JsonBodyRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JsonBodyRule")
+            .field("codes", &self.codes)
+            .field("success_codes", &self.success_codes)
+            .field("keywords", &self.keywords)
+            .field("statuses", &self.statuses)
+            .finish()
+    }
+}
+
+/// A pointer of the rule, and the slot of the top-level member it starts
+/// at (in [`Reading::members`]).
+#[derive(Clone)]
+struct Field {
+    pointer: JsonPointer,
+    slot: Option<usize>,
+}
+
+impl fmt::Debug for Field {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.pointer.fmt(f)
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Reading {
+    /// The top-level members the pointers start at.
+    members: Members,
+    /// Some pointer is the empty one (the whole document) or not a pointer:
+    /// the whole body is parsed, as `serde_json::Value`.
+    whole_document: bool,
+    /// A success pointer to a top-level member, the only pointer with
+    /// expiry codes if there are any: when the body's raw bytes show a
+    /// success code there, the body is not expired, and nothing is parsed.
+    success_member: Option<Field>,
 }
 
 /// The expiry codes of [`JsonBodyRule::default_rules`].
@@ -240,7 +286,9 @@ impl JsonBodyRule {
         I: IntoIterator,
         I::Item: ToString,
     {
-        self.codes.push((pointer.into(), code_list(codes)));
+        self.codes
+            .push((Field::new(pointer.into()), code_list(codes)));
+        self.index();
         self
     }
 
@@ -252,7 +300,9 @@ impl JsonBodyRule {
         I: IntoIterator,
         I::Item: ToString,
     {
-        self.success_codes.push((pointer.into(), code_list(codes)));
+        self.success_codes
+            .push((Field::new(pointer.into()), code_list(codes)));
+        self.index();
         self
     }
 
@@ -273,7 +323,8 @@ impl JsonBodyRule {
             .map(|k| k.as_ref().to_lowercase())
             .filter(|k| !k.is_empty())
             .collect();
-        self.keywords.push((pointer.into(), keywords));
+        self.keywords.push((Field::new(pointer.into()), keywords));
+        self.index();
         self
     }
 
@@ -284,20 +335,51 @@ impl JsonBodyRule {
         self
     }
 
-    /// The pointers whose first member must be read.
-    fn pointers(&self) -> impl Iterator<Item = &str> {
-        self.codes
+    /// Works out how bodies are read from the rule's pointers: which
+    /// top-level members to keep, whether the whole document is needed,
+    /// and the success member the raw bytes are looked at for.
+    fn index(&mut self) {
+        let mut members = Members::default();
+        let mut whole_document = false;
+        let fields = self
+            .codes
+            .iter_mut()
+            .map(|(field, _)| field)
+            .chain(self.success_codes.iter_mut().map(|(field, _)| field))
+            .chain(self.keywords.iter_mut().map(|(field, _)| field));
+        for field in fields {
+            field.slot = match field.pointer.tokens() {
+                Some([first, rest @ ..]) => Some(members.add(first, !rest.is_empty())),
+                _ => {
+                    whole_document = true;
+                    None
+                }
+            };
+        }
+        let success_member = self
+            .success_codes
             .iter()
-            .chain(&self.success_codes)
-            .map(|(pointer, _)| pointer.as_str())
-            .chain(self.keywords.iter().map(|(pointer, _)| pointer.as_str()))
+            .map(|(field, _)| field)
+            .find(|field| {
+                matches!(field.pointer.tokens(), Some([_]))
+                    && self
+                        .codes
+                        .iter()
+                        .all(|(code_field, _)| code_field.pointer == field.pointer)
+            })
+            .cloned();
+        self.reading = Reading {
+            members,
+            whole_document,
+            success_member,
+        };
     }
 
-    fn envelope(&self, json: &Value) -> Envelope {
+    fn envelope(&self, json: &Document<'_>) -> Envelope {
         let mut envelope = Envelope::NoCode;
-        for (pointer, _) in self.success_codes.iter().chain(&self.codes) {
-            if let Some(code) = json.pointer(pointer).and_then(Code::of_json) {
-                if self.is_success(pointer, &code) {
+        for (field, _) in self.success_codes.iter().chain(&self.codes) {
+            if let Some(code) = json.find(field).and_then(Code::of_leaf) {
+                if self.is_success(field, &code) {
                     return Envelope::Success;
                 }
                 envelope = Envelope::ErrorCode;
@@ -306,17 +388,19 @@ impl JsonBodyRule {
         envelope
     }
 
-    fn is_success(&self, pointer: &str, code: &Code) -> bool {
-        self.success_codes
-            .iter()
-            .any(|(p, codes)| p == pointer && codes.contains(code))
+    fn is_success(&self, field: &Field, code: &Code<'_>) -> bool {
+        self.success_codes.iter().any(|(success, codes)| {
+            success.pointer.as_str() == field.pointer.as_str() && codes.iter().any(|c| c == code)
+        })
     }
 
-    fn matches(&self, json: &Value, status: StatusCode) -> bool {
-        let code_hit = self.codes.iter().any(|(pointer, codes)| {
-            json.pointer(pointer)
-                .and_then(Code::of_json)
-                .is_some_and(|code| codes.contains(&code) && !self.is_success(pointer, &code))
+    fn matches(&self, json: &Document<'_>, status: StatusCode) -> bool {
+        let code_hit = self.codes.iter().any(|(field, codes)| {
+            json.find(field)
+                .and_then(Code::of_leaf)
+                .is_some_and(|code| {
+                    codes.iter().any(|c| *c == code) && !self.is_success(field, &code)
+                })
         });
         if code_hit {
             return true;
@@ -330,23 +414,74 @@ impl JsonBodyRule {
             Envelope::NoCode => !status.is_success(),
         };
         read_messages
-            && self.keywords.iter().any(|(pointer, keywords)| {
-                json.pointer(pointer)
-                    .and_then(Value::as_str)
+            && self.keywords.iter().any(|(field, keywords)| {
+                json.find(field)
+                    .and_then(Leaf::as_str)
                     .map(str::to_lowercase)
                     .is_some_and(|text| keywords.iter().any(|k| mentions(&text, k)))
             })
     }
+
+    /// Whether the raw bytes of `body`, a JSON object, show a success code
+    /// at [`Reading::success_member`].
+    ///
+    /// NOTE: this only ever rules expiry out, so it must agree with a parse
+    /// whenever the body is JSON (a body that is not JSON is not expired
+    /// either). On JSON it does: the success member's pointer is the only
+    /// one with expiry codes, and a code there that is a success is no
+    /// expiry code hit; it makes the envelope a success, so no message is
+    /// read. `top_level_scalar` answers only with what a parse would find.
+    fn shows_success(&self, body: &[u8]) -> bool {
+        let Some(field) = &self.reading.success_member else {
+            return false;
+        };
+        let Some([name]) = field.pointer.tokens() else {
+            return false;
+        };
+        top_level_scalar(body, name.as_bytes())
+            .and_then(Code::of_leaf)
+            .is_some_and(|code| self.is_success(field, &code))
+    }
 }
 
-fn code_list<I>(codes: I) -> Vec<Code>
+impl Field {
+    fn new(pointer: String) -> Self {
+        Self {
+            pointer: JsonPointer::parse(pointer),
+            slot: None,
+        }
+    }
+}
+
+/// A body as read for a rule: its wanted members, or all of it.
+enum Document<'de> {
+    Members(Kept<'de>),
+    Whole(Value),
+}
+
+impl Document<'_> {
+    /// What `field`'s pointer reaches.
+    fn find(&self, field: &Field) -> Option<Leaf<'_>> {
+        match self {
+            Self::Whole(json) => field.pointer.find(json).map(Leaf::of_value),
+            Self::Members(kept) => {
+                let [_, rest @ ..] = field.pointer.tokens()? else {
+                    return None;
+                };
+                kept.get(field.slot?)?.find(rest)
+            }
+        }
+    }
+}
+
+fn code_list<I>(codes: I) -> Vec<Code<'static>>
 where
     I: IntoIterator,
     I::Item: ToString,
 {
     codes
         .into_iter()
-        .filter_map(|c| Code::of_text(&c.to_string()))
+        .filter_map(|c| Code::of_text(&c.to_string()).map(Code::into_owned))
         .collect()
 }
 
@@ -354,35 +489,40 @@ where
 /// is a number or a string holding one (`0`, `0.0`, `-0`, `0e0`, `"0"` and
 /// `"0000"` are all zero; `40003`, `4.0003e4` and `"40003"` are equal),
 /// otherwise as text, ASCII case-insensitively and trimmed (`"OK"` is
-/// `"ok"`; `true` is `"true"`).
-#[derive(Debug, Clone, PartialEq)]
-enum Code {
+/// `"ok"`; `true` is `"true"`). A code read from a body borrows its text.
+#[derive(Debug, Clone)]
+enum Code<'a> {
     Integer(i128),
     Fraction(f64),
-    Text(String),
+    Text(Cow<'a, str>),
 }
 
-impl Code {
+impl<'b> PartialEq<Code<'b>> for Code<'_> {
+    fn eq(&self, other: &Code<'b>) -> bool {
+        match (self, other) {
+            (Self::Integer(a), Code::Integer(b)) => a == b,
+            (Self::Fraction(a), Code::Fraction(b)) => a == b,
+            (Self::Text(a), Code::Text(b)) => a.eq_ignore_ascii_case(b),
+            _ => false,
+        }
+    }
+}
+
+impl<'a> Code<'a> {
     /// The code a JSON value holds: a number, a non-empty string or a
     /// boolean; `null`, `""`, objects and arrays hold none.
-    fn of_json(value: &Value) -> Option<Self> {
+    fn of_leaf(value: Leaf<'a>) -> Option<Self> {
         match value {
-            Value::Number(n) => {
-                if let Some(i) = n.as_i64() {
-                    Some(Self::Integer(i128::from(i)))
-                } else if let Some(u) = n.as_u64() {
-                    Some(Self::Integer(i128::from(u)))
-                } else {
-                    n.as_f64().map(Self::of_float)
-                }
-            }
-            Value::String(s) => Self::of_text(s),
-            Value::Bool(b) => Some(Self::Text(b.to_string())),
-            _ => None,
+            Leaf::Signed(i) => Some(Self::Integer(i128::from(i))),
+            Leaf::Unsigned(u) => Some(Self::Integer(i128::from(u))),
+            Leaf::Float(f) => Some(Self::of_float(f)),
+            Leaf::Text(text) => Self::of_text(text),
+            Leaf::Bool(b) => Some(Self::Text(Cow::Borrowed(if b { "true" } else { "false" }))),
+            Leaf::Null | Leaf::Composite => None,
         }
     }
 
-    fn of_text(text: &str) -> Option<Self> {
+    fn of_text(text: &'a str) -> Option<Self> {
         let text = text.trim();
         if text.is_empty() {
             return None;
@@ -398,7 +538,7 @@ impl Code {
             && text.bytes().any(|b| b.is_ascii_digit());
         match text.parse::<f64>() {
             Ok(f) if numeric && f.is_finite() => Some(Self::of_float(f)),
-            _ => Some(Self::Text(text.to_ascii_lowercase())),
+            _ => Some(Self::Text(Cow::Borrowed(text))),
         }
     }
 
@@ -411,6 +551,15 @@ impl Code {
             Self::Fraction(f)
         }
     }
+
+    /// The code, kept by the rule: text lowercased, as the docs show it.
+    fn into_owned(self) -> Code<'static> {
+        match self {
+            Self::Integer(i) => Code::Integer(i),
+            Self::Fraction(f) => Code::Fraction(f),
+            Self::Text(text) => Code::Text(Cow::Owned(text.to_ascii_lowercase())),
+        }
+    }
 }
 
 /// Whether the response says its body is one JSON document (not a stream
@@ -421,10 +570,21 @@ pub(crate) fn is_json(headers: &HeaderMap) -> bool {
         return false;
     };
     let mut parts = value.split(';');
-    let essence = parts.next().unwrap_or("").trim().to_ascii_lowercase();
-    let json = essence == "application/json"
-        || essence == "text/json"
-        || (essence.starts_with("application/") && essence.ends_with("+json"));
+    let essence = parts.next().unwrap_or("").trim().as_bytes();
+    let starts_with = |prefix: &[u8]| {
+        essence
+            .get(..prefix.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(prefix))
+    };
+    let ends_with = |suffix: &[u8]| {
+        essence
+            .len()
+            .checked_sub(suffix.len())
+            .is_some_and(|start| essence[start..].eq_ignore_ascii_case(suffix))
+    };
+    let json = essence.eq_ignore_ascii_case(b"application/json")
+        || essence.eq_ignore_ascii_case(b"text/json")
+        || (starts_with(b"application/") && ends_with(b"+json"));
     json && !parts.any(|param| {
         param
             .split('=')
@@ -453,33 +613,25 @@ impl ExpiryDetector for JsonBodyRule {
     fn check_body(&self, head: &ResponseHead<'_>, body: &[u8]) -> bool {
         // RFC 8259 §8.1: a parser may ignore a byte order mark.
         let body = body.strip_prefix(UTF8_BOM).unwrap_or(body);
-        let starts_like_json = body
-            .iter()
-            .find(|b| !b.is_ascii_whitespace())
-            .is_some_and(|b| *b == b'{' || *b == b'[');
-        if !starts_like_json {
+        let object = match body.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'{') => true,
+            Some(b'[') => false,
+            _ => return false,
+        };
+        if object && self.shows_success(body) {
             return false;
         }
-        let status = head.status();
-        let mut wanted = Vec::with_capacity(self.codes.len() + self.keywords.len());
-        for pointer in self.pointers() {
-            match first_member(pointer) {
-                Some(member) => wanted.push(member),
-                // A pointer to the whole document: read all of it.
-                None => {
-                    return serde_json::from_slice::<Value>(body)
-                        .is_ok_and(|json| self.matches(&json, status));
-                }
+        let document = if self.reading.whole_document {
+            serde_json::from_slice(body).map(Document::Whole)
+        } else {
+            match self.reading.members.read(body) {
+                Ok(Some(kept)) => Ok(Document::Members(kept)),
+                // An array at the top: pointers may index into it.
+                Ok(None) => serde_json::from_slice(body).map(Document::Whole),
+                Err(error) => Err(error),
             }
-        }
-        match wanted_members(body, &wanted) {
-            Ok(Some(object)) => self.matches(&object, status),
-            // An array at the top: pointers may index into it.
-            Ok(None) => {
-                serde_json::from_slice::<Value>(body).is_ok_and(|json| self.matches(&json, status))
-            }
-            Err(_) => false,
-        }
+        };
+        document.is_ok_and(|json| self.matches(&json, head.status()))
     }
 }
 

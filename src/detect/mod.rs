@@ -11,6 +11,8 @@ mod challenge;
 mod combinators;
 mod json;
 mod json_fields;
+mod json_pointer;
+mod json_success;
 mod status;
 
 pub use challenge::BearerChallenge;

@@ -1,0 +1,169 @@
+//! A look at the raw bytes of a JSON object that finds one top-level member
+//! without parsing: enough to tell the usual success envelope
+//! (`{"code":0,…}`) before any parse.
+//!
+//! It answers only when the bytes leave no doubt. A body that is valid JSON
+//! gives the value a parse would give (the last of repeated members, as
+//! `serde_json` keeps); a body that is not JSON may give anything, which a
+//! caller must only use to conclude what it concludes for broken JSON too.
+
+use super::json_fields::Leaf;
+
+/// The scalar value of the top-level member `name` of the object `body`
+/// (the bytes from its `{`, whitespace before it allowed), read from the raw
+/// bytes.
+///
+/// `None` when the member is missing, or when telling would need a parse:
+/// a top-level key written with an escape (`"\u0063ode"` is `code`), the
+/// member's value an object or an array, a string with an escape, or a
+/// number other than a plain integer of up to 18 digits.
+pub(crate) fn top_level_scalar<'b>(body: &'b [u8], name: &[u8]) -> Option<Leaf<'b>> {
+    let mut depth = 0usize;
+    let mut found = None;
+    let mut at = 0;
+    while let Some(&byte) = body.get(at) {
+        at += 1;
+        match byte {
+            b'"' => {
+                let start = at;
+                let (end, escaped) = string_end(body, start)?;
+                at = end + 1;
+                // NOTE: in valid JSON, bytes outside strings are structure,
+                // so `depth` counts the containers around this string, and a
+                // string followed by `:` is a key.
+                if depth != 1 {
+                    continue;
+                }
+                let colon = skip_whitespace(body, at);
+                if body.get(colon) != Some(&b':') {
+                    continue;
+                }
+                if escaped {
+                    return None;
+                }
+                if &body[start..end] == name {
+                    let (value, next) = scalar(body, skip_whitespace(body, colon + 1))?;
+                    found = Some(value);
+                    at = next;
+                }
+            }
+            b'{' | b'[' => depth += 1,
+            b'}' | b']' => depth = depth.checked_sub(1)?,
+            _ => {}
+        }
+    }
+    found
+}
+
+/// The index of the quote that ends the string whose text starts at
+/// `start`, and whether the text holds an escape.
+fn string_end(body: &[u8], start: usize) -> Option<(usize, bool)> {
+    let mut escaped = false;
+    let mut at = start;
+    loop {
+        match *body.get(at)? {
+            b'"' => return Some((at, escaped)),
+            b'\\' => {
+                escaped = true;
+                at += 2;
+            }
+            _ => at += 1,
+        }
+    }
+}
+
+fn skip_whitespace(body: &[u8], mut at: usize) -> usize {
+    while body
+        .get(at)
+        .is_some_and(|b| matches!(b, b' ' | b'\t' | b'\n' | b'\r'))
+    {
+        at += 1;
+    }
+    at
+}
+
+/// The scalar that starts at `at`, and the index after it.
+fn scalar(body: &[u8], at: usize) -> Option<(Leaf<'_>, usize)> {
+    let rest = body.get(at..)?;
+    match rest.first()? {
+        b'"' => {
+            let (end, escaped) = string_end(body, at + 1)?;
+            if escaped {
+                return None;
+            }
+            let text = std::str::from_utf8(&body[at + 1..end]).ok()?;
+            Some((Leaf::Text(text), end + 1))
+        }
+        b'-' | b'0'..=b'9' => {
+            let length = rest
+                .iter()
+                .position(|b| !matches!(b, b'0'..=b'9' | b'+' | b'-' | b'.' | b'e' | b'E'))
+                .unwrap_or(rest.len());
+            let number = &rest[..length];
+            let digits = number.strip_prefix(b"-").unwrap_or(number);
+            let plain = match digits {
+                [] => false,
+                [b'0', _, ..] => false,
+                _ => digits.len() <= 18 && digits.iter().all(u8::is_ascii_digit),
+            };
+            if !plain {
+                return None;
+            }
+            let number = std::str::from_utf8(number).ok()?.parse().ok()?;
+            Some((Leaf::Signed(number), at + length))
+        }
+        _ if rest.starts_with(b"true") => Some((Leaf::Bool(true), at + 4)),
+        _ if rest.starts_with(b"false") => Some((Leaf::Bool(false), at + 5)),
+        _ if rest.starts_with(b"null") => Some((Leaf::Null, at + 4)),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(body: &str) -> Option<Leaf<'_>> {
+        top_level_scalar(body.as_bytes(), b"code")
+    }
+
+    #[test]
+    fn finds_the_top_level_member() {
+        assert_eq!(code(r#"{"code":0,"msg":"ok"}"#), Some(Leaf::Signed(0)));
+        assert_eq!(
+            code(r#" { "msg" : "a\"code\":1" , "code" : -12 } "#),
+            Some(Leaf::Signed(-12))
+        );
+        assert_eq!(
+            code(r#"{"data":{"code":1},"list":[{"code":2}],"code":"OK"}"#),
+            Some(Leaf::Text("OK"))
+        );
+        assert_eq!(code(r#"{"code":true}"#), Some(Leaf::Bool(true)));
+        assert_eq!(code(r#"{"code":null}"#), Some(Leaf::Null));
+        assert_eq!(
+            code(r#"{"code":0,"msg":"\u6210\u529f","code":40003}"#),
+            Some(Leaf::Signed(40003)),
+            "the last of repeated members"
+        );
+    }
+
+    #[test]
+    fn leaves_doubt_to_the_parser() {
+        for body in [
+            r#"{"msg":"ok"}"#,
+            r#"{"data":{"code":0}}"#,
+            r#"{"code":0,"\u0063ode":40003}"#,
+            r#"{"code":"\u0030"}"#,
+            r#"{"code":4.0003e4}"#,
+            r#"{"code":0.0}"#,
+            r#"{"code":1234567890123456789}"#,
+            r#"{"code":007}"#,
+            r#"{"code":{"value":0}}"#,
+            r#"{"code":[0]}"#,
+            r#"{"code":0,"msg":"unterminated}"#,
+            r#"{"code":0}]]"#,
+        ] {
+            assert_eq!(code(body), None, "{body}");
+        }
+    }
+}
