@@ -100,6 +100,7 @@ fn array_index(token: &str) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
+    use proptest::prelude::*;
     use serde_json::json;
 
     use super::*;
@@ -150,5 +151,76 @@ mod tests {
         let pointer = JsonPointer::parse("/a~1b".to_owned());
         assert_eq!(format!("{pointer:?}"), r#""/a~1b""#);
         assert_eq!(pointer.as_str(), "/a~1b");
+    }
+
+    /// Member names that the escapes and indices below can reach.
+    const NAMES: [&str; 14] = [
+        "a", "b", "~", "/", "~2", "~1", "/0", "0", "1", "01", "", "-", "+1", "a/b",
+    ];
+
+    /// Pieces of pointer text: names, escapes (valid or not), indices with
+    /// and without leading zeros, signs, empty tokens.
+    const PIECES: [&str; 18] = [
+        "a",
+        "b",
+        "~0",
+        "~1",
+        "~",
+        "~2",
+        "~01",
+        "~10",
+        "0",
+        "1",
+        "01",
+        "00",
+        "10",
+        "-",
+        "+1",
+        "",
+        "a~1b",
+        "18446744073709551616",
+    ];
+
+    fn document() -> impl Strategy<Value = Value> {
+        let leaf = prop_oneof![Just(Value::Null), any::<i64>().prop_map(Value::from)];
+        leaf.prop_recursive(4, 64, 12, |inner| {
+            prop_oneof![
+                prop::collection::vec(inner.clone(), 0..12).prop_map(Value::from),
+                prop::collection::btree_map(prop::sample::select(NAMES.to_vec()), inner, 0..8)
+                    .prop_map(|m| Value::Object(
+                        m.into_iter().map(|(k, v)| (k.to_owned(), v)).collect()
+                    )),
+            ]
+        })
+    }
+
+    fn pointer_text() -> impl Strategy<Value = String> {
+        prop_oneof![
+            4 => prop::collection::vec(prop::sample::select(PIECES.to_vec()), 0..5)
+                .prop_map(|pieces| pieces.iter().map(|p| format!("/{p}")).collect()),
+            1 => "[ab~01/+-]{0,10}",
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(2048))]
+
+        #[test]
+        fn finds_what_value_pointer_finds(document in document(), text in pointer_text()) {
+            let pointer = JsonPointer::parse(text.clone());
+            prop_assert_eq!(pointer.find(&document), document.pointer(&text), "{}", text);
+            prop_assert_eq!(pointer.as_str(), text.as_str());
+        }
+
+        #[test]
+        fn tokens_unescape_as_value_pointer_does(text in "(/[a~01]{0,6}){0,3}") {
+            let want: Vec<String> = text
+                .split('/')
+                .skip(1)
+                .map(|t| t.replace("~1", "/").replace("~0", "~"))
+                .collect();
+            let pointer = JsonPointer::parse(text.clone());
+            prop_assert_eq!(pointer.tokens(), Some(&want[..]), "{}", text);
+        }
     }
 }
