@@ -569,8 +569,10 @@ pub(crate) fn is_json(headers: &HeaderMap) -> bool {
     let Some(value) = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
         return false;
     };
-    let mut parts = value.split(';');
-    let essence = parts.next().unwrap_or("").trim().as_bytes();
+    // NOTE: `to_str` leaves only visible ASCII and tabs, where ASCII
+    // trimming is `str::trim`.
+    let mut parts = value.as_bytes().split(|&b| b == b';');
+    let essence = parts.next().unwrap_or_default().trim_ascii();
     let starts_with = |prefix: &[u8]| {
         essence
             .get(..prefix.len())
@@ -586,10 +588,8 @@ pub(crate) fn is_json(headers: &HeaderMap) -> bool {
         || essence.eq_ignore_ascii_case(b"text/json")
         || (starts_with(b"application/") && ends_with(b"+json"));
     json && !parts.any(|param| {
-        param
-            .split('=')
-            .next()
-            .is_some_and(|name| name.trim().eq_ignore_ascii_case("stream"))
+        let name = param.split(|&b| b == b'=').next().unwrap_or_default();
+        name.trim_ascii().eq_ignore_ascii_case(b"stream")
     })
 }
 
@@ -876,5 +876,89 @@ mod tests {
             let body = format!(r#"{{"code":1,"msg":"{msg}"}}"#);
             assert!(expired(&body), "{msg}");
         }
+    }
+
+    /// `is_json` as it was written first, lowercasing into a new string.
+    fn is_json_by_lowercasing(value: &str) -> bool {
+        let mut parts = value.split(';');
+        let essence = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let json = essence == "application/json"
+            || essence == "text/json"
+            || (essence.starts_with("application/") && essence.ends_with("+json"));
+        json && !parts.any(|param| {
+            param
+                .split('=')
+                .next()
+                .is_some_and(|name| name.trim().eq_ignore_ascii_case("stream"))
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn is_json_reads_content_types_as_lowercasing_did(
+            pieces in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "application/json", "APPLICATION/Json", "text/json", "TEXT/JSON", "application/",
+                    "Application/", "vnd.api", "+json", "+JSON", "json", "+", " ", "\t", ";", "=",
+                    "stream", "Stream", "charset", "utf-8", "\"", "x", "/",
+                ]),
+                0..8,
+            )
+        ) {
+            let value = pieces.concat();
+            let mut headers = HeaderMap::new();
+            headers.insert(CONTENT_TYPE, value.parse().unwrap());
+            proptest::prop_assert_eq!(is_json(&headers), is_json_by_lowercasing(&value), "{:?}", value);
+        }
+    }
+
+    #[test]
+    fn the_raw_look_sees_plain_successes_only() {
+        let rule = JsonBodyRule::default_rules();
+        for body in [
+            r#"{"code":0,"msg":"ok","data":{"id":42,"name":"widget","price":1999}}"#,
+            r#" {"msg":"\u6210\u529f","data":[{"code":40003}],"code":"200"}"#,
+            r#"{"code":"SUCCESS","msg":"token expired, new one issued"}"#,
+            r#"{"code":40003,"code":0}"#,
+        ] {
+            assert!(rule.shows_success(body.as_bytes()), "{body}");
+            assert!(!expired(body), "{body}");
+        }
+        for (body, want) in [
+            (r#"{"code":0,"code":40003}"#, true),
+            (r#"{"code":0,"\u0063ode":40003}"#, true),
+            (r#"{"code":0.0,"msg":"ok"}"#, false),
+            (r#"{"success":true,"msg":"ok"}"#, false),
+            (r#"{"code":1,"msg":"token expired"}"#, true),
+            (
+                r#"{"data":{"code":0},"msg":"token expired","code":1}"#,
+                true,
+            ),
+        ] {
+            assert!(!rule.shows_success(body.as_bytes()), "{body}");
+            assert_eq!(expired(body), want, "{body}");
+        }
+        // Only when no other pointer holds expiry codes.
+        let two = JsonBodyRule::default_rules().code_at("/error/code", [401]);
+        assert!(!two.shows_success(br#"{"code":0}"#));
+        assert!(two.check_body(
+            &ResponseHead::new(
+                StatusCode::OK,
+                Version::HTTP_11,
+                &head_with("application/json")
+            ),
+            br#"{"code":0,"error":{"code":401}}"#
+        ));
+    }
+
+    #[test]
+    fn debug_shows_the_rule_as_written() {
+        let rule = JsonBodyRule::new()
+            .code_at("/a~1b", ["OK"])
+            .keywords_at("/msg", ["Token Expired"]);
+        assert_eq!(
+            format!("{rule:?}"),
+            r#"JsonBodyRule { codes: [("/a~1b", [Text("ok")])], success_codes: [], keywords: [("/msg", ["token expired"])], statuses: None }"#
+        );
     }
 }
