@@ -23,6 +23,9 @@ pub(crate) fn top_level_scalar<'b>(body: &'b [u8], name: &[u8]) -> Option<Leaf<'
     let mut at = 0;
     while let Some(&byte) = body.get(at) {
         at += 1;
+        if !STRUCTURE[usize::from(byte)] {
+            continue;
+        }
         match byte {
             b'"' => {
                 let start = at;
@@ -54,6 +57,17 @@ pub(crate) fn top_level_scalar<'b>(body: &'b [u8], name: &[u8]) -> Option<Leaf<'
     }
     found
 }
+
+/// The bytes that matter outside strings: quotes and brackets.
+static STRUCTURE: [bool; 256] = {
+    let mut table = [false; 256];
+    table[b'"' as usize] = true;
+    table[b'{' as usize] = true;
+    table[b'}' as usize] = true;
+    table[b'[' as usize] = true;
+    table[b']' as usize] = true;
+    table
+};
 
 /// The index of the quote that ends the string whose text starts at
 /// `start`, and whether the text holds an escape.
