@@ -656,6 +656,14 @@ proptest! {
         let members = members_only().check_body(&head, &body);
         let whole = whole_document().check_body(&head, &body);
         prop_assert_eq!(quick, members, "raw look vs members: {} {}", status, text);
+        // A rule with codes only: the raw look also rules out codes that are
+        // not expiry codes.
+        let codes_only = || JsonBodyRule::new().code_at("/code", CODES);
+        prop_assert_eq!(
+            codes_only().check_body(&head, &body),
+            codes_only().code_at("/~0", Vec::<i64>::new()).check_body(&head, &body),
+            "codes only: {} {}", status, text
+        );
         // Skipped members are only checked for their shape (a number out
         // of `f64`'s range such as `1e400` passes), so the two parses agree
         // on the bodies a `Value` can hold.

@@ -107,10 +107,11 @@ struct Reading {
     /// Some pointer is the empty one (the whole document) or not a pointer:
     /// the whole body is parsed, as `serde_json::Value`.
     whole_document: bool,
-    /// A success pointer to a top-level member, the only pointer with
-    /// expiry codes if there are any: when the body's raw bytes show a
-    /// success code there, the body is not expired, and nothing is parsed.
-    success_member: Option<Field>,
+    /// The pointer to a top-level member that decides the codes: every
+    /// pointer with expiry codes is this one (without expiry codes, a
+    /// success pointer). When the body's raw bytes show a code there that
+    /// rules expiry out, nothing is parsed.
+    code_member: Option<Field>,
 }
 
 /// The expiry codes of [`JsonBodyRule::default_rules`].
@@ -356,26 +357,26 @@ impl JsonBodyRule {
                 }
             };
         }
-        let success_member = self
-            .success_codes
+        let code_member = self
+            .codes
             .iter()
+            .chain(&self.success_codes)
             .map(|(field, _)| field)
-            .find(|field| {
-                matches!(field.pointer.tokens(), Some([_]))
-                    && self
-                        .codes
-                        .iter()
-                        .all(|(code_field, _)| code_field.pointer == field.pointer)
+            .find(|field| matches!(field.pointer.tokens(), Some([_])))
+            .filter(|field| {
+                self.codes
+                    .iter()
+                    .all(|(code_field, _)| code_field.pointer == field.pointer)
             })
             .cloned();
         self.reading = Reading {
             members,
             whole_document,
-            success_member,
+            code_member,
         };
     }
 
-    fn envelope(&self, json: &Document<'_>) -> Envelope {
+    fn envelope(&self, json: &impl Document) -> Envelope {
         let mut envelope = Envelope::NoCode;
         for (field, _) in self.success_codes.iter().chain(&self.codes) {
             if let Some(code) = json.find(field).and_then(Code::of_leaf) {
@@ -394,13 +395,11 @@ impl JsonBodyRule {
         })
     }
 
-    fn matches(&self, json: &Document<'_>, status: StatusCode) -> bool {
+    fn matches(&self, json: &impl Document, status: StatusCode) -> bool {
         let code_hit = self.codes.iter().any(|(field, codes)| {
             json.find(field)
                 .and_then(Code::of_leaf)
-                .is_some_and(|code| {
-                    codes.iter().any(|c| *c == code) && !self.is_success(field, &code)
-                })
+                .is_some_and(|code| codes.contains(&code) && !self.is_success(field, &code))
         });
         if code_hit {
             return true;
@@ -422,25 +421,36 @@ impl JsonBodyRule {
             })
     }
 
-    /// Whether the raw bytes of `body`, a JSON object, show a success code
-    /// at [`Reading::success_member`].
+    /// Whether the raw bytes of `body`, a JSON object, show a code at
+    /// [`Reading::code_member`] that rules expiry out: a success code, or,
+    /// for a rule without keywords, a code that is not an expiry code.
     ///
     /// NOTE: this only ever rules expiry out, so it must agree with a parse
     /// whenever the body is JSON (a body that is not JSON is not expired
-    /// either). On JSON it does: the success member's pointer is the only
-    /// one with expiry codes, and a code there that is a success is no
-    /// expiry code hit; it makes the envelope a success, so no message is
-    /// read. `top_level_scalar` answers only with what a parse would find.
-    fn shows_success(&self, body: &[u8]) -> bool {
-        let Some(field) = &self.reading.success_member else {
+    /// either); `top_level_scalar` answers only with what a parse would
+    /// find. Every pointer with expiry codes is the code member's, so its
+    /// code alone says whether an expiry code is hit (never when it is a
+    /// success code there). A success code also makes the envelope a
+    /// success, whose messages are not read; without keywords there are no
+    /// messages to read.
+    fn rules_out_by_code(&self, body: &[u8]) -> bool {
+        let Some(field) = &self.reading.code_member else {
             return false;
         };
         let Some([name]) = field.pointer.tokens() else {
             return false;
         };
-        top_level_scalar(body, name.as_bytes())
-            .and_then(Code::of_leaf)
-            .is_some_and(|code| self.is_success(field, &code))
+        let Some(code) = top_level_scalar(body, name.as_bytes()).map(Code::of_leaf) else {
+            return false;
+        };
+        let Some(code) = code else {
+            // `null`, `""`: no code there.
+            return self.keywords.is_empty();
+        };
+        if self.is_success(field, &code) {
+            return true;
+        }
+        self.keywords.is_empty() && !self.codes.iter().any(|(_, codes)| codes.contains(&code))
     }
 }
 
@@ -454,23 +464,23 @@ impl Field {
 }
 
 /// A body as read for a rule: its wanted members, or all of it.
-enum Document<'de> {
-    Members(Kept<'de>),
-    Whole(Value),
+trait Document {
+    /// What `field`'s pointer reaches.
+    fn find(&self, field: &Field) -> Option<Leaf<'_>>;
 }
 
-impl Document<'_> {
-    /// What `field`'s pointer reaches.
+impl Document for Value {
     fn find(&self, field: &Field) -> Option<Leaf<'_>> {
-        match self {
-            Self::Whole(json) => field.pointer.find(json).map(Leaf::of_value),
-            Self::Members(kept) => {
-                let [_, rest @ ..] = field.pointer.tokens()? else {
-                    return None;
-                };
-                kept.get(field.slot?)?.find(rest)
-            }
-        }
+        field.pointer.find(self).map(Leaf::of_value)
+    }
+}
+
+impl Document for Kept<'_> {
+    fn find(&self, field: &Field) -> Option<Leaf<'_>> {
+        let [_, rest @ ..] = field.pointer.tokens()? else {
+            return None;
+        };
+        self.get(field.slot?)?.find(rest)
     }
 }
 
@@ -618,20 +628,22 @@ impl ExpiryDetector for JsonBodyRule {
             Some(b'[') => false,
             _ => return false,
         };
-        if object && self.shows_success(body) {
+        if object && self.rules_out_by_code(body) {
             return false;
         }
-        let document = if self.reading.whole_document {
-            serde_json::from_slice(body).map(Document::Whole)
-        } else {
-            match self.reading.members.read(body) {
-                Ok(Some(kept)) => Ok(Document::Members(kept)),
-                // An array at the top: pointers may index into it.
-                Ok(None) => serde_json::from_slice(body).map(Document::Whole),
-                Err(error) => Err(error),
-            }
+        let status = head.status();
+        let whole = |body| {
+            serde_json::from_slice::<Value>(body).is_ok_and(|json| self.matches(&json, status))
         };
-        document.is_ok_and(|json| self.matches(&json, head.status()))
+        if self.reading.whole_document {
+            return whole(body);
+        }
+        match self.reading.members.read(body) {
+            Ok(Some(kept)) => self.matches(&kept, status),
+            // An array at the top: pointers may index into it.
+            Ok(None) => whole(body),
+            Err(_) => false,
+        }
     }
 }
 
@@ -913,7 +925,7 @@ mod tests {
     }
 
     #[test]
-    fn the_raw_look_sees_plain_successes_only() {
+    fn the_raw_look_rules_out_plain_successes_only() {
         let rule = JsonBodyRule::default_rules();
         for body in [
             r#"{"code":0,"msg":"ok","data":{"id":42,"name":"widget","price":1999}}"#,
@@ -921,7 +933,7 @@ mod tests {
             r#"{"code":"SUCCESS","msg":"token expired, new one issued"}"#,
             r#"{"code":40003,"code":0}"#,
         ] {
-            assert!(rule.shows_success(body.as_bytes()), "{body}");
+            assert!(rule.rules_out_by_code(body.as_bytes()), "{body}");
             assert!(!expired(body), "{body}");
         }
         for (body, want) in [
@@ -935,12 +947,12 @@ mod tests {
                 true,
             ),
         ] {
-            assert!(!rule.shows_success(body.as_bytes()), "{body}");
+            assert!(!rule.rules_out_by_code(body.as_bytes()), "{body}");
             assert_eq!(expired(body), want, "{body}");
         }
         // Only when no other pointer holds expiry codes.
         let two = JsonBodyRule::default_rules().code_at("/error/code", [401]);
-        assert!(!two.shows_success(br#"{"code":0}"#));
+        assert!(!two.rules_out_by_code(br#"{"code":0}"#));
         assert!(two.check_body(
             &ResponseHead::new(
                 StatusCode::OK,

@@ -53,40 +53,35 @@ impl Members {
 /// How many kept members live inline, without an allocation.
 const INLINE: usize = 8;
 
-/// The members read from one body, by slot.
+/// The members read from one body, by slot: the first few inline, without
+/// an allocation, the rest (rules with many pointers) in a vector.
 pub(crate) struct Kept<'de> {
-    slots: Slots<'de>,
-}
-
-enum Slots<'de> {
-    Inline([Option<Member<'de>>; INLINE]),
-    Heap(Vec<Option<Member<'de>>>),
+    inline: [Option<Member<'de>>; INLINE],
+    spilled: Vec<Option<Member<'de>>>,
 }
 
 impl<'de> Kept<'de> {
     fn new(members: usize) -> Self {
-        let slots = if members <= INLINE {
-            Slots::Inline([const { None }; INLINE])
-        } else {
-            Slots::Heap((0..members).map(|_| None).collect())
-        };
-        Self { slots }
+        let spilled = members.saturating_sub(INLINE);
+        Self {
+            inline: [const { None }; INLINE],
+            spilled: (0..spilled).map(|_| None).collect(),
+        }
     }
 
-    fn slots_mut(&mut self) -> &mut [Option<Member<'de>>] {
-        match &mut self.slots {
-            Slots::Inline(slots) => slots,
-            Slots::Heap(slots) => slots,
+    fn slot_mut(&mut self, slot: usize) -> Option<&mut Option<Member<'de>>> {
+        match slot.checked_sub(INLINE) {
+            None => self.inline.get_mut(slot),
+            Some(spilled) => self.spilled.get_mut(spilled),
         }
     }
 
     /// The value of the member in `slot`, if the body has it.
     pub(crate) fn get(&self, slot: usize) -> Option<&Member<'de>> {
-        let slots: &[Option<Member<'de>>] = match &self.slots {
-            Slots::Inline(slots) => slots,
-            Slots::Heap(slots) => slots,
-        };
-        slots.get(slot)?.as_ref()
+        match slot.checked_sub(INLINE) {
+            None => self.inline.get(slot)?.as_ref(),
+            Some(spilled) => self.spilled.get(spilled)?.as_ref(),
+        }
     }
 }
 
@@ -201,7 +196,9 @@ impl<'de> Visitor<'de> for Reader<'_> {
                     };
                     // As in a `serde_json::Map`, the last of repeated
                     // members wins.
-                    kept.slots_mut()[slot] = Some(value);
+                    if let Some(kept) = kept.slot_mut(slot) {
+                        *kept = Some(value);
+                    }
                 }
                 None => {
                     map.next_value::<IgnoredAny>()?;
