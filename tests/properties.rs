@@ -492,17 +492,17 @@ proptest! {
 // ---------------------------------------------------------------------------
 // JSON body rule: reading a body three ways gives one answer
 
-/// The default rules, which look at the raw bytes for a success code at
-/// `/code` before parsing.
+/// The default rules, which look at the raw bytes for the codes at `/code`
+/// and `/success` before parsing.
 fn with_raw_look() -> JsonBodyRule {
     JsonBodyRule::default_rules()
 }
 
 /// The same decisions for the bodies below (no member is named `~`), but
-/// with an expiry-code pointer other than `/code` the raw look no longer
+/// with a code pointer below a top-level member the raw look no longer
 /// applies: only the wanted top-level members are parsed.
 fn members_only() -> JsonBodyRule {
-    JsonBodyRule::default_rules().code_at("/~0", Vec::<i64>::new())
+    JsonBodyRule::default_rules().code_at("/~0/~0", Vec::<i64>::new())
 }
 
 /// The same again, with the whole document parsed as a `serde_json::Value`
@@ -656,12 +656,12 @@ proptest! {
         let members = members_only().check_body(&head, &body);
         let whole = whole_document().check_body(&head, &body);
         prop_assert_eq!(quick, members, "raw look vs members: {} {}", status, text);
-        // A rule with codes only: the raw look also rules out codes that are
-        // not expiry codes.
+        // A rule with codes only: the raw look rules out any code that is
+        // not an expiry code.
         let codes_only = || JsonBodyRule::new().code_at("/code", CODES);
         prop_assert_eq!(
             codes_only().check_body(&head, &body),
-            codes_only().code_at("/~0", Vec::<i64>::new()).check_body(&head, &body),
+            codes_only().code_at("/~0/~0", Vec::<i64>::new()).check_body(&head, &body),
             "codes only: {} {}", status, text
         );
         // Skipped members are only checked for their shape (a number out

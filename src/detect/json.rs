@@ -8,9 +8,9 @@ use http::header::CONTENT_TYPE;
 use http::{HeaderMap, StatusCode};
 use serde_json::Value;
 
-use super::json_fields::{Kept, Leaf, Members};
+use super::json_fields::{INLINE, Kept, Leaf, Members};
 use super::json_pointer::JsonPointer;
-use super::json_success::top_level_scalar;
+use super::json_success::top_level_scalars;
 use super::{ExpiryDetector, HeadVerdict, ResponseHead};
 
 /// Expired when a JSON response body carries a code or a message that says
@@ -107,11 +107,11 @@ struct Reading {
     /// Some pointer is the empty one (the whole document) or not a pointer:
     /// the whole body is parsed, as `serde_json::Value`.
     whole_document: bool,
-    /// The pointer to a top-level member that decides the codes: every
-    /// pointer with expiry codes is this one (without expiry codes, a
-    /// success pointer). When the body's raw bytes show a code there that
-    /// rules expiry out, nothing is parsed.
-    code_member: Option<Field>,
+    /// The slots of the members that hold codes, when every pointer with
+    /// expiry or success codes names a top-level member (in the first
+    /// [`INLINE`] slots): the raw bytes of a body can then show that it is
+    /// not expired before any parse ([`JsonBodyRule::rules_out_raw`]).
+    code_slots: Option<Vec<usize>>,
 }
 
 /// The expiry codes of [`JsonBodyRule::default_rules`].
@@ -338,7 +338,7 @@ impl JsonBodyRule {
 
     /// Works out how bodies are read from the rule's pointers: which
     /// top-level members to keep, whether the whole document is needed,
-    /// and the success member the raw bytes are looked at for.
+    /// and whether the raw bytes can show the codes.
     fn index(&mut self) {
         let mut members = Members::default();
         let mut whole_document = false;
@@ -357,22 +357,21 @@ impl JsonBodyRule {
                 }
             };
         }
-        let code_member = self
-            .codes
-            .iter()
-            .chain(&self.success_codes)
-            .map(|(field, _)| field)
-            .find(|field| matches!(field.pointer.tokens(), Some([_])))
-            .filter(|field| {
-                self.codes
-                    .iter()
-                    .all(|(code_field, _)| code_field.pointer == field.pointer)
-            })
-            .cloned();
+        let mut code_slots = Some(Vec::new());
+        for (field, _) in self.codes.iter().chain(&self.success_codes) {
+            match (field.pointer.tokens(), field.slot) {
+                (Some([_]), Some(slot)) if slot < INLINE => {
+                    if let Some(slots) = code_slots.as_mut().filter(|s| !s.contains(&slot)) {
+                        slots.push(slot);
+                    }
+                }
+                _ => code_slots = None,
+            }
+        }
         self.reading = Reading {
             members,
             whole_document,
-            code_member,
+            code_slots,
         };
     }
 
@@ -396,61 +395,64 @@ impl JsonBodyRule {
     }
 
     fn matches(&self, json: &impl Document, status: StatusCode) -> bool {
-        let code_hit = self.codes.iter().any(|(field, codes)| {
+        self.code_hit(json) || (self.reads_messages(json, status) && self.keyword_hit(json))
+    }
+
+    /// Whether a code at a pointer is one of its expiry codes (and not a
+    /// success code there).
+    fn code_hit(&self, json: &impl Document) -> bool {
+        self.codes.iter().any(|(field, codes)| {
             json.find(field)
                 .and_then(Code::of_leaf)
                 .is_some_and(|code| codes.contains(&code) && !self.is_success(field, &code))
-        });
-        if code_hit {
-            return true;
-        }
-        if self.keywords.is_empty() {
-            return false;
-        }
-        let read_messages = match self.envelope(json) {
-            Envelope::Success => false,
-            Envelope::ErrorCode => true,
-            Envelope::NoCode => !status.is_success(),
-        };
-        read_messages
-            && self.keywords.iter().any(|(field, keywords)| {
-                json.find(field)
-                    .and_then(Leaf::as_str)
-                    .map(str::to_lowercase)
-                    .is_some_and(|text| keywords.iter().any(|k| mentions(&text, k)))
-            })
+        })
     }
 
-    /// Whether the raw bytes of `body`, a JSON object, show a code at
-    /// [`Reading::code_member`] that rules expiry out: a success code, or,
-    /// for a rule without keywords, a code that is not an expiry code.
+    /// Whether the codes (or their absence) let the messages be read.
+    fn reads_messages(&self, json: &impl Document, status: StatusCode) -> bool {
+        !self.keywords.is_empty()
+            && match self.envelope(json) {
+                Envelope::Success => false,
+                Envelope::ErrorCode => true,
+                Envelope::NoCode => !status.is_success(),
+            }
+    }
+
+    fn keyword_hit(&self, json: &impl Document) -> bool {
+        self.keywords.iter().any(|(field, keywords)| {
+            json.find(field)
+                .and_then(Leaf::as_str)
+                .map(str::to_lowercase)
+                .is_some_and(|text| keywords.iter().any(|k| mentions(&text, k)))
+        })
+    }
+
+    /// Whether the raw bytes of `body`, a JSON object, show that it is not
+    /// expired: its codes hit no expiry code, and they (or their absence)
+    /// keep the messages unread. Nothing is parsed.
     ///
     /// NOTE: this only ever rules expiry out, so it must agree with a parse
     /// whenever the body is JSON (a body that is not JSON is not expired
-    /// either); `top_level_scalar` answers only with what a parse would
-    /// find. Every pointer with expiry codes is the code member's, so its
-    /// code alone says whether an expiry code is hit (never when it is a
-    /// success code there). A success code also makes the envelope a
-    /// success, whose messages are not read; without keywords there are no
-    /// messages to read.
-    fn rules_out_by_code(&self, body: &[u8]) -> bool {
-        let Some(field) = &self.reading.code_member else {
+    /// either). It does: every pointer with codes names a top-level member,
+    /// and `top_level_scalars` reads those members as a parse would, or
+    /// gives up; the codes and the status are all `code_hit` and
+    /// `reads_messages` look at.
+    fn rules_out_raw(&self, body: &[u8], status: StatusCode) -> bool {
+        let Some(code_slots) = &self.reading.code_slots else {
             return false;
         };
-        let Some([name]) = field.pointer.tokens() else {
-            return false;
+        let members = &self.reading.members;
+        let slot_of = |key: &[u8]| {
+            code_slots.iter().copied().find(|&slot| {
+                members
+                    .name(slot)
+                    .is_some_and(|name| name.as_bytes() == key)
+            })
         };
-        let Some(code) = top_level_scalar(body, name.as_bytes()).map(Code::of_leaf) else {
-            return false;
-        };
-        let Some(code) = code else {
-            // `null`, `""`: no code there.
-            return self.keywords.is_empty();
-        };
-        if self.is_success(field, &code) {
-            return true;
-        }
-        self.keywords.is_empty() && !self.codes.iter().any(|(_, codes)| codes.contains(&code))
+        let mut found = RawCodes([None; INLINE]);
+        top_level_scalars(body, slot_of, &mut found.0)
+            && !self.code_hit(&found)
+            && !self.reads_messages(&found, status)
     }
 }
 
@@ -472,6 +474,18 @@ trait Document {
 impl Document for Value {
     fn find(&self, field: &Field) -> Option<Leaf<'_>> {
         field.pointer.find(self).map(Leaf::of_value)
+    }
+}
+
+/// The codes read from the raw bytes, by member slot.
+struct RawCodes<'b>([Option<Leaf<'b>>; INLINE]);
+
+impl Document for RawCodes<'_> {
+    fn find(&self, field: &Field) -> Option<Leaf<'_>> {
+        match field.pointer.tokens()? {
+            [_] => *self.0.get(field.slot?)?,
+            _ => None,
+        }
     }
 }
 
@@ -628,10 +642,10 @@ impl ExpiryDetector for JsonBodyRule {
             Some(b'[') => false,
             _ => return false,
         };
-        if object && self.rules_out_by_code(body) {
+        let status = head.status();
+        if object && self.rules_out_raw(body, status) {
             return false;
         }
-        let status = head.status();
         let whole = |body| {
             serde_json::from_slice::<Value>(body).is_ok_and(|json| self.matches(&json, status))
         };
@@ -925,42 +939,75 @@ mod tests {
     }
 
     #[test]
-    fn the_raw_look_rules_out_plain_successes_only() {
+    fn the_raw_look_rules_out_what_it_can_see() {
         let rule = JsonBodyRule::default_rules();
-        for body in [
-            r#"{"code":0,"msg":"ok","data":{"id":42,"name":"widget","price":1999}}"#,
-            r#" {"msg":"\u6210\u529f","data":[{"code":40003}],"code":"200"}"#,
-            r#"{"code":"SUCCESS","msg":"token expired, new one issued"}"#,
-            r#"{"code":40003,"code":0}"#,
-        ] {
-            assert!(rule.rules_out_by_code(body.as_bytes()), "{body}");
-            assert!(!expired(body), "{body}");
-        }
-        for (body, want) in [
-            (r#"{"code":0,"code":40003}"#, true),
-            (r#"{"code":0,"\u0063ode":40003}"#, true),
-            (r#"{"code":0.0,"msg":"ok"}"#, false),
-            (r#"{"success":true,"msg":"ok"}"#, false),
-            (r#"{"code":1,"msg":"token expired"}"#, true),
+        let ok = StatusCode::OK;
+        let bad = StatusCode::BAD_REQUEST;
+        for (status, body) in [
             (
+                ok,
+                r#"{"code":0,"msg":"ok","data":{"id":42,"name":"widget","price":1999}}"#,
+            ),
+            (
+                ok,
+                r#" {"msg":"\u6210\u529f","data":[{"code":40003}],"code":"200"}"#,
+            ),
+            (
+                bad,
+                r#"{"code":"SUCCESS","msg":"token expired, new one issued"}"#,
+            ),
+            (ok, r#"{"code":40003,"code":0}"#),
+            (ok, r#"{"success":true,"msg":"token expired"}"#),
+            (
+                ok,
+                r#"{"id":7,"items":[{"code":40003}],"msg":"token expired"}"#,
+            ),
+            (ok, r#"{"code":null,"error":"token expired"}"#),
+        ] {
+            assert!(
+                rule.rules_out_raw(body.as_bytes(), status),
+                "{status} {body}"
+            );
+            let headers = head_with("application/json");
+            let head = ResponseHead::new(status, Version::HTTP_11, &headers);
+            assert!(!rule.check_body(&head, body.as_bytes()), "{status} {body}");
+        }
+        for (status, body, want) in [
+            (ok, r#"{"code":0,"code":40003}"#, true),
+            (ok, r#"{"code":0,"\u0063ode":40003}"#, true),
+            (ok, r#"{"code":0.0,"msg":"ok"}"#, false),
+            (ok, r#"{"code":1,"msg":"token expired"}"#, true),
+            (ok, r#"{"success":false,"msg":"token expired"}"#, true),
+            (bad, r#"{"msg":"token expired"}"#, true),
+            (bad, r#"{"msg":"unknown field"}"#, false),
+            (
+                ok,
                 r#"{"data":{"code":0},"msg":"token expired","code":1}"#,
                 true,
             ),
         ] {
-            assert!(!rule.rules_out_by_code(body.as_bytes()), "{body}");
-            assert_eq!(expired(body), want, "{body}");
+            assert!(
+                !rule.rules_out_raw(body.as_bytes(), status),
+                "{status} {body}"
+            );
+            let headers = head_with("application/json");
+            let head = ResponseHead::new(status, Version::HTTP_11, &headers);
+            assert_eq!(
+                rule.check_body(&head, body.as_bytes()),
+                want,
+                "{status} {body}"
+            );
         }
-        // Only when no other pointer holds expiry codes.
-        let two = JsonBodyRule::default_rules().code_at("/error/code", [401]);
-        assert!(!two.rules_out_by_code(br#"{"code":0}"#));
-        assert!(two.check_body(
-            &ResponseHead::new(
-                StatusCode::OK,
-                Version::HTTP_11,
-                &head_with("application/json")
-            ),
-            br#"{"code":0,"error":{"code":401}}"#
-        ));
+        // Only when every pointer with codes names a top-level member.
+        let deep = JsonBodyRule::default_rules().code_at("/error/code", [401]);
+        assert!(!deep.rules_out_raw(br#"{"code":0}"#, ok));
+        let headers = head_with("application/json");
+        let head = ResponseHead::new(ok, Version::HTTP_11, &headers);
+        assert!(deep.check_body(&head, br#"{"code":0,"error":{"code":401}}"#));
+        // A rule with codes only rules out any other code.
+        let codes = JsonBodyRule::new().code_at("/code", [40003]);
+        assert!(codes.rules_out_raw(br#"{"code":1,"msg":"token expired"}"#, bad));
+        assert!(!codes.rules_out_raw(br#"{"code":40003}"#, ok));
     }
 
     #[test]

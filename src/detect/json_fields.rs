@@ -36,6 +36,11 @@ impl Members {
         }
     }
 
+    /// The name of the member in `slot`.
+    pub(crate) fn name(&self, slot: usize) -> Option<&str> {
+        self.names.get(slot).map(String::as_str)
+    }
+
     /// `Some(kept)` with only these members when `body` is a JSON object;
     /// `None` when it is valid JSON of another kind; `Err` when it is not
     /// JSON.
@@ -51,7 +56,7 @@ impl Members {
 }
 
 /// How many kept members live inline, without an allocation.
-const INLINE: usize = 8;
+pub(crate) const INLINE: usize = 8;
 
 /// The members read from one body, by slot: the first few inline, without
 /// an allocation, the rest (rules with many pointers) in a vector.

@@ -1,25 +1,30 @@
-//! A look at the raw bytes of a JSON object that finds one top-level member
-//! without parsing: enough to tell the usual success envelope
-//! (`{"code":0,…}`) before any parse.
+//! A look at the raw bytes of a JSON object that finds its top-level
+//! codes without parsing: enough to tell the usual success envelope
+//! (`{"code":0,…}`) or a 2xx without a code before any parse.
 //!
 //! It answers only when the bytes leave no doubt. A body that is valid JSON
-//! gives the value a parse would give (the last of repeated members, as
+//! gives the values a parse would give (the last of repeated members, as
 //! `serde_json` keeps); a body that is not JSON may give anything, which a
 //! caller must only use to conclude what it concludes for broken JSON too.
 
 use super::json_fields::Leaf;
 
-/// The scalar value of the top-level member `name` of the object `body`
-/// (the bytes from its `{`, whitespace before it allowed), read from the raw
-/// bytes.
+/// Reads, from the raw bytes of the object `body` (from its `{`,
+/// whitespace before it allowed), the value of each top-level member whose
+/// key `slot_of` maps to a slot into `found[slot]`: a scalar, or
+/// [`Leaf::Composite`] for an object or an array. Members the body does not
+/// have stay `None`.
 ///
-/// `None` when the member is missing, or when telling would need a parse:
-/// a top-level key written with an escape (`"\u0063ode"` is `code`), the
-/// member's value an object or an array, a string with an escape, or a
-/// number other than a plain integer of up to 18 digits.
-pub(crate) fn top_level_scalar<'b>(body: &'b [u8], name: &[u8]) -> Option<Leaf<'b>> {
+/// `false` when telling would need a parse: a top-level key written with an
+/// escape (`"\u0063ode"` is `code`), a wanted member's value a string with
+/// an escape or a number other than a plain integer of up to 18 digits, a
+/// slot outside `found`, or bytes that cannot be JSON.
+pub(crate) fn top_level_scalars<'b>(
+    body: &'b [u8],
+    slot_of: impl Fn(&[u8]) -> Option<usize>,
+    found: &mut [Option<Leaf<'b>>],
+) -> bool {
     let mut depth = 0usize;
-    let mut found = None;
     let mut at = 0;
     while let Some(&byte) = body.get(at) {
         at += 1;
@@ -29,7 +34,9 @@ pub(crate) fn top_level_scalar<'b>(body: &'b [u8], name: &[u8]) -> Option<Leaf<'
         match byte {
             b'"' => {
                 let start = at;
-                let (end, escaped) = string_end(body, start)?;
+                let Some((end, escaped)) = string_end(body, start) else {
+                    return false;
+                };
                 at = end + 1;
                 // NOTE: in valid JSON, bytes outside strings are structure,
                 // so `depth` counts the containers around this string, and a
@@ -42,20 +49,30 @@ pub(crate) fn top_level_scalar<'b>(body: &'b [u8], name: &[u8]) -> Option<Leaf<'
                     continue;
                 }
                 if escaped {
-                    return None;
+                    return false;
                 }
-                if &body[start..end] == name {
-                    let (value, next) = scalar(body, skip_whitespace(body, colon + 1))?;
-                    found = Some(value);
-                    at = next;
-                }
+                let Some(slot) = slot_of(&body[start..end]) else {
+                    continue;
+                };
+                let value_at = skip_whitespace(body, colon + 1);
+                let Some((value, next)) = value(body, value_at) else {
+                    return false;
+                };
+                let Some(kept) = found.get_mut(slot) else {
+                    return false;
+                };
+                *kept = Some(value);
+                at = next;
             }
             b'{' | b'[' => depth += 1,
-            b'}' | b']' => depth = depth.checked_sub(1)?,
+            b'}' | b']' => match depth.checked_sub(1) {
+                Some(outer) => depth = outer,
+                None => return false,
+            },
             _ => {}
         }
     }
-    found
+    true
 }
 
 /// The bytes that matter outside strings: quotes and brackets.
@@ -96,8 +113,9 @@ fn skip_whitespace(body: &[u8], mut at: usize) -> usize {
     at
 }
 
-/// The scalar that starts at `at`, and the index after it.
-fn scalar(body: &[u8], at: usize) -> Option<(Leaf<'_>, usize)> {
+/// The value that starts at `at`, and the index to read on from: after a
+/// scalar; at the bracket of an object or an array, which the caller walks.
+fn value(body: &[u8], at: usize) -> Option<(Leaf<'_>, usize)> {
     let rest = body.get(at..)?;
     match rest.first()? {
         b'"' => {
@@ -129,6 +147,7 @@ fn scalar(body: &[u8], at: usize) -> Option<(Leaf<'_>, usize)> {
         _ if rest.starts_with(b"true") => Some((Leaf::Bool(true), at + 4)),
         _ if rest.starts_with(b"false") => Some((Leaf::Bool(false), at + 5)),
         _ if rest.starts_with(b"null") => Some((Leaf::Null, at + 4)),
+        b'{' | b'[' => Some((Leaf::Composite, at)),
         _ => None,
     }
 }
@@ -137,45 +156,66 @@ fn scalar(body: &[u8], at: usize) -> Option<(Leaf<'_>, usize)> {
 mod tests {
     use super::*;
 
-    fn code(body: &str) -> Option<Leaf<'_>> {
-        top_level_scalar(body.as_bytes(), b"code")
+    /// `Some(found)` for `code` and `success`; `None` when in doubt.
+    fn codes(body: &str) -> Option<[Option<Leaf<'_>>; 2]> {
+        let mut found = [None; 2];
+        let slot_of = |key: &[u8]| match key {
+            b"code" => Some(0),
+            b"success" => Some(1),
+            _ => None,
+        };
+        top_level_scalars(body.as_bytes(), slot_of, &mut found).then_some(found)
+    }
+
+    fn code(body: &str) -> Option<Option<Leaf<'_>>> {
+        codes(body).map(|[code, _]| code)
     }
 
     #[test]
-    fn finds_the_top_level_member() {
-        assert_eq!(code(r#"{"code":0,"msg":"ok"}"#), Some(Leaf::Signed(0)));
+    fn finds_the_top_level_members() {
+        assert_eq!(
+            code(r#"{"code":0,"msg":"ok"}"#),
+            Some(Some(Leaf::Signed(0)))
+        );
         assert_eq!(
             code(r#" { "msg" : "a\"code\":1" , "code" : -12 } "#),
-            Some(Leaf::Signed(-12))
+            Some(Some(Leaf::Signed(-12)))
         );
         assert_eq!(
             code(r#"{"data":{"code":1},"list":[{"code":2}],"code":"OK"}"#),
-            Some(Leaf::Text("OK"))
+            Some(Some(Leaf::Text("OK")))
         );
-        assert_eq!(code(r#"{"code":true}"#), Some(Leaf::Bool(true)));
-        assert_eq!(code(r#"{"code":null}"#), Some(Leaf::Null));
+        assert_eq!(code(r#"{"code":null}"#), Some(Some(Leaf::Null)));
+        assert_eq!(
+            code(r#"{"code":{"value":0},"msg":"x"}"#),
+            Some(Some(Leaf::Composite))
+        );
+        assert_eq!(code(r#"{"code":[0]}"#), Some(Some(Leaf::Composite)));
         assert_eq!(
             code(r#"{"code":0,"msg":"\u6210\u529f","code":40003}"#),
-            Some(Leaf::Signed(40003)),
+            Some(Some(Leaf::Signed(40003))),
             "the last of repeated members"
         );
+        assert_eq!(
+            codes(r#"{"success":true,"data":{"code":1}}"#),
+            Some([None, Some(Leaf::Bool(true))])
+        );
+        assert_eq!(codes(r#"{"id":7,"name":"\u00e9"}"#), Some([None, None]));
     }
 
     #[test]
     fn leaves_doubt_to_the_parser() {
         for body in [
-            r#"{"msg":"ok"}"#,
-            r#"{"data":{"code":0}}"#,
             r#"{"code":0,"\u0063ode":40003}"#,
+            r#"{"\u0069d":7}"#,
             r#"{"code":"\u0030"}"#,
             r#"{"code":4.0003e4}"#,
             r#"{"code":0.0}"#,
             r#"{"code":1234567890123456789}"#,
             r#"{"code":007}"#,
-            r#"{"code":{"value":0}}"#,
-            r#"{"code":[0]}"#,
             r#"{"code":0,"msg":"unterminated}"#,
             r#"{"code":0}]]"#,
+            r#"{"code":nope}"#,
         ] {
             assert_eq!(code(body), None, "{body}");
         }
