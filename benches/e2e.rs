@@ -26,7 +26,7 @@
 //!   and insert it;
 //! - `ours`: `AuthRefreshLayer` with the default detector;
 //! - `ours_json`: `AuthRefreshLayer` with `Unauthorized` or the JSON body
-//!   rule, on a 68-byte JSON success (peeked by the rule);
+//!   rule, on a 67-byte JSON success (peeked by the rule);
 //! - `tenants_1` / `tenants_1000`: `AuthRoutingLayer` over a `TokenRegistry`,
 //!   requests spread round-robin over 1 or 1,000 tenants, each with its own
 //!   token.
@@ -41,13 +41,22 @@
 //! Cases: GET and a 4 KiB POST, with 1 and 32 requests in flight
 //! (`ours_json` and the tenant stacks: GET with 32 in flight).
 //!
-//! Every stack is measured the same way: its own client from `client()`
-//! (built just before its turn and dropped after, so no other pool is
-//! alive), the same warm-up per case, the same server and bodies. Before
-//! measuring, a set-up round checks what the server saw (every request
-//! carried one of the expected distinct `Authorization` values) and that
-//! the layer's handles did not refresh once warm; after measuring, that
-//! they still did not.
+//! Every stack is measured the same way. Cases run one after the other,
+//! each through every stack in turn, so that the figures a ratio compares
+//! are seconds apart. For each case a stack is built afresh around its own
+//! client from `client()` (no other pool alive; the stack is dropped after
+//! its turn), warmed up with the same `WARM_UP` requests to the same server
+//! with the same bodies, then checked once before it is measured:
+//!
+//! - its answer is the server's JSON success, content type and body intact;
+//! - in one round of `AUDIT_ROUND` requests the server saw an
+//!   `Authorization` header on every request (none for `bare`) and as many
+//!   distinct values as the stack has tokens: 1, or 1,000 for
+//!   `tenants_1000`;
+//! - our layers' handles did not refresh, retry or wait once warm (and, after
+//!   the measurement, still had not);
+//! - `ours_json` takes a JSON "token expired" success for an expired token,
+//!   so its rule does read the bodies it is measured on.
 
 use std::collections::HashSet;
 use std::convert::Infallible;
@@ -303,9 +312,7 @@ where
 
 /// `middle`'s client-credentials authorizer, its first token from this
 /// server's token endpoint.
-fn middle_stack(
-    runtime: &tokio::runtime::Runtime,
-) -> impl Service<Request<Full<Bytes>>, Response = Response<Incoming>, Error = BoxError> + Clone {
+fn middle_stack(runtime: &tokio::runtime::Runtime) -> (impl ClientStack, Expect) {
     use middle::Authorizer;
     let token_endpoint = format!("http://{}{TOKEN_PATH}", server())
         .parse()
@@ -320,7 +327,7 @@ fn middle_stack(
             .build(),
         )
         .expect("middle's authorizer fetched its first token");
-    AttachHeader {
+    let service = AttachHeader {
         inner: client::<Full<Bytes>>(),
         // As `middle::HttpClient::execute`.
         attach: move |headers: &mut HeaderMap| {
@@ -330,14 +337,13 @@ fn middle_stack(
             }
             Ok(())
         },
-    }
+    };
+    (service, Expect::headers(1))
 }
 
 /// `aliri_tokens`' watcher over a constant token valid for an hour (as
 /// long as everybody else's).
-fn aliri_stack(
-    runtime: &tokio::runtime::Runtime,
-) -> impl Service<Request<Full<Bytes>>, Response = Response<Incoming>, Error = BoxError> + Clone {
+fn aliri_stack(runtime: &tokio::runtime::Runtime) -> (impl ClientStack, Expect) {
     let watcher = runtime
         .block_on(aliri_tokens::TokenWatcher::spawn_from_token_source(
             aliri_tokens::sources::ConstTokenSource::new(token_string())
@@ -346,7 +352,7 @@ fn aliri_stack(
             aliri_tokens::backoff::ErrorBackoffConfig::default(),
         ))
         .expect("aliri's watcher got its first token");
-    AttachHeader {
+    let service = AttachHeader {
         inner: client::<Full<Bytes>>(),
         // As `aliri_reqwest::AccessTokenMiddleware::handle`.
         attach: move |headers: &mut HeaderMap| {
@@ -363,7 +369,8 @@ fn aliri_stack(
             });
             Ok(())
         },
-    }
+    };
+    (service, Expect::headers(1))
 }
 
 fn registry() -> TokenRegistry {
@@ -563,14 +570,15 @@ where
     assert_eq!(body.to_bytes(), JSON_OK.as_bytes(), "{name}: body intact");
 }
 
-fn run_all<S, B>(
+/// Measures one stack in one case: a fresh stack (its own pool), warmed
+/// up, checked, then measured, then dropped (its connections closed).
+fn run<S, B>(
     c: &mut Criterion,
     runtime: &tokio::runtime::Runtime,
     name: &str,
-    service: S,
-    cases: &[Case],
+    case: Case,
     tenants: usize,
-    expect: Expect,
+    (service, expect): (S, Expect),
 ) where
     S: Service<Request<Full<Bytes>>, Response = Response<B>> + Clone,
     S::Error: std::fmt::Debug,
@@ -578,49 +586,133 @@ fn run_all<S, B>(
     B::Error: std::fmt::Debug,
 {
     let uri = format!("http://{}{ITEMS_PATH}", server());
-    for &case in cases {
-        // Warm the pool and the tokens (every tenant's) before measuring.
-        runtime.block_on(drive(service.clone(), case, &uri, tenants, WARM_UP));
+    // Warm the pool and the tokens (every tenant's) before measuring.
+    runtime.block_on(drive(service.clone(), case, &uri, tenants, WARM_UP));
 
-        // Set-up checks, once warm.
-        let before = expect.counts();
-        runtime.block_on(check_response(name, service.clone(), &uri, tenants));
-        AUDIT.start();
-        runtime.block_on(drive(service.clone(), case, &uri, tenants, AUDIT_ROUND));
-        let seen = AUDIT.stop();
-        assert_eq!(seen.requests, AUDIT_ROUND as usize, "{name}: server saw");
-        assert_eq!(
-            seen.authorizations.len(),
-            expect.authorizations,
-            "{name}: distinct Authorization values"
-        );
-        let without = if expect.authorizations == 0 {
-            seen.requests
-        } else {
-            0
-        };
-        assert_eq!(seen.without_authorization, without, "{name}: no header");
-        assert_warm(name, "once warm", expect.counts() - before);
+    // Set-up checks, once warm.
+    let before = expect.counts();
+    runtime.block_on(check_response(name, service.clone(), &uri, tenants));
+    AUDIT.start();
+    runtime.block_on(drive(service.clone(), case, &uri, tenants, AUDIT_ROUND));
+    let seen = AUDIT.stop();
+    assert_eq!(seen.requests, AUDIT_ROUND as usize, "{name}: server saw");
+    assert_eq!(
+        seen.authorizations.len(),
+        expect.authorizations,
+        "{name}: distinct Authorization values"
+    );
+    let without = if expect.authorizations == 0 {
+        seen.requests
+    } else {
+        0
+    };
+    assert_eq!(seen.without_authorization, without, "{name}: no header");
+    assert_warm(name, "once warm", expect.counts() - before);
 
-        let before = expect.counts();
-        c.benchmark_group("e2e_cpu")
-            .bench_function(BenchmarkId::new(name, case.name()), |b| {
-                b.iter_custom(|iters| {
-                    let start = ThreadTime::now();
-                    runtime.block_on(drive(service.clone(), case, &uri, tenants, iters));
-                    start.elapsed()
-                })
-            });
-        c.benchmark_group("e2e_wall")
-            .bench_function(BenchmarkId::new(name, case.name()), |b| {
-                b.iter_custom(|iters| {
-                    let start = Instant::now();
-                    runtime.block_on(drive(service.clone(), case, &uri, tenants, iters));
-                    start.elapsed()
-                })
-            });
-        assert_warm(name, "while measured", expect.counts() - before);
-    }
+    let before = expect.counts();
+    c.benchmark_group("e2e_cpu")
+        .bench_function(BenchmarkId::new(name, case.name()), |b| {
+            b.iter_custom(|iters| {
+                let start = ThreadTime::now();
+                runtime.block_on(drive(service.clone(), case, &uri, tenants, iters));
+                start.elapsed()
+            })
+        });
+    c.benchmark_group("e2e_wall")
+        .bench_function(BenchmarkId::new(name, case.name()), |b| {
+            b.iter_custom(|iters| {
+                let start = Instant::now();
+                runtime.block_on(drive(service.clone(), case, &uri, tenants, iters));
+                start.elapsed()
+            })
+        });
+    assert_warm(name, "while measured", expect.counts() - before);
+}
+
+fn tower_http_stack() -> (impl ClientStack, Expect) {
+    let service = ServiceBuilder::new()
+        .layer(AddAuthorizationLayer::bearer(&token_string()))
+        .service(client::<Full<Bytes>>());
+    (service, Expect::headers(1))
+}
+
+fn tower_retry_stack() -> (impl ClientStack, Expect) {
+    let service = ServiceBuilder::new()
+        .layer(RetryLayer::new(RetryUnauthorizedOnce { left: 1 }))
+        .layer(AddAuthorizationLayer::bearer(&token_string()))
+        .service(client::<Full<Bytes>>());
+    (service, Expect::headers(1))
+}
+
+fn ours_stack() -> (impl ClientStack, Expect) {
+    let handle = handle();
+    let service = ServiceBuilder::new()
+        .layer(AuthRefreshLayer::new(handle.clone()))
+        .service(ours_client());
+    (
+        service,
+        Expect::headers(1).handles(move || vec![handle.clone()]),
+    )
+}
+
+fn ours_json_stack(runtime: &tokio::runtime::Runtime) -> (impl ClientStack, Expect) {
+    let handle = handle();
+    let service = ServiceBuilder::new()
+        .layer(
+            AuthRefreshLayer::new(handle.clone())
+                .detector(Unauthorized::new().or(JsonBodyRule::default_rules())),
+        )
+        .service(ours_client());
+    // The rule reads bodies on this stack: a JSON "token expired" success
+    // is taken for an expired token.
+    let before = handle.stats();
+    let expired = format!("http://{}{EXPIRED_PATH}", server());
+    runtime.block_on(drive(service.clone(), GET32[0], &expired, 0, 1));
+    let probe = handle.stats().since(&before);
+    assert!(
+        probe.retries + probe.skipped_retries > 0,
+        "ours_json: the JSON rule saw the expired answer ({probe:?})"
+    );
+    (
+        service,
+        Expect::headers(1).handles(move || vec![handle.clone()]),
+    )
+}
+
+fn tenants_stack(tenants: usize) -> (impl ClientStack, Expect) {
+    let origin = Origin::parse(&format!("http://{}", server())).expect("origin");
+    let registry = registry();
+    let handles = registry.clone();
+    let service = ServiceBuilder::new()
+        .layer(AuthRoutingLayer::new().tenants(origin, registry))
+        .service(ours_client());
+    let expect = Expect::headers(tenants).handles(move || {
+        (0..tenants)
+            .map(|i| handles.get(tenant(i).as_str()))
+            .collect()
+    });
+    (service, expect)
+}
+
+/// A stack around the hyper-util client.
+trait ClientStack:
+    Service<Request<Full<Bytes>>, Response = Response<Self::Body>, Error = Self::Failure> + Clone
+{
+    type Body: http_body::Body<Error = Self::BodyError>;
+    type BodyError: std::fmt::Debug;
+    type Failure: std::fmt::Debug;
+}
+
+impl<S, B> ClientStack for S
+where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>> + Clone,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    type Body = B;
+    type BodyError = B::Error;
+    type Failure = S::Error;
 }
 
 fn e2e(c: &mut Criterion) {
@@ -629,121 +721,24 @@ fn e2e(c: &mut Criterion) {
         .build()
         .expect("client runtime");
     let _guard = runtime.enter();
-    let origin = Origin::parse(&format!("http://{}", server())).expect("origin");
+    let rt = &runtime;
 
-    // Each stack is built just before its turn and dropped after it (its
-    // pool's connections closed).
-    run_all(
-        c,
-        &runtime,
-        "bare",
-        client::<Full<Bytes>>(),
-        &ALL,
-        0,
-        Expect::no_header(),
-    );
-    run_all(
-        c,
-        &runtime,
-        "tower_http_bearer",
-        ServiceBuilder::new()
-            .layer(AddAuthorizationLayer::bearer(&token_string()))
-            .service(client::<Full<Bytes>>()),
-        &ALL,
-        0,
-        Expect::headers(1),
-    );
-    run_all(
-        c,
-        &runtime,
-        "tower_retry_bearer",
-        ServiceBuilder::new()
-            .layer(RetryLayer::new(RetryUnauthorizedOnce { left: 1 }))
-            .layer(AddAuthorizationLayer::bearer(&token_string()))
-            .service(client::<Full<Bytes>>()),
-        &ALL,
-        0,
-        Expect::headers(1),
-    );
-    run_all(
-        c,
-        &runtime,
-        "middle",
-        middle_stack(&runtime),
-        &ALL,
-        0,
-        Expect::headers(1),
-    );
-    run_all(
-        c,
-        &runtime,
-        "aliri_tokens",
-        aliri_stack(&runtime),
-        &ALL,
-        0,
-        Expect::headers(1),
-    );
-
-    let ours = handle();
-    let handles = ours.clone();
-    run_all(
-        c,
-        &runtime,
-        "ours",
-        ServiceBuilder::new()
-            .layer(AuthRefreshLayer::new(ours))
-            .service(ours_client()),
-        &ALL,
-        0,
-        Expect::headers(1).handles(move || vec![handles.clone()]),
-    );
-
-    let json = handle();
-    let ours_json = ServiceBuilder::new()
-        .layer(
-            AuthRefreshLayer::new(json.clone())
-                .detector(Unauthorized::new().or(JsonBodyRule::default_rules())),
-        )
-        .service(ours_client());
-    // The rule reads bodies on this stack: a JSON "token expired" success
-    // is taken for an expired token.
-    let before = json.stats();
-    let expired = format!("http://{}{EXPIRED_PATH}", server());
-    runtime.block_on(drive(ours_json.clone(), GET32[0], &expired, 0, 1));
-    let probe = json.stats().since(&before);
-    assert!(
-        probe.retries + probe.skipped_retries > 0,
-        "ours_json: the JSON rule saw the expired answer ({probe:?})"
-    );
-    let handles = json.clone();
-    run_all(
-        c,
-        &runtime,
-        "ours_json",
-        ours_json,
-        &GET32,
-        0,
-        Expect::headers(1).handles(move || vec![handles.clone()]),
-    );
-
-    for tenants in [1, TENANTS] {
-        let registry = registry();
-        let handles = registry.clone();
-        run_all(
-            c,
-            &runtime,
-            &format!("tenants_{tenants}"),
-            ServiceBuilder::new()
-                .layer(AuthRoutingLayer::new().tenants(origin.clone(), registry))
-                .service(ours_client()),
-            &GET32,
-            tenants,
-            Expect::headers(tenants).handles(move || {
-                (0..tenants)
-                    .map(|i| handles.get(tenant(i).as_str()))
-                    .collect()
-            }),
-        );
+    // NOTE: case by case, every stack in turn, so that the figures a ratio
+    // compares are measured seconds apart, not minutes (the machine's load
+    // drifts).
+    for case in ALL {
+        let bare = (client::<Full<Bytes>>(), Expect::no_header());
+        run(c, rt, "bare", case, 0, bare);
+        run(c, rt, "tower_http_bearer", case, 0, tower_http_stack());
+        run(c, rt, "tower_retry_bearer", case, 0, tower_retry_stack());
+        run(c, rt, "middle", case, 0, middle_stack(rt));
+        run(c, rt, "aliri_tokens", case, 0, aliri_stack(rt));
+        run(c, rt, "ours", case, 0, ours_stack());
+        if case.name() == GET32[0].name() {
+            run(c, rt, "ours_json", case, 0, ours_json_stack(rt));
+            run(c, rt, "tenants_1", case, 1, tenants_stack(1));
+            run(c, rt, "tenants_1000", case, TENANTS, tenants_stack(TENANTS));
+        }
     }
 }
 
