@@ -97,13 +97,18 @@ where
             match this.kind.as_mut().project() {
                 KindProj::First { fut } => {
                     let response = ready!(fut.poll(cx)).map_err(Into::into)?;
-                    let Some(retry) = this.retry.take() else {
-                        return Poll::Ready(Ok(response.map(ResponseBody::new)));
+                    // NOTE: the retry context is only looked at here; it is
+                    // moved out (a copy of its bytes) only for the slow path.
+                    let verdict = match this.retry.as_ref() {
+                        Some(retry) => retry.verdict(&response),
+                        None => HeadVerdict::NotExpired,
                     };
-                    let verdict = retry.verdict(&response);
                     if verdict.is_not_expired() {
                         return Poll::Ready(Ok(response.map(ResponseBody::new)));
                     }
+                    let Some(retry) = this.retry.take() else {
+                        return Poll::Ready(Ok(response.map(ResponseBody::new)));
+                    };
                     let fut = match first_look_at(retry, response, verdict, cx) {
                         Look::Answer(response) => return Poll::Ready(Ok(response)),
                         Look::Slow(fut) => fut,
