@@ -7,8 +7,10 @@
 #   benches/callgrind.sh tower_retry_bearer ours/replay_on_empty_body
 #   benches/callgrind.sh ours/replay_on_empty_body ours/detector_json_rule
 #
-# Per request = instructions inside `hot_path::send` / calls of it, so the
-# bench's set-up is not counted.
+# Each variant is profiled twice, for 1 s and for 3 s: per request =
+# (difference of the instructions inside `hot_path::send`) / (difference of
+# its calls), so whatever is counted once (set-up, first-call
+# initialisation) cancels out.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "valgrind is not installed (apt-get install valgrind)" >&2; exit 1; }
@@ -19,11 +21,13 @@ out=target/callgrind
 mkdir -p "$out"
 
 for variant in "$@"; do
-    name=${variant//\//_}
-    valgrind --tool=callgrind --callgrind-out-file="$out/$name.out" \
-        "$bin" --bench --profile-time 1 "hot_path/$variant\$" >"$out/$name.log" 2>&1
-    callgrind_annotate --inclusive=yes "$out/$name.out" >"$out/$name.inclusive" 2>/dev/null
-    callgrind_annotate --threshold=100 "$out/$name.out" >"$out/$name.self" 2>/dev/null
+    for seconds in 1 3; do
+        name=${variant//\//_}.$seconds
+        valgrind --tool=callgrind --callgrind-out-file="$out/$name.out" \
+            "$bin" --bench --profile-time "$seconds" "hot_path/$variant\$" >"$out/$name.log" 2>&1
+        callgrind_annotate --inclusive=yes "$out/$name.out" >"$out/$name.inclusive" 2>/dev/null
+        callgrind_annotate --threshold=100 "$out/$name.out" >"$out/$name.self" 2>/dev/null
+    done
 done
 
 python3 - "$out" "$@" <<'PY'
@@ -54,22 +58,26 @@ def table(path, per):
             rows[m.group(2)] = int(m.group(1).replace(",", "")) / per
     return rows
 
+def inclusive_of_send(path):
+    for line in open(path):
+        if re.search(r"\?\?\?:hot_path::send \[", line):
+            return int(line.split()[0].replace(",", ""))
+    return 0
+
 per_request, self_costs = {}, {}
 for v in variants:
     name = v.replace("/", "_")
-    calls = calls_of_send(f"{out}/{name}.out")
-    inclusive = 0
-    for line in open(f"{out}/{name}.inclusive"):
-        if re.search(r"\?\?\?:hot_path::send \[", line):
-            inclusive = int(line.split()[0].replace(",", ""))
-            break
-    per_request[v] = inclusive / calls if calls else float("nan")
-    self_costs[v] = table(f"{out}/{name}.self", calls or 1)
+    short, long = f"{out}/{name}.1", f"{out}/{name}.3"
+    calls = calls_of_send(f"{long}.out") - calls_of_send(f"{short}.out")
+    inclusive = inclusive_of_send(f"{long}.inclusive") - inclusive_of_send(f"{short}.inclusive")
+    per_request[v] = inclusive / calls if calls > 0 else float("nan")
+    short_self, long_self = table(f"{short}.self", 1), table(f"{long}.self", 1)
+    self_costs[v] = {k: (long_self[k] - short_self.get(k, 0)) / max(calls, 1) for k in long_self}
     print(f"{v}: {per_request[v]:.0f} instructions per request ({calls} requests)")
 
 if len(variants) >= 2:
     a, b = variants[0], variants[1]
-    print(f"\n{b} - {a}: {per_request[b] - per_request[a]:+.0f} per request; largest differences by function (self cost per request; set-up included, so ignore set-up functions):")
+    print(f"\n{b} - {a}: {per_request[b] - per_request[a]:+.0f} per request; largest differences by function (self cost per request):")
     keys = set(self_costs[a]) | set(self_costs[b])
     diff = sorted(keys, key=lambda k: -abs(self_costs[b].get(k, 0) - self_costs[a].get(k, 0)))
     for k in diff[:25]:
