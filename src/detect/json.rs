@@ -6,6 +6,7 @@ use std::fmt;
 
 use http::header::CONTENT_TYPE;
 use http::{HeaderMap, StatusCode};
+use memchr::memmem;
 use serde_json::Value;
 
 use super::json_fields::{INLINE, Kept, Leaf, Members};
@@ -112,6 +113,9 @@ struct Reading {
     /// [`INLINE`] slots): the raw bytes of a body can then show that it is
     /// not expired before any parse ([`JsonBodyRule::rules_out_raw`]).
     code_slots: Option<Vec<usize>>,
+    /// The names of those members in quotes, as searched for in the bytes
+    /// after the first code.
+    quoted_code_names: Vec<memmem::Finder<'static>>,
 }
 
 /// The expiry codes of [`JsonBodyRule::default_rules`].
@@ -368,10 +372,17 @@ impl JsonBodyRule {
                 _ => code_slots = None,
             }
         }
+        let quoted_code_names = code_slots
+            .iter()
+            .flatten()
+            .filter_map(|&slot| members.name(slot))
+            .map(|name| memmem::Finder::new(&format!("\"{name}\"")).into_owned())
+            .collect();
         self.reading = Reading {
             members,
             whole_document,
             code_slots,
+            quoted_code_names,
         };
     }
 
@@ -449,8 +460,16 @@ impl JsonBodyRule {
                     .is_some_and(|name| name.as_bytes() == key)
             })
         };
+        let rest_is_plain = |rest: &[u8]| {
+            memchr::memchr(b'\\', rest).is_none()
+                && self
+                    .reading
+                    .quoted_code_names
+                    .iter()
+                    .all(|name| name.find(rest).is_none())
+        };
         let mut found = RawCodes([None; INLINE]);
-        top_level_scalars(body, slot_of, &mut found.0)
+        top_level_scalars(body, slot_of, rest_is_plain, &mut found.0)
             && !self.code_hit(&found)
             && !self.reads_messages(&found, status)
     }

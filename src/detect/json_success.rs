@@ -19,13 +19,19 @@ use super::json_fields::Leaf;
 /// escape (`"\u0063ode"` is `code`), a wanted member's value a string with
 /// an escape or a number other than a plain integer of up to 18 digits, a
 /// slot outside `found`, or bytes that cannot be JSON.
+///
+/// After the first wanted value, `rest_is_plain` is asked about the bytes
+/// after it: when they hold no escape and no wanted key (`true`), there is
+/// nothing more to find and they are not walked.
 pub(crate) fn top_level_scalars<'b>(
     body: &'b [u8],
     slot_of: impl Fn(&[u8]) -> Option<usize>,
+    rest_is_plain: impl Fn(&[u8]) -> bool,
     found: &mut [Option<Leaf<'b>>],
 ) -> bool {
     let mut depth = 0usize;
     let mut at = 0;
+    let mut asked = false;
     while let Some(&byte) = body.get(at) {
         at += 1;
         if !STRUCTURE[usize::from(byte)] {
@@ -63,6 +69,16 @@ pub(crate) fn top_level_scalars<'b>(
                 };
                 *kept = Some(value);
                 at = next;
+                // NOTE: a key is a whole string after the value, so without
+                // an escape every later key equal to a wanted name shows as
+                // that name in quotes. Asked once: a body repeating a
+                // member is walked, not searched again and again.
+                if !asked {
+                    asked = true;
+                    if body.get(at..).is_some_and(&rest_is_plain) {
+                        return true;
+                    }
+                }
             }
             b'{' | b'[' => depth += 1,
             b'}' | b']' => match depth.checked_sub(1) {
@@ -164,7 +180,7 @@ mod tests {
             b"success" => Some(1),
             _ => None,
         };
-        top_level_scalars(body.as_bytes(), slot_of, &mut found).then_some(found)
+        top_level_scalars(body.as_bytes(), slot_of, |_: &[u8]| false, &mut found).then_some(found)
     }
 
     fn code(body: &str) -> Option<Option<Leaf<'_>>> {
@@ -201,6 +217,26 @@ mod tests {
             Some([None, Some(Leaf::Bool(true))])
         );
         assert_eq!(codes(r#"{"id":7,"name":"\u00e9"}"#), Some([None, None]));
+    }
+
+    #[test]
+    fn a_plain_rest_is_not_walked() {
+        let body = br#"{"code":0,"data":"unterminated"#;
+        let mut found = [None];
+        let slot_of = |key: &[u8]| (key == b"code").then_some(0);
+        let rest = |rest: &[u8]| {
+            assert_eq!(rest, br#","data":"unterminated"#);
+            true
+        };
+        assert!(top_level_scalars(body, slot_of, rest, &mut found));
+        assert_eq!(found, [Some(Leaf::Signed(0))]);
+        // Otherwise the walk goes on, and finds the string unterminated.
+        assert!(!top_level_scalars(
+            body,
+            slot_of,
+            |_: &[u8]| false,
+            &mut found
+        ));
     }
 
     #[test]
