@@ -16,7 +16,7 @@ use http_body_util::BodyExt;
 
 use super::json_end::{JsonEnd, Progress, is_one_document};
 use super::response::{Prefixed, ResponseBody, to_bytes};
-use crate::detect::ResponseHead;
+use crate::detect::{ResponseHead, is_plain_json};
 
 /// A response body after [`peek`].
 pub(crate) struct Peeked<B> {
@@ -45,7 +45,11 @@ pub(crate) fn not_peekable(head: &ResponseHead<'_>) -> Option<&'static str> {
     if !identity {
         return Some("content-encoding");
     }
-    let content_type = head.content_type().and_then(|v| v.to_str().ok())?;
+    let content_type = head.content_type()?;
+    if is_plain_json(content_type) {
+        return None;
+    }
+    let content_type = content_type.to_str().ok()?;
     let mut parts = content_type.split(';');
     let essence = parts.next().unwrap_or("").trim();
     let streaming_type = STREAMING_TYPES

@@ -605,10 +605,22 @@ impl<'a> Code<'a> {
     }
 }
 
+/// The two spellings most JSON APIs send, recognised without parsing the
+/// media type: `application/json` and `application/json; charset=utf-8`
+/// (any case).
+pub(crate) fn is_plain_json(content_type: &HeaderValue) -> bool {
+    let bytes = content_type.as_bytes();
+    bytes.eq_ignore_ascii_case(b"application/json")
+        || bytes.eq_ignore_ascii_case(b"application/json; charset=utf-8")
+}
+
 /// Whether the response says its body is one JSON document (not a stream
 /// of them: a `stream=` parameter, as in Kubernetes'
 /// `application/json;stream=watch`, says the body never ends).
 pub(crate) fn is_json(content_type: Option<&HeaderValue>) -> bool {
+    if content_type.is_some_and(is_plain_json) {
+        return true;
+    }
     let Some(value) = content_type.and_then(|v| v.to_str().ok()) else {
         return false;
     };

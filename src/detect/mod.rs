@@ -22,6 +22,7 @@ pub use combinators::{
     BodyDetectorFn, DetectorFn, ExpiryDetectorExt, Or, body_detector_fn, detector_fn,
 };
 pub use json::JsonBodyRule;
+pub(crate) use json::is_plain_json;
 pub use status::{StatusDetector, Unauthorized};
 
 /// The parts of a response a detector decides on.
