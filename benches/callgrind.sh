@@ -8,7 +8,10 @@
 #   benches/callgrind.sh ours/replay_on_empty_body ours/detector_json_rule
 #
 # Per request = instructions inside `hot_path::send` / calls of it, so the
-# bench's set-up is not counted.
+# bench's set-up is not counted. For each variant it also lists the crate's
+# own functions with their inclusive cost per request (`AuthRefresh::call`
+# is the first attempt up to the inner service's return; the response
+# future's drop is the clean-up after the answer).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "valgrind is not installed (apt-get install valgrind)" >&2; exit 1; }
@@ -66,6 +69,22 @@ for v in variants:
     per_request[v] = inclusive / calls if calls else float("nan")
     self_costs[v] = table(f"{out}/{name}.self", calls or 1)
     print(f"{v}: {per_request[v]:.0f} instructions per request ({calls} requests)")
+
+def crate_functions(path, per):
+    """Inclusive cost per request of the crate's own functions."""
+    rows = []
+    for line in open(path):
+        m = re.match(r"\s*([\d,]+) \(\s*[\d.]+%\)\s+\?\?\?:(.*?) \[", line)
+        if m and "tower_auth_refresh::" in m.group(2):
+            rows.append((int(m.group(1).replace(",", "")) / per, m.group(2)))
+    return rows
+
+for v in variants:
+    name = v.replace("/", "_")
+    calls = calls_of_send(f"{out}/{name}.out") or 1
+    print(f"\n{v}: the crate's functions, inclusive instructions per request (largest first):")
+    for cost, fn in crate_functions(f"{out}/{name}.inclusive", calls)[:12]:
+        print(f"{cost:8.0f}  {fn[:140]}")
 
 if len(variants) >= 2:
     a, b = variants[0], variants[1]

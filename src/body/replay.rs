@@ -406,10 +406,13 @@ impl<B> State<B> {
     /// yielded and keeps nothing new.
     fn release(&mut self) {
         self.released = true;
+        if self.cursor == self.chunks.len() {
+            self.forget_if_all_yielded();
+            return;
+        }
         for chunk in &mut self.chunks[..self.cursor] {
             *chunk = Bytes::new();
         }
-        self.forget_if_all_yielded();
     }
 
     /// Once released and every chunk is yielded, drops the (freed) list
@@ -738,6 +741,23 @@ mod tests {
         assert_eq!(retry.buffered_bytes(), 0);
         assert!(retry.frame().await.is_none());
         assert!(retry.is_end_stream());
+    }
+
+    #[tokio::test]
+    async fn a_one_frame_body_is_kept_without_a_buffer_of_its_own() {
+        let (mut first, replay) = ReplayBody::new(streamed(data(&["one frame"])), 1024);
+        first.frame().await.unwrap().unwrap();
+        let Kind::Tee { reader } = &first.kind else {
+            panic!("a streamed body under the cap is kept");
+        };
+        assert!(
+            !reader.shared.lock().chunks.spilled(),
+            "the chunk sits in the shared state itself"
+        );
+        assert_eq!(first.buffered_bytes(), 9);
+        assert!(first.frame().await.is_none());
+        let (bytes, _) = read(replay.try_replay().unwrap()).await.unwrap();
+        assert_eq!(bytes, b"one frame");
     }
 
     #[test]
