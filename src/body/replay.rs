@@ -24,6 +24,12 @@
 //!   the current attempt has yielded are freed, new chunks are no longer
 //!   kept, and the chunks a retry has still to yield are freed as it yields
 //!   them. A client-streaming upload answered early holds no buffer.
+//! - What the first attempt pays, and why: the caller's body is boxed (it
+//!   may be `!Unpin`) in the state shared with the [`Replay`] handle, so a
+//!   retry can read on from it even while the inner service holds the first
+//!   attempt's body without polling it (hyper may); each frame takes the
+//!   uncontended lock for the same reason; each chunk costs one refcount.
+//!   The chunk of a one-frame body is kept inline in that state.
 
 use std::fmt;
 use std::pin::Pin;
