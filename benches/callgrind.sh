@@ -7,8 +7,10 @@
 #   benches/callgrind.sh tower_retry_bearer ours/replay_on_empty_body
 #   benches/callgrind.sh ours/replay_on_empty_body ours/detector_json_rule
 #
-# Per request = instructions inside `hot_path::send` / calls of it, so the
-# bench's set-up is not counted. For each variant it also lists the crate's
+# Each variant is profiled twice, for 1 s and for 3 s: per request =
+# (difference of the instructions inside `hot_path::send`) / (difference of
+# its calls), so whatever is counted once (set-up, first-call
+# initialisation) cancels out. For each variant it also lists the crate's
 # own functions with their inclusive cost per request (`AuthRefresh::call`
 # is the first attempt up to the inner service's return; the response
 # future's drop is the clean-up after the answer).
@@ -22,11 +24,13 @@ out=target/callgrind
 mkdir -p "$out"
 
 for variant in "$@"; do
-    name=${variant//\//_}
-    valgrind --tool=callgrind --callgrind-out-file="$out/$name.out" \
-        "$bin" --bench --profile-time 1 "hot_path/$variant\$" >"$out/$name.log" 2>&1
-    callgrind_annotate --inclusive=yes "$out/$name.out" >"$out/$name.inclusive" 2>/dev/null
-    callgrind_annotate --threshold=100 "$out/$name.out" >"$out/$name.self" 2>/dev/null
+    for seconds in 1 3; do
+        name=${variant//\//_}.$seconds
+        valgrind --tool=callgrind --callgrind-out-file="$out/$name.out" \
+            "$bin" --bench --profile-time "$seconds" "hot_path/$variant\$" >"$out/$name.log" 2>&1
+        callgrind_annotate --inclusive=yes "$out/$name.out" >"$out/$name.inclusive" 2>/dev/null
+        callgrind_annotate --threshold=100 "$out/$name.out" >"$out/$name.self" 2>/dev/null
+    done
 done
 
 python3 - "$out" "$@" <<'PY'
@@ -57,38 +61,45 @@ def table(path, per):
             rows[m.group(2)] = int(m.group(1).replace(",", "")) / per
     return rows
 
+def inclusive_of_send(path):
+    for line in open(path):
+        if re.search(r"\?\?\?:hot_path::send \[", line):
+            return int(line.split()[0].replace(",", ""))
+    return 0
+
 per_request, self_costs = {}, {}
 for v in variants:
     name = v.replace("/", "_")
-    calls = calls_of_send(f"{out}/{name}.out")
-    inclusive = 0
-    for line in open(f"{out}/{name}.inclusive"):
-        if re.search(r"\?\?\?:hot_path::send \[", line):
-            inclusive = int(line.split()[0].replace(",", ""))
-            break
-    per_request[v] = inclusive / calls if calls else float("nan")
-    self_costs[v] = table(f"{out}/{name}.self", calls or 1)
+    short, long = f"{out}/{name}.1", f"{out}/{name}.3"
+    calls = calls_of_send(f"{long}.out") - calls_of_send(f"{short}.out")
+    inclusive = inclusive_of_send(f"{long}.inclusive") - inclusive_of_send(f"{short}.inclusive")
+    per_request[v] = inclusive / calls if calls > 0 else float("nan")
+    short_self, long_self = table(f"{short}.self", 1), table(f"{long}.self", 1)
+    self_costs[v] = {k: (long_self[k] - short_self.get(k, 0)) / max(calls, 1) for k in long_self}
     print(f"{v}: {per_request[v]:.0f} instructions per request ({calls} requests)")
 
-def crate_functions(path, per):
-    """Inclusive cost per request of the crate's own functions."""
-    rows = []
+def crate_functions(path):
+    """Inclusive cost of the crate's own functions."""
+    rows = {}
     for line in open(path):
         m = re.match(r"\s*([\d,]+) \(\s*[\d.]+%\)\s+\?\?\?:(.*?) \[", line)
         if m and "tower_auth_refresh::" in m.group(2):
-            rows.append((int(m.group(1).replace(",", "")) / per, m.group(2)))
+            rows[m.group(2)] = int(m.group(1).replace(",", ""))
     return rows
 
 for v in variants:
     name = v.replace("/", "_")
-    calls = calls_of_send(f"{out}/{name}.out") or 1
+    short, long = f"{out}/{name}.1", f"{out}/{name}.3"
+    calls = max(calls_of_send(f"{long}.out") - calls_of_send(f"{short}.out"), 1)
+    short_fns, long_fns = crate_functions(f"{short}.inclusive"), crate_functions(f"{long}.inclusive")
+    rows = sorted(((cost - short_fns.get(fn, 0)) / calls, fn) for fn, cost in long_fns.items())
     print(f"\n{v}: the crate's functions, inclusive instructions per request (largest first):")
-    for cost, fn in crate_functions(f"{out}/{name}.inclusive", calls)[:12]:
+    for cost, fn in reversed(rows[-12:]):
         print(f"{cost:8.0f}  {fn[:140]}")
 
 if len(variants) >= 2:
     a, b = variants[0], variants[1]
-    print(f"\n{b} - {a}: {per_request[b] - per_request[a]:+.0f} per request; largest differences by function (self cost per request; set-up included, so ignore set-up functions):")
+    print(f"\n{b} - {a}: {per_request[b] - per_request[a]:+.0f} per request; largest differences by function (self cost per request):")
     keys = set(self_costs[a]) | set(self_costs[b])
     diff = sorted(keys, key=lambda k: -abs(self_costs[b].get(k, 0) - self_costs[a].get(k, 0)))
     for k in diff[:25]:

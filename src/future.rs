@@ -13,8 +13,9 @@ use pin_project_lite::pin_project;
 use tower_service::Service;
 
 use crate::BoxError;
-use crate::body::{ReplayBody, ResponseBody};
-use crate::retry::RetryCtx;
+use crate::body::{FirstLook, ReplayBody, ResponseBody, first_look, not_peekable};
+use crate::detect::HeadVerdict;
+use crate::retry::{RetryCtx, judge};
 
 type SlowPath<ResB> = BoxFuture<'static, Result<Response<ResponseBody<ResB>>, BoxError>>;
 
@@ -96,18 +97,83 @@ where
             match this.kind.as_mut().project() {
                 KindProj::First { fut } => {
                     let response = ready!(fut.poll(cx)).map_err(Into::into)?;
-                    let Some(retry) = this.retry.take() else {
-                        return Poll::Ready(Ok(response.map(ResponseBody::new)));
+                    // NOTE: the retry context is only looked at here; it is
+                    // moved out (a copy of its bytes) only for the slow path.
+                    let verdict = match this.retry.as_ref() {
+                        Some(retry) => retry.verdict(&response),
+                        None => HeadVerdict::NotExpired,
                     };
-                    let verdict = retry.verdict(&response);
                     if verdict.is_not_expired() {
                         return Poll::Ready(Ok(response.map(ResponseBody::new)));
                     }
-                    let fut = Box::pin(retry.recover(response, verdict));
+                    let Some(retry) = this.retry.take() else {
+                        return Poll::Ready(Ok(response.map(ResponseBody::new)));
+                    };
+                    let fut = match first_look_at(retry, response, verdict, cx) {
+                        Look::Answer(response) => return Poll::Ready(Ok(response)),
+                        Look::Slow(fut) => fut,
+                    };
                     this.kind.set(Kind::Slow { fut });
                 }
                 KindProj::Slow { fut } => return fut.as_mut().poll(cx),
             }
+        }
+    }
+}
+
+enum Look<ResB> {
+    /// Handed back as it is.
+    Answer(Response<ResponseBody<ResB>>),
+    /// Needs the slow path: more of the body, or a refresh and retry.
+    Slow(SlowPath<ResB>),
+}
+
+/// A first answer the head could not clear. A body the detector must read
+/// is judged here, in the same poll, when it has already arrived whole (a
+/// small JSON answer usually comes with its head); only a body still on
+/// its way, an expired token or a DPoP nonce challenge takes the boxed
+/// slow path.
+fn first_look_at<S, ReqB, ResB>(
+    retry: RetryCtx<S, ReqB>,
+    response: Response<ResB>,
+    verdict: HeadVerdict,
+    cx: &mut Context<'_>,
+) -> Look<ResB>
+where
+    S: Service<Request<ReplayBody<ReqB>>, Response = Response<ResB>> + Send + 'static,
+    S::Error: Into<BoxError>,
+    S::Future: Send,
+    ReqB: Body + Send + 'static,
+    ReqB::Data: Buf + Send,
+    ReqB::Error: Into<BoxError>,
+    ResB: Body + Send + 'static,
+    ResB::Data: Buf + Send,
+    ResB::Error: Send + Sync + 'static,
+{
+    if verdict != HeadVerdict::NeedBody || retry.is_nonce_challenge(&response) {
+        return Look::Slow(Box::pin(retry.recover(response, verdict)));
+    }
+    let (parts, body) = response.into_parts();
+    if let Some(reason) = not_peekable(&parts.headers) {
+        tracing::debug!(
+            reason,
+            "response body not read by the detector; passed on undetected"
+        );
+        return Look::Answer(Response::from_parts(parts, ResponseBody::new(body)));
+    }
+    match first_look(body, retry.config.peek_limit, cx) {
+        FirstLook::Whole(bytes, body) => {
+            let expired = judge(&retry.config, &parts, Some(&bytes));
+            let answer = Response::from_parts(parts, body);
+            if expired {
+                Look::Slow(Box::pin(retry.retry_rejected(answer)))
+            } else {
+                Look::Answer(answer)
+            }
+        }
+        FirstLook::Unjudged(body) => Look::Answer(Response::from_parts(parts, body)),
+        FirstLook::Unfinished(unfinished) => {
+            Look::Slow(Box::pin(retry.judge_then_recover(parts, unfinished)))
         }
     }
 }

@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use http::header::{AUTHORIZATION, HeaderName, HeaderValue};
+use http::header::{AUTHORIZATION, Entry, HeaderName, HeaderValue};
 use http::{Request, Uri};
 use secrecy::ExposeSecret;
 
@@ -144,6 +144,7 @@ impl TokenInjector {
 
     /// `true` when the request already carries a token where this injector
     /// would put one.
+    #[cfg(test)]
     pub(crate) fn is_present<B>(&self, request: &Request<B>) -> bool {
         match &self.placement {
             Placement::Header { name, .. } => request.headers().contains_key(name),
@@ -151,6 +152,46 @@ impl TokenInjector {
                 .uri()
                 .query()
                 .is_some_and(|query| query_has_key(query, name)),
+        }
+    }
+
+    /// Puts the token on a request head that does not carry one yet, with
+    /// one look-up of the header. `token` is asked only when the head has
+    /// none of its own; it gives the prepared value and what goes with it.
+    pub(crate) fn put_if_absent<T>(
+        &self,
+        head: &mut http::request::Parts,
+        token: impl FnOnce() -> Option<(HeaderValue, T)>,
+    ) -> Put<T> {
+        match &self.placement {
+            Placement::Header { name, .. } => match head.headers.entry(name) {
+                Entry::Occupied(_) => Put::Present,
+                Entry::Vacant(slot) => match token() {
+                    Some((value, with)) => {
+                        slot.insert(value);
+                        Put::Done(with)
+                    }
+                    None => Put::NoToken,
+                },
+            },
+            Placement::Query { name } => {
+                if head
+                    .uri
+                    .query()
+                    .is_some_and(|query| query_has_key(query, name))
+                {
+                    return Put::Present;
+                }
+                match token() {
+                    Some((value, with)) => {
+                        if let Some(uri) = with_query_pair(&head.uri, value.as_bytes()) {
+                            head.uri = uri;
+                        }
+                        Put::Done(with)
+                    }
+                    None => Put::NoToken,
+                }
+            }
         }
     }
 
@@ -167,6 +208,16 @@ impl TokenInjector {
             }
         }
     }
+}
+
+/// What [`TokenInjector::put_if_absent`] did.
+pub(crate) enum Put<T> {
+    /// The request carries a token of its own: left alone.
+    Present,
+    /// The token was put on; `T` came with it.
+    Done(T),
+    /// There was no token to put on.
+    NoToken,
 }
 
 /// Whether `query` has a pair whose key, decoded as

@@ -40,10 +40,18 @@ impl LayerConfig {
         request: &mut http::Request<B>,
     ) -> Result<(), crate::BoxError> {
         injector.apply(header, request);
+        self.prove(request)
+    }
+
+    /// With DPoP, a fresh proof for a request that carries its token;
+    /// without, nothing.
+    pub(crate) fn prove<B>(&self, request: &mut http::Request<B>) -> Result<(), crate::BoxError> {
         #[cfg(feature = "dpop")]
         if let Some(key) = &self.dpop {
             crate::dpop::stamp(key, request)?;
         }
+        #[cfg(not(feature = "dpop"))]
+        let _ = request;
         Ok(())
     }
 

@@ -10,7 +10,9 @@ use tower::ServiceExt;
 use tower_service::Service;
 
 use crate::BoxError;
-use crate::body::{NotReplayable, Replay, ReplayBody, ResponseBody, not_peekable, peek};
+use crate::body::{
+    NotReplayable, Replay, ReplayBody, ResponseBody, Unfinished, not_peekable, peek,
+};
 use crate::detect::{HeadVerdict, ResponseHead};
 use crate::layer::LayerConfig;
 use crate::lifecycle::{Rejection, TokenManager};
@@ -53,23 +55,14 @@ pub struct RetrySkipped {
     pub reason: SkipReason,
 }
 
-/// Copies what is needed to send the request again.
-pub(crate) fn clone_head<B>(request: &Request<B>) -> Request<()> {
-    let mut head = Request::new(());
-    *head.method_mut() = request.method().clone();
-    *head.uri_mut() = request.uri().clone();
-    *head.version_mut() = request.version();
-    *head.headers_mut() = request.headers().clone();
-    *head.extensions_mut() = request.extensions().clone();
-    head
-}
-
 /// Everything a request's future needs beyond the first attempt.
 pub(crate) struct RetryCtx<S, ReqB> {
     pub(crate) manager: Arc<TokenManager>,
     pub(crate) config: Arc<LayerConfig>,
     pub(crate) inner: S,
-    pub(crate) head: Request<()>,
+    /// The request's head as it came, before the token was put on: each
+    /// further attempt starts from a copy.
+    pub(crate) head: http::request::Parts,
     pub(crate) replay: Replay<ReqB>,
     pub(crate) generation: u64,
 }
@@ -101,7 +94,7 @@ impl<S, ReqB> RetryCtx<S, ReqB> {
     fn remember_nonce<B>(&self, response: &Response<B>) {
         #[cfg(feature = "dpop")]
         if let Some(key) = &self.config.dpop {
-            key.nonces().update(self.head.uri(), response.headers());
+            key.nonces().update(&self.head.uri, response.headers());
         }
         #[cfg(not(feature = "dpop"))]
         let _ = response;
@@ -109,7 +102,7 @@ impl<S, ReqB> RetryCtx<S, ReqB> {
 
     /// Whether the layer speaks DPoP and the answer is a resource server's
     /// nonce challenge.
-    fn is_nonce_challenge<B>(&self, response: &Response<B>) -> bool {
+    pub(crate) fn is_nonce_challenge<B>(&self, response: &Response<B>) -> bool {
         #[cfg(feature = "dpop")]
         return self.config.dpop.is_some()
             && crate::dpop::is_nonce_challenge(response.status(), response.headers());
@@ -170,13 +163,52 @@ where
     /// the caller (its nonce is cached for the next request), and no
     /// refresh is started or counted for it.
     pub(crate) async fn recover(
-        mut self,
-        mut response: Response<ResB>,
+        self,
+        response: Response<ResB>,
         verdict: HeadVerdict,
     ) -> Result<Response<ResponseBody<ResB>>, BoxError> {
-        let mut verdict = Some(verdict);
+        self.recover_from(response, Some(verdict), false).await
+    }
+
+    /// The first answer's body did not end with its first frame: read on
+    /// (for at most the peek deadline), judge, and refresh and retry if it
+    /// says the token expired.
+    pub(crate) async fn judge_then_recover(
+        self,
+        parts: http::response::Parts,
+        unfinished: Unfinished<ResB>,
+    ) -> Result<Response<ResponseBody<ResB>>, BoxError> {
+        let peeked = unfinished
+            .peek(self.config.peek_limit, self.config.peek_deadline)
+            .await;
+        let expired = judge(&self.config, &parts, peeked.complete.as_deref());
+        let answer = Response::from_parts(parts, peeked.body);
+        if !expired {
+            return Ok(answer);
+        }
+        self.retry_rejected(answer).await
+    }
+
+    /// The first answer was judged an expired token: refresh, retry once,
+    /// and handle the retry's answer as `recover` does.
+    pub(crate) async fn retry_rejected(
+        mut self,
+        rejected: Response<ResponseBody<ResB>>,
+    ) -> Result<Response<ResponseBody<ResB>>, BoxError> {
+        let response = match self.refresh_and_retry(rejected).await? {
+            Ok(response) => response,
+            Err(handed_back) => return Ok(handed_back),
+        };
+        self.recover_from(response, None, true).await
+    }
+
+    async fn recover_from(
+        mut self,
+        mut response: Response<ResB>,
+        mut verdict: Option<HeadVerdict>,
+        mut refreshed: bool,
+    ) -> Result<Response<ResponseBody<ResB>>, BoxError> {
         let mut nonce_resent = false;
-        let mut refreshed = false;
         loop {
             if self.is_nonce_challenge(&response) {
                 if nonce_resent {
@@ -256,7 +288,7 @@ where
         self.generation = generation;
         drop(rejected);
 
-        let mut retry = clone_head(&self.head).map(|()| body);
+        let mut retry = Request::from_parts(self.head.clone(), body);
         self.config
             .authorize(&self.manager.config.injector, &header, &mut retry)?;
         self.manager.count_retry();
@@ -283,7 +315,7 @@ where
     ) -> Result<Response<ResB>, BoxError> {
         let (header, generation) = self.manager.wait_for_token().await?;
         self.generation = generation;
-        let mut again = clone_head(&self.head).map(|()| body);
+        let mut again = Request::from_parts(self.head.clone(), body);
         self.config
             .authorize(&self.manager.config.injector, &header, &mut again)?;
         tracing::debug!(generation, "resending request with the server's DPoP nonce");
@@ -343,12 +375,19 @@ where
         return (false, ResponseBody::new(body));
     }
     let peeked = peek(body, config.peek_limit, config.peek_deadline).await;
-    let head = ResponseHead::new(parts.status, parts.version, &parts.headers);
-    let expired = peeked
-        .complete
-        .as_ref()
-        .is_some_and(|bytes| config.detector.check_body(&head, bytes));
+    let expired = judge(config, parts, peeked.complete.as_deref());
     (expired, peeked.body)
+}
+
+/// What the detector says of a body whose bytes were all read (`None`:
+/// not read in time or too long, so not expired).
+pub(crate) fn judge(
+    config: &LayerConfig,
+    parts: &http::response::Parts,
+    complete: Option<&[u8]>,
+) -> bool {
+    let head = ResponseHead::new(parts.status, parts.version, &parts.headers);
+    complete.is_some_and(|bytes| config.detector.check_body(&head, bytes))
 }
 
 /// Counts and logs a retry that was not made, and marks the response's

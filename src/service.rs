@@ -11,9 +11,10 @@ use tower_service::Service;
 
 use crate::body::{ReplayBody, ResponseBody};
 use crate::future::ResponseFuture;
+use crate::inject::Put;
 use crate::layer::LayerConfig;
 use crate::lifecycle::Acquired;
-use crate::retry::{RetryCtx, clone_head};
+use crate::retry::RetryCtx;
 use crate::{AuthRefreshLayer, BoxError, TokenHandle};
 
 /// Middleware that keeps the inner HTTP service authenticated; built by
@@ -152,18 +153,25 @@ where
     ResB::Error: Send + Sync + 'static,
 {
     let manager = &handle.manager;
-    let injector = &manager.config.injector;
-
-    if injector.is_present(&request) {
+    let (mut parts, body) = request.into_parts();
+    // NOTE: the copy for further attempts is taken before the token is put
+    // on (a query token would otherwise be there twice on a retry).
+    let head = parts.clone();
+    let acquired = manager
+        .config
+        .injector
+        .put_if_absent(&mut parts, || match manager.acquire() {
+            Acquired::Ready(header, generation) => Some((header, generation)),
+            Acquired::Wait => None,
+        });
+    let generation = match acquired {
         // The caller's own token wins; nothing to refresh or retry.
-        return passthrough(inner, request);
-    }
-
-    let head = clone_head(&request);
-    let (parts, body) = request.into_parts();
+        Put::Present => return passthrough(inner, Request::from_parts(parts, body)),
+        Put::Done(generation) => Some(generation),
+        Put::NoToken => None,
+    };
     let (body, replay) = ReplayBody::new(body, config.max_replay_bytes);
     let mut request = Request::from_parts(parts, body);
-    let acquired = manager.acquire();
     let mut ctx = RetryCtx {
         manager: manager.clone(),
         config: config.clone(),
@@ -172,9 +180,9 @@ where
         replay,
         generation: 0,
     };
-    match acquired {
-        Acquired::Ready(header, generation) => {
-            if let Err(err) = config.authorize(injector, &header, &mut request) {
+    match generation {
+        Some(generation) => {
+            if let Err(err) = config.prove(&mut request) {
                 return ResponseFuture::slow(Box::pin(async move { Err(err) }));
             }
             ctx.generation = generation;
@@ -183,7 +191,7 @@ where
             let fut = ctx.inner.call(request);
             ResponseFuture::first(fut, ctx)
         }
-        Acquired::Wait => {
+        None => {
             // NOTE: the ready service is let go (its capacity under
             // `ConcurrencyLimit` or `Buffer` goes back) while the request
             // waits for a token; a clone is made ready after the wait.

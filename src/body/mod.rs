@@ -3,8 +3,9 @@
 mod json_end;
 mod peek;
 mod replay;
+mod response;
 
-pub use peek::ResponseBody;
-pub(crate) use peek::{not_peekable, peek};
+pub(crate) use peek::{FirstLook, Unfinished, first_look, not_peekable, peek};
 pub use replay::ReplayBody;
 pub(crate) use replay::{NotReplayable, Replay};
+pub use response::ResponseBody;

@@ -1,10 +1,10 @@
-//! [`ResponseBody`]: the response body handed back to the caller, with the
-//! prefix a detector peeked at put back in front.
+//! Reading the start of a response body for a detector without holding
+//! the head long: at once when the body is already there ([`first_look`]),
+//! else for at most the peek deadline ([`peek`]).
 
 use std::any::Any;
 use std::cell::Cell;
 use std::collections::VecDeque;
-use std::fmt;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -12,63 +12,11 @@ use std::time::Duration;
 use bytes::{Buf, Bytes, BytesMut};
 use http::HeaderMap;
 use http::header::{CONTENT_ENCODING, CONTENT_TYPE};
-use http_body::{Body, Frame, SizeHint};
+use http_body::{Body, Frame};
 use http_body_util::BodyExt;
-use pin_project_lite::pin_project;
 
 use super::json_end::{JsonEnd, Progress, is_one_document};
-
-pin_project! {
-    #[project = InnerProj]
-    enum Inner<B> {
-        // NOTE: the hot path: the upstream's body, polled in place.
-        Plain { #[pin] body: B },
-        // A body that was peeked at: boxed so it could be polled before
-        // being handed over (only on the slow path).
-        Peeked { body: Pin<Box<B>> },
-    }
-}
-
-pin_project! {
-    /// The body of a response from [`AuthRefresh`](crate::AuthRefresh).
-    ///
-    /// Byte for byte the upstream's body: when a detector had to look at
-    /// the body, the frames it read are yielded first, then the rest of the
-    /// upstream's body (or the error it ended with).
-    pub struct ResponseBody<B> {
-        buffered: VecDeque<Frame<Bytes>>,
-        buffered_len: u64,
-        // NOTE: the upstream's error met while peeking, handed to the caller
-        // after the buffered frames. Boxed as `Any` so that the type needs
-        // no `B: Body` bound; it is always a `B::Error`.
-        error: Option<Box<dyn Any + Send + Sync>>,
-        inner_done: bool,
-        #[pin]
-        inner: Inner<B>,
-    }
-}
-
-impl<B> fmt::Debug for ResponseBody<B> {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("ResponseBody")
-            .field("buffered_bytes", &self.buffered_len)
-            .field("inner_done", &self.inner_done)
-            .finish_non_exhaustive()
-    }
-}
-
-impl<B> ResponseBody<B> {
-    /// The upstream's body, passed through.
-    pub(crate) fn new(body: B) -> Self {
-        Self {
-            buffered: VecDeque::new(),
-            buffered_len: 0,
-            error: None,
-            inner_done: false,
-            inner: Inner::Plain { body },
-        }
-    }
-}
+use super::response::{Prefixed, ResponseBody, to_bytes};
 
 /// A response body after [`peek`].
 pub(crate) struct Peeked<B> {
@@ -77,10 +25,6 @@ pub(crate) struct Peeked<B> {
     /// The body's bytes, when it ended, or formed one complete JSON
     /// document, within the limit and the deadline.
     pub(crate) complete: Option<Bytes>,
-}
-
-fn to_bytes<D: Buf>(mut data: D) -> Bytes {
-    data.copy_to_bytes(data.remaining())
 }
 
 /// Why a response's body is handed on without being read, whatever the
@@ -145,16 +89,149 @@ where
     B::Data: Buf,
     B::Error: Send + Sync + 'static,
 {
-    let mut inner = Box::pin(body);
+    peek_after(Box::pin(body), None, limit, deadline).await
+}
+
+/// What [`first_look`] found.
+pub(crate) enum FirstLook<B> {
+    /// The body had ended within the limit: these are all its bytes, and
+    /// the body to hand on.
+    Whole(Bytes, ResponseBody<B>),
+    /// The body cannot be judged (longer than the limit, or it failed): hand
+    /// it on unread.
+    Unjudged(ResponseBody<B>),
+    /// The body had not ended: read further with [`Unfinished::peek`].
+    Unfinished(Unfinished<B>),
+}
+
+/// A body that [`first_look`] started to read (and whose length it found
+/// within the limit).
+pub(crate) struct Unfinished<B> {
+    body: Pin<Box<B>>,
+    read: Read,
+}
+
+/// What [`first_look`] read and knew before reading.
+struct Read {
+    first: Option<Frame<Bytes>>,
+    known_length: bool,
+}
+
+/// Reads what `body` has ready now, without waiting: a small response
+/// usually arrives with its head, so most bodies are judged here, with no
+/// timer and no task of their own.
+pub(crate) fn first_look<B>(body: B, limit: usize, cx: &mut Context<'_>) -> FirstLook<B>
+where
+    B: Body,
+    B::Data: Buf,
+    B::Error: Send + Sync + 'static,
+{
+    if body.is_end_stream() {
+        return FirstLook::Whole(Bytes::new(), ResponseBody::whole(Bytes::new()));
+    }
+    let hint = body.size_hint();
+    if hint.lower() > limit as u64 {
+        return FirstLook::Unjudged(ResponseBody::new(body));
+    }
+    let known_length = hint.exact().is_some();
+    let mut body = Box::pin(body);
+    let first = match body.as_mut().poll_frame(cx) {
+        Poll::Ready(None) => {
+            return FirstLook::Whole(Bytes::new(), ResponseBody::whole(Bytes::new()));
+        }
+        Poll::Ready(Some(Ok(frame))) => frame.map_data(to_bytes),
+        Poll::Ready(Some(Err(err))) => {
+            return FirstLook::Unjudged(ResponseBody::prefixed(Prefixed {
+                buffered: VecDeque::new(),
+                buffered_len: 0,
+                error: Some(Box::new(err)),
+                inner_done: false,
+                body,
+            }));
+        }
+        Poll::Pending => {
+            let read = Read {
+                first: None,
+                known_length,
+            };
+            return FirstLook::Unfinished(Unfinished { body, read });
+        }
+    };
+    match first.data_ref() {
+        Some(data) if data.len() <= limit && body.is_end_stream() => {
+            let data = data.clone();
+            FirstLook::Whole(data.clone(), ResponseBody::whole(data))
+        }
+        _ => FirstLook::Unfinished(Unfinished {
+            body,
+            read: Read {
+                first: Some(first),
+                known_length,
+            },
+        }),
+    }
+}
+
+impl<B> Unfinished<B>
+where
+    B: Body,
+    B::Data: Buf,
+    B::Error: Send + Sync + 'static,
+{
+    /// Reads on, as [`peek`] does, after what [`first_look`] read.
+    pub(crate) async fn peek(self, limit: usize, deadline: Duration) -> Peeked<B> {
+        peek_after(self.body, Some(self.read), limit, deadline).await
+    }
+}
+
+/// Reads `inner` for a detector; `read` is what [`first_look`] read and
+/// knew of it (its length was already checked against the limit then).
+async fn peek_after<B>(
+    mut inner: Pin<Box<B>>,
+    read: Option<Read>,
+    limit: usize,
+    deadline: Duration,
+) -> Peeked<B>
+where
+    B: Body,
+    B::Data: Buf,
+    B::Error: Send + Sync + 'static,
+{
     let mut buffered = VecDeque::new();
     let mut chunks: Vec<Bytes> = Vec::new();
     let mut total: u64 = 0;
     let mut error = None;
     let mut inner_done = inner.is_end_stream();
-    let hint = inner.size_hint();
-    let too_long = hint.lower() > limit as u64;
-    let known_length = hint.exact().is_some();
-    let timer = deadline_timer(deadline);
+    let mut json_end = JsonEnd::default();
+    let mut json_closed = false;
+    let mut over_limit = false;
+    // NOTE: the size hint is read before any frame: after one, a body's
+    // hint may or may not count what was already read.
+    let (too_long, known_length) = match &read {
+        Some(read) => (false, read.known_length),
+        None => {
+            let hint = inner.size_hint();
+            (hint.lower() > limit as u64, hint.exact().is_some())
+        }
+    };
+    if let Some(frame) = read.and_then(|read| read.first) {
+        if let Some(data) = frame.data_ref() {
+            total += data.len() as u64;
+            chunks.push(data.clone());
+            json_closed = json_end.feed(data) == Progress::Closed;
+        }
+        buffered.push_back(frame);
+        over_limit = total > limit as u64;
+        inner_done = inner.is_end_stream();
+    }
+    let mut complete = !too_long && !over_limit;
+    // NOTE: no timer is set for a body that needs no more reading (it
+    // ended, or the first frame held one whole JSON document).
+    let timer = if !inner_done && complete && !json_closed {
+        deadline_timer(deadline)
+    } else {
+        None
+    };
     let no_timer = timer.is_none();
     let sleep = async move {
         match timer {
@@ -163,16 +240,15 @@ where
         }
     };
     tokio::pin!(sleep);
-    let mut json_end = JsonEnd::default();
-    let mut json_closed = false;
 
-    let mut complete = !too_long;
-    if !inner_done && !too_long && no_timer && !known_length {
+    if inner_done || !complete || json_closed {
+        // Nothing more to read.
+    } else if no_timer && !known_length {
         tracing::debug!(
             "no tokio timer for the peek deadline; response body of unknown length passed on undetected"
         );
         complete = false;
-    } else if !inner_done && !too_long {
+    } else {
         loop {
             let frame = tokio::select! {
                 biased;
@@ -234,13 +310,13 @@ where
         None
     };
     Peeked {
-        body: ResponseBody {
+        body: ResponseBody::prefixed(Prefixed {
             buffered,
             buffered_len: total,
             error,
             inner_done,
-            inner: Inner::Peeked { body: inner },
-        },
+            body: inner,
+        }),
         complete,
     }
 }
@@ -286,83 +362,16 @@ fn concat(mut chunks: Vec<Bytes>) -> Bytes {
     }
 }
 
-impl<B> Body for ResponseBody<B>
-where
-    B: Body,
-    B::Data: Buf,
-    B::Error: 'static,
-{
-    type Data = Bytes;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let this = self.project();
-        if let Some(frame) = this.buffered.pop_front() {
-            if let Some(data) = frame.data_ref() {
-                *this.buffered_len -= data.len() as u64;
-            }
-            return Poll::Ready(Some(Ok(frame)));
-        }
-        if let Some(err) = this.error.take() {
-            *this.inner_done = true;
-            return match err.downcast::<B::Error>() {
-                Ok(err) => Poll::Ready(Some(Err(*err))),
-                Err(_) => Poll::Ready(None),
-            };
-        }
-        if *this.inner_done {
-            return Poll::Ready(None);
-        }
-        let polled = match this.inner.project() {
-            InnerProj::Plain { body } => body.poll_frame(cx),
-            InnerProj::Peeked { body } => body.as_mut().poll_frame(cx),
-        };
-        match polled {
-            Poll::Ready(None) => {
-                *this.inner_done = true;
-                Poll::Ready(None)
-            }
-            Poll::Ready(Some(frame)) => Poll::Ready(Some(frame.map(|f| f.map_data(to_bytes)))),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.buffered.is_empty()
-            && self.error.is_none()
-            && (self.inner_done
-                || match &self.inner {
-                    Inner::Plain { body } => body.is_end_stream(),
-                    Inner::Peeked { body } => body.is_end_stream(),
-                })
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        if self.inner_done {
-            return SizeHint::with_exact(self.buffered_len);
-        }
-        let inner = match &self.inner {
-            Inner::Plain { body } => body.size_hint(),
-            Inner::Peeked { body } => body.size_hint(),
-        };
-        let mut hint = SizeHint::new();
-        hint.set_lower(inner.lower().saturating_add(self.buffered_len));
-        if let Some(upper) = inner.upper() {
-            hint.set_upper(upper.saturating_add(self.buffered_len));
-        }
-        hint
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use std::convert::Infallible;
 
     use http::HeaderMap;
     use http_body_util::{Full, StreamBody};
+
+    use std::fmt;
+
+    use http_body::SizeHint;
 
     use super::*;
 
@@ -421,7 +430,7 @@ mod tests {
         let peeked = peek(stream(chunks(&refs)), 35, WAIT).await;
         assert!(peeked.complete.is_none());
         assert!(
-            peeked.body.buffered_len <= 35 + 10,
+            peeked.body.buffered_len() <= 35 + 10,
             "at most one frame past the limit"
         );
         let (bytes, _, err) = read_all(Box::pin(peeked.body)).await;
@@ -439,11 +448,72 @@ mod tests {
         assert_eq!(bytes, b"12345678901");
     }
 
+    fn look<B>(body: B, limit: usize) -> FirstLook<B>
+    where
+        B: Body,
+        B::Data: Buf,
+        B::Error: Send + Sync + 'static,
+    {
+        let waker = futures::task::noop_waker();
+        first_look(body, limit, &mut Context::from_waker(&waker))
+    }
+
+    #[tokio::test]
+    async fn a_body_that_arrived_whole_is_judged_at_first_look() {
+        let FirstLook::Whole(bytes, body) =
+            look(Full::new(Bytes::from_static(b"{\"code\":0}")), 64)
+        else {
+            panic!("a whole body");
+        };
+        assert_eq!(&bytes[..], b"{\"code\":0}");
+        assert_eq!(body.size_hint().exact(), Some(10));
+        assert!(!body.is_end_stream());
+        let (read, _, _) = read_all(Box::pin(body)).await;
+        assert_eq!(read, b"{\"code\":0}");
+
+        let FirstLook::Whole(bytes, body) = look(Full::new(Bytes::new()), 64) else {
+            panic!("an empty body is whole");
+        };
+        assert!(bytes.is_empty() && body.is_end_stream());
+    }
+
+    #[tokio::test]
+    async fn a_body_still_arriving_is_read_on_with_what_was_read_first() {
+        let FirstLook::Unfinished(unfinished) = look(stream(chunks(&["{\"co", "de\":1}"])), 64)
+        else {
+            panic!("not whole after one frame");
+        };
+        let peeked = unfinished.peek(64, WAIT).await;
+        assert_eq!(peeked.complete.as_deref(), Some(&b"{\"code\":1}"[..]));
+        let (read, _, _) = read_all(Box::pin(peeked.body)).await;
+        assert_eq!(read, b"{\"code\":1}");
+
+        // Past the limit after the first frame: handed on whole, unjudged.
+        let FirstLook::Unfinished(unfinished) = look(stream(chunks(&["123456", "78"])), 4) else {
+            panic!("not whole after one frame");
+        };
+        let peeked = unfinished.peek(4, WAIT).await;
+        assert!(peeked.complete.is_none());
+        let (read, _, _) = read_all(Box::pin(peeked.body)).await;
+        assert_eq!(read, b"12345678");
+    }
+
+    #[tokio::test]
+    async fn a_body_that_fails_at_once_is_handed_on_with_its_error() {
+        let failing = stream(vec![Err(std::io::Error::other("reset"))]);
+        let FirstLook::Unjudged(body) = look(failing, 64) else {
+            panic!("a failed body is not judged");
+        };
+        let (read, _, err) = read_all(Box::pin(body)).await;
+        assert!(read.is_empty());
+        assert_eq!(err.as_deref(), Some("reset"));
+    }
+
     #[tokio::test]
     async fn a_known_long_body_is_not_read() {
         let peeked = peek(Full::new(Bytes::from(vec![b'x'; 100])), 10, WAIT).await;
         assert!(peeked.complete.is_none());
-        assert_eq!(peeked.body.buffered_len, 0);
+        assert_eq!(peeked.body.buffered_len(), 0);
         let (bytes, _, _) = read_all(Box::pin(peeked.body)).await;
         assert_eq!(bytes.len(), 100);
     }
@@ -591,7 +661,7 @@ mod tests {
                     .unwrap();
                 let unknown = peek(StreamBody::new(rx), 64, WAIT).await;
                 assert!(unknown.complete.is_none(), "passed on unread");
-                assert_eq!(unknown.body.buffered_len, 0);
+                assert_eq!(unknown.body.buffered_len(), 0);
                 drop(tx);
                 let (bytes, _, _) = read_all(Box::pin(unknown.body)).await;
                 assert_eq!(bytes, b"{\"code\"");
