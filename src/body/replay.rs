@@ -439,6 +439,13 @@ fn frame_cost(chunk: &Bytes) -> usize {
 impl<B> Drop for Replay<B> {
     fn drop(&mut self) {
         if let ReplayKind::Tee(shared) = &self.kind {
+            // NOTE: no attempt's body is left (the inner service dropped
+            // it): this handle is the last owner and its drop frees it all.
+            // Only this handle could clone the `Arc`, so the count cannot
+            // rise meanwhile.
+            if Arc::strong_count(shared) == 1 {
+                return;
+            }
             shared.lock().release();
         }
     }
