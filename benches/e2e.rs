@@ -312,7 +312,7 @@ where
 
 /// `middle`'s client-credentials authorizer, its first token from this
 /// server's token endpoint.
-fn middle_stack(runtime: &tokio::runtime::Runtime) -> (impl ClientStack, Expect) {
+fn middle_stack(runtime: &tokio::runtime::Runtime) -> (impl ClientStack + use<>, Expect) {
     use middle::Authorizer;
     let token_endpoint = format!("http://{}{TOKEN_PATH}", server())
         .parse()
@@ -343,7 +343,7 @@ fn middle_stack(runtime: &tokio::runtime::Runtime) -> (impl ClientStack, Expect)
 
 /// `aliri_tokens`' watcher over a constant token valid for an hour (as
 /// long as everybody else's).
-fn aliri_stack(runtime: &tokio::runtime::Runtime) -> (impl ClientStack, Expect) {
+fn aliri_stack(runtime: &tokio::runtime::Runtime) -> (impl ClientStack + use<>, Expect) {
     let watcher = runtime
         .block_on(aliri_tokens::TokenWatcher::spawn_from_token_source(
             aliri_tokens::sources::ConstTokenSource::new(token_string())
@@ -425,6 +425,9 @@ const GET32: [Case; 1] = [Case {
     in_flight: 32,
 }];
 
+// NOTE: never inlined: `benches/callgrind_e2e.sh` counts its calls, one
+// per request.
+#[inline(never)]
 fn request(case: Case, uri: &str, n: usize, tenants: usize) -> Request<Full<Bytes>> {
     static PAYLOAD: OnceLock<Bytes> = OnceLock::new();
     let mut builder = Request::builder().uri(uri);
@@ -655,7 +658,7 @@ fn ours_stack() -> (impl ClientStack, Expect) {
     )
 }
 
-fn ours_json_stack(runtime: &tokio::runtime::Runtime) -> (impl ClientStack, Expect) {
+fn ours_json_stack(runtime: &tokio::runtime::Runtime) -> (impl ClientStack + use<>, Expect) {
     let handle = handle();
     let service = ServiceBuilder::new()
         .layer(
@@ -715,29 +718,57 @@ where
     type Failure = S::Error;
 }
 
-fn e2e(c: &mut Criterion) {
+/// Builds a stack with `make` and measures it on a client runtime of its
+/// own.
+///
+/// NOTE: a fresh runtime per stack: what a stack leaves behind (a peer's
+/// refresh task and its timer) must not weigh on the next stack's polls.
+/// A timer left in the wheel costs every later park a wheel scan and clock
+/// reads (callgrind counted ~700 instructions per request).
+fn measure<S, B>(
+    c: &mut Criterion,
+    name: &str,
+    case: Case,
+    tenants: usize,
+    make: impl FnOnce(&tokio::runtime::Runtime) -> (S, Expect),
+) where
+    S: Service<Request<Full<Bytes>>, Response = Response<B>> + Clone,
+    S::Error: std::fmt::Debug,
+    B: http_body::Body,
+    B::Error: std::fmt::Debug,
+{
+    // `E2E_ONLY=stack/case` (set by `benches/callgrind_e2e.sh`) builds and
+    // warms only that stack: a count of instructions must not include the
+    // others' set-up.
+    if std::env::var("E2E_ONLY").is_ok_and(|only| only != format!("{name}/{}", case.name())) {
+        return;
+    }
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("client runtime");
     let _guard = runtime.enter();
-    let rt = &runtime;
+    let stack = make(&runtime);
+    run(c, &runtime, name, case, tenants, stack);
+}
 
+fn e2e(c: &mut Criterion) {
     // NOTE: case by case, every stack in turn, so that the figures a ratio
     // compares are measured seconds apart, not minutes (the machine's load
     // drifts).
     for case in ALL {
-        let bare = (client::<Full<Bytes>>(), Expect::no_header());
-        run(c, rt, "bare", case, 0, bare);
-        run(c, rt, "tower_http_bearer", case, 0, tower_http_stack());
-        run(c, rt, "tower_retry_bearer", case, 0, tower_retry_stack());
-        run(c, rt, "middle", case, 0, middle_stack(rt));
-        run(c, rt, "aliri_tokens", case, 0, aliri_stack(rt));
-        run(c, rt, "ours", case, 0, ours_stack());
+        measure(c, "bare", case, 0, |_| {
+            (client::<Full<Bytes>>(), Expect::no_header())
+        });
+        measure(c, "tower_http_bearer", case, 0, |_| tower_http_stack());
+        measure(c, "tower_retry_bearer", case, 0, |_| tower_retry_stack());
+        measure(c, "middle", case, 0, middle_stack);
+        measure(c, "aliri_tokens", case, 0, aliri_stack);
+        measure(c, "ours", case, 0, |_| ours_stack());
         if case.name() == GET32[0].name() {
-            run(c, rt, "ours_json", case, 0, ours_json_stack(rt));
-            run(c, rt, "tenants_1", case, 1, tenants_stack(1));
-            run(c, rt, "tenants_1000", case, TENANTS, tenants_stack(TENANTS));
+            measure(c, "ours_json", case, 0, ours_json_stack);
+            measure(c, "tenants_1", case, 1, |_| tenants_stack(1));
+            measure(c, "tenants_1000", case, TENANTS, |_| tenants_stack(TENANTS));
         }
     }
 }

@@ -14,8 +14,8 @@ use tower_service::Service;
 
 use crate::BoxError;
 use crate::body::{FirstLook, ReplayBody, ResponseBody, first_look, not_peekable};
-use crate::detect::HeadVerdict;
-use crate::retry::{RetryCtx, judge};
+use crate::detect::{HeadVerdict, ResponseHead};
+use crate::retry::RetryCtx;
 
 type SlowPath<ResB> = BoxFuture<'static, Result<Response<ResponseBody<ResB>>, BoxError>>;
 
@@ -154,7 +154,8 @@ where
         return Look::Slow(Box::pin(retry.recover(response, verdict)));
     }
     let (parts, body) = response.into_parts();
-    if let Some(reason) = not_peekable(&parts.headers) {
+    let head = ResponseHead::with_content_type(parts.status, parts.version, &parts.headers);
+    if let Some(reason) = not_peekable(&head) {
         tracing::debug!(
             reason,
             "response body not read by the detector; passed on undetected"
@@ -163,7 +164,7 @@ where
     }
     match first_look(body, retry.config.peek_limit, cx) {
         FirstLook::Whole(bytes, body) => {
-            let expired = judge(&retry.config, &parts, Some(&bytes));
+            let expired = retry.config.detector.check_body(&head, &bytes);
             let answer = Response::from_parts(parts, body);
             if expired {
                 Look::Slow(Box::pin(retry.retry_rejected(answer)))

@@ -367,7 +367,8 @@ where
     B::Data: Buf,
     B::Error: Send + Sync + 'static,
 {
-    if let Some(reason) = not_peekable(&parts.headers) {
+    let head = ResponseHead::with_content_type(parts.status, parts.version, &parts.headers);
+    if let Some(reason) = not_peekable(&head) {
         tracing::debug!(
             reason,
             "response body not read by the detector; passed on undetected"
@@ -375,7 +376,10 @@ where
         return (false, ResponseBody::new(body));
     }
     let peeked = peek(body, config.peek_limit, config.peek_deadline).await;
-    let expired = judge(config, parts, peeked.complete.as_deref());
+    let expired = peeked
+        .complete
+        .as_deref()
+        .is_some_and(|bytes| config.detector.check_body(&head, bytes));
     (expired, peeked.body)
 }
 

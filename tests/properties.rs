@@ -490,6 +490,190 @@ proptest! {
 }
 
 // ---------------------------------------------------------------------------
+// JSON body rule: reading a body three ways gives one answer
+
+/// The default rules, which look at the raw bytes for the codes at `/code`
+/// and `/success` before parsing.
+fn with_raw_look() -> JsonBodyRule {
+    JsonBodyRule::default_rules()
+}
+
+/// The same decisions for the bodies below (no member is named `~`), but
+/// with a code pointer below a top-level member the raw look no longer
+/// applies: only the wanted top-level members are parsed.
+fn members_only() -> JsonBodyRule {
+    JsonBodyRule::default_rules().code_at("/~0/~0", Vec::<i64>::new())
+}
+
+/// The same again, with the whole document parsed as a `serde_json::Value`
+/// (a pointer to the whole document asks for it; a top-level object holds
+/// no text).
+fn whole_document() -> JsonBodyRule {
+    members_only().keywords_at("", ["token expired"])
+}
+
+/// A string literal with every character written as a `\u` escape.
+fn escaped_literal(text: &str) -> String {
+    let mut out = String::from("\"");
+    for unit in text.encode_utf16() {
+        out.push_str(&format!("\\u{unit:04x}"));
+    }
+    out.push('"');
+    out
+}
+
+/// The ways a top-level key can be written.
+fn key_literal(name: &'static str) -> impl Strategy<Value = String> {
+    prop_oneof![
+        3 => Just(format!("\"{name}\"")),
+        1 => Just(escaped_literal(name)),
+        1 => Just(format!("\"{}\"", name.to_ascii_uppercase())),
+    ]
+}
+
+/// Codes as servers write them: expiry and success codes in several
+/// spellings, other codes, and values that are no code.
+fn code_literal() -> impl Strategy<Value = String> {
+    prop::sample::select(vec![
+        "0",
+        "200",
+        "-0",
+        "0.0",
+        "0e0",
+        "2e2",
+        "00",
+        "40003",
+        "4.0003e4",
+        "40003.0",
+        "401",
+        "40001",
+        "40002",
+        "1",
+        "-1",
+        "7",
+        "null",
+        "true",
+        "false",
+        r#""0""#,
+        r#""200""#,
+        r#""0000""#,
+        r#"" 0 ""#,
+        r#""40003""#,
+        r#""+40003""#,
+        r#"" 40001 ""#,
+        r#""\u0034\u0030\u0030\u0030\u0033""#,
+        r#""\u0030""#,
+        r#""OK""#,
+        r#""ok""#,
+        r#""SuCcEsS""#,
+        r#""E_AUTH""#,
+        r#""""#,
+        r#"{"code":0}"#,
+        "[0]",
+        "123456789012345678",
+        "-123456789012345678",
+        "1234567890123456789",
+        "99999999999999999999",
+        "1e400",
+    ])
+    .prop_map(str::to_owned)
+}
+
+/// A message, written plainly or with every character escaped.
+fn message_literal() -> impl Strategy<Value = String> {
+    (any_message(), any::<bool>()).prop_map(|(text, escape)| {
+        if escape {
+            escaped_literal(&text)
+        } else {
+            serde_json::to_string(&text).unwrap()
+        }
+    })
+}
+
+/// One top-level member of an envelope, as text.
+fn member() -> impl Strategy<Value = String> {
+    prop_oneof![
+        4 => (key_literal("code"), code_literal()).prop_map(|(k, v)| format!("{k}:{v}")),
+        1 => (key_literal("success"), prop::sample::select(vec!["true", "false", r#""true""#]))
+            .prop_map(|(k, v)| format!("{k}:{v}")),
+        3 => (
+            prop::sample::select(vec!["msg", "message", "error", "error_description"])
+                .prop_flat_map(key_literal),
+            message_literal(),
+        )
+            .prop_map(|(k, v)| format!("{k}:{v}")),
+        2 => (prop::sample::select(vec!["data", "list", "x"]), any_json())
+            .prop_map(|(k, v)| format!("\"{k}\":{v}")),
+        1 => (key_literal("data"), prop::sample::select(vec![
+            r#"{"code":40003}"#, r#"{"code":0}"#, r#"[{"code":40003}]"#, r#""\"code\":0""#,
+        ]))
+            .prop_map(|(k, v)| format!("{k}:{v}")),
+    ]
+}
+
+/// Envelopes written by hand: repeated and escaped keys, every spelling of
+/// a code, escaped messages, nested codes, whitespace, a byte order mark,
+/// and sometimes cut short.
+fn envelope() -> impl Strategy<Value = Vec<u8>> {
+    (
+        prop::collection::vec(member(), 0..6),
+        prop::sample::select(vec!["", " ", "\n  ", "\t"]),
+        any::<bool>(),
+        prop::option::weighted(0.1, any::<prop::sample::Index>()),
+    )
+        .prop_map(|(members, space, bom, cut)| {
+            let separator = format!("{space},{space}");
+            let text = format!(
+                "{space}{{{space}{}{space}}}{space}",
+                members.join(&separator)
+            );
+            let mut body = if bom {
+                "\u{feff}".as_bytes().to_vec()
+            } else {
+                Vec::new()
+            };
+            body.extend_from_slice(text.as_bytes());
+            if let Some(cut) = cut {
+                body.truncate(cut.index(body.len() + 1));
+            }
+            body
+        })
+}
+
+proptest! {
+    #![proptest_config(cases(2048))]
+
+    #[test]
+    fn the_raw_look_and_the_parses_agree(
+        body in envelope(),
+        status in prop::sample::select(vec![200u16, 201, 204, 400, 401, 403, 500]),
+    ) {
+        let mut headers = HeaderMap::new();
+        headers.insert("content-type", HeaderValue::from_static("application/json"));
+        let head = ResponseHead::new(StatusCode::from_u16(status).unwrap(), Version::HTTP_11, &headers);
+        let text = String::from_utf8_lossy(&body);
+        let quick = with_raw_look().check_body(&head, &body);
+        let members = members_only().check_body(&head, &body);
+        let whole = whole_document().check_body(&head, &body);
+        prop_assert_eq!(quick, members, "raw look vs members: {} {}", status, text);
+        // A rule with codes only: the raw look rules out any code that is
+        // not an expiry code.
+        let codes_only = || JsonBodyRule::new().code_at("/code", CODES);
+        prop_assert_eq!(
+            codes_only().check_body(&head, &body),
+            codes_only().code_at("/~0/~0", Vec::<i64>::new()).check_body(&head, &body),
+            "codes only: {} {}", status, text
+        );
+        // Skipped members are only checked for their shape (a number out
+        // of `f64`'s range such as `1e400` passes), so the two parses agree
+        // on the bodies a `Value` can hold.
+        if serde_json::from_slice::<Value>(body.strip_prefix("\u{feff}".as_bytes()).unwrap_or(&body)).is_ok() {
+            prop_assert_eq!(members, whole, "members vs whole document: {} {}", status, text);
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
 // Stored tokens
 
 #[derive(Debug, Clone)]

@@ -10,13 +10,13 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use http::HeaderMap;
-use http::header::{CONTENT_ENCODING, CONTENT_TYPE};
+use http::header::CONTENT_ENCODING;
 use http_body::{Body, Frame};
 use http_body_util::BodyExt;
 
 use super::json_end::{JsonEnd, Progress, is_one_document};
 use super::response::{Prefixed, ResponseBody, to_bytes};
+use crate::detect::ResponseHead;
 
 /// A response body after [`peek`].
 pub(crate) struct Peeked<B> {
@@ -30,18 +30,22 @@ pub(crate) struct Peeked<B> {
 /// Why a response's body is handed on without being read, whatever the
 /// detector asks: a body that never ends (a stream of JSON documents or
 /// events) or that could not be matched (compressed).
-pub(crate) fn not_peekable(headers: &HeaderMap) -> Option<&'static str> {
-    let identity = headers.get_all(CONTENT_ENCODING).iter().all(|value| {
-        value.to_str().is_ok_and(|v| {
-            v.split(',').all(|coding| {
-                coding.trim().is_empty() || coding.trim().eq_ignore_ascii_case("identity")
+pub(crate) fn not_peekable(head: &ResponseHead<'_>) -> Option<&'static str> {
+    let identity = head
+        .headers()
+        .get_all(CONTENT_ENCODING)
+        .iter()
+        .all(|value| {
+            value.to_str().is_ok_and(|v| {
+                v.split(',').all(|coding| {
+                    coding.trim().is_empty() || coding.trim().eq_ignore_ascii_case("identity")
+                })
             })
-        })
-    });
+        });
     if !identity {
         return Some("content-encoding");
     }
-    let content_type = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok())?;
+    let content_type = head.content_type().and_then(|v| v.to_str().ok())?;
     let mut parts = content_type.split(';');
     let essence = parts.next().unwrap_or("").trim();
     let streaming_type = STREAMING_TYPES
@@ -735,7 +739,9 @@ mod tests {
                 Some("content-encoding"),
             ),
         ] {
-            assert_eq!(not_peekable(&headers(&pairs)), want, "{pairs:?}");
+            let headers = headers(&pairs);
+            let head = ResponseHead::new(http::StatusCode::OK, http::Version::HTTP_11, &headers);
+            assert_eq!(not_peekable(&head), want, "{pairs:?}");
         }
     }
 }

@@ -1,11 +1,17 @@
 //! [`JsonBodyRule`]: business codes and messages in a JSON envelope, such
 //! as `HTTP 200 {"code":40003,"msg":"token过期"}`.
 
-use http::header::CONTENT_TYPE;
-use http::{HeaderMap, StatusCode};
+use std::borrow::Cow;
+use std::fmt;
+
+use http::StatusCode;
+use http::header::HeaderValue;
+use memchr::memmem;
 use serde_json::Value;
 
-use super::json_fields::{first_member, wanted_members};
+use super::json_fields::{INLINE, Kept, Leaf, Members};
+use super::json_pointer::JsonPointer;
+use super::json_success::top_level_scalars;
 use super::{ExpiryDetector, HeadVerdict, ResponseHead};
 
 /// Expired when a JSON response body carries a code or a message that says
@@ -59,12 +65,57 @@ use super::{ExpiryDetector, HeadVerdict, ResponseHead};
 /// assert!(custom.check_body(&head, br#"{"status":{"code":"E_AUTH","message":"Session timed out"}}"#));
 /// assert!(!custom.check_body(&head, br#"{"status":{"code":"OK","message":"session timed out"}}"#));
 /// ```
-#[derive(Debug, Clone, Default)]
+#[derive(Clone, Default)]
 pub struct JsonBodyRule {
-    codes: Vec<(String, Vec<Code>)>,
-    success_codes: Vec<(String, Vec<Code>)>,
-    keywords: Vec<(String, Vec<String>)>,
+    codes: Vec<(Field, Vec<Code<'static>>)>,
+    success_codes: Vec<(Field, Vec<Code<'static>>)>,
+    keywords: Vec<(Field, Vec<String>)>,
     statuses: Option<Vec<StatusCode>>,
+    /// How bodies are read, worked out from the pointers when the rule is
+    /// built.
+    reading: Reading,
+}
+
+impl fmt::Debug for JsonBodyRule {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JsonBodyRule")
+            .field("codes", &self.codes)
+            .field("success_codes", &self.success_codes)
+            .field("keywords", &self.keywords)
+            .field("statuses", &self.statuses)
+            .finish()
+    }
+}
+
+/// A pointer of the rule, and the slot of the top-level member it starts
+/// at (in [`Reading::members`]).
+#[derive(Clone)]
+struct Field {
+    pointer: JsonPointer,
+    slot: Option<usize>,
+}
+
+impl fmt::Debug for Field {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.pointer.fmt(f)
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct Reading {
+    /// The top-level members the pointers start at.
+    members: Members,
+    /// Some pointer is the empty one (the whole document) or not a pointer:
+    /// the whole body is parsed, as `serde_json::Value`.
+    whole_document: bool,
+    /// The slots of the members that hold codes, when every pointer with
+    /// expiry or success codes names a top-level member (in the first
+    /// [`INLINE`] slots): the raw bytes of a body can then show that it is
+    /// not expired before any parse ([`JsonBodyRule::rules_out_raw`]).
+    code_slots: Option<Vec<usize>>,
+    /// The names of those members in quotes, as searched for in the bytes
+    /// after the first code.
+    quoted_code_names: Vec<memmem::Finder<'static>>,
 }
 
 /// The expiry codes of [`JsonBodyRule::default_rules`].
@@ -240,7 +291,9 @@ impl JsonBodyRule {
         I: IntoIterator,
         I::Item: ToString,
     {
-        self.codes.push((pointer.into(), code_list(codes)));
+        self.codes
+            .push((Field::new(pointer.into()), code_list(codes)));
+        self.index();
         self
     }
 
@@ -252,7 +305,9 @@ impl JsonBodyRule {
         I: IntoIterator,
         I::Item: ToString,
     {
-        self.success_codes.push((pointer.into(), code_list(codes)));
+        self.success_codes
+            .push((Field::new(pointer.into()), code_list(codes)));
+        self.index();
         self
     }
 
@@ -273,7 +328,8 @@ impl JsonBodyRule {
             .map(|k| k.as_ref().to_lowercase())
             .filter(|k| !k.is_empty())
             .collect();
-        self.keywords.push((pointer.into(), keywords));
+        self.keywords.push((Field::new(pointer.into()), keywords));
+        self.index();
         self
     }
 
@@ -284,20 +340,57 @@ impl JsonBodyRule {
         self
     }
 
-    /// The pointers whose first member must be read.
-    fn pointers(&self) -> impl Iterator<Item = &str> {
-        self.codes
+    /// Works out how bodies are read from the rule's pointers: which
+    /// top-level members to keep, whether the whole document is needed,
+    /// and whether the raw bytes can show the codes.
+    fn index(&mut self) {
+        let mut members = Members::default();
+        let mut whole_document = false;
+        let fields = self
+            .codes
+            .iter_mut()
+            .map(|(field, _)| field)
+            .chain(self.success_codes.iter_mut().map(|(field, _)| field))
+            .chain(self.keywords.iter_mut().map(|(field, _)| field));
+        for field in fields {
+            field.slot = match field.pointer.tokens() {
+                Some([first, rest @ ..]) => Some(members.add(first, !rest.is_empty())),
+                _ => {
+                    whole_document = true;
+                    None
+                }
+            };
+        }
+        let mut code_slots = Some(Vec::new());
+        for (field, _) in self.codes.iter().chain(&self.success_codes) {
+            match (field.pointer.tokens(), field.slot) {
+                (Some([_]), Some(slot)) if slot < INLINE => {
+                    if let Some(slots) = code_slots.as_mut().filter(|s| !s.contains(&slot)) {
+                        slots.push(slot);
+                    }
+                }
+                _ => code_slots = None,
+            }
+        }
+        let quoted_code_names = code_slots
             .iter()
-            .chain(&self.success_codes)
-            .map(|(pointer, _)| pointer.as_str())
-            .chain(self.keywords.iter().map(|(pointer, _)| pointer.as_str()))
+            .flatten()
+            .filter_map(|&slot| members.name(slot))
+            .map(|name| memmem::Finder::new(&format!("\"{name}\"")).into_owned())
+            .collect();
+        self.reading = Reading {
+            members,
+            whole_document,
+            code_slots,
+            quoted_code_names,
+        };
     }
 
-    fn envelope(&self, json: &Value) -> Envelope {
+    fn envelope(&self, json: &impl Document) -> Envelope {
         let mut envelope = Envelope::NoCode;
-        for (pointer, _) in self.success_codes.iter().chain(&self.codes) {
-            if let Some(code) = json.pointer(pointer).and_then(Code::of_json) {
-                if self.is_success(pointer, &code) {
+        for (field, _) in self.success_codes.iter().chain(&self.codes) {
+            if let Some(code) = json.find(field).and_then(Code::of_leaf) {
+                if self.is_success(field, &code) {
                     return Envelope::Success;
                 }
                 envelope = Envelope::ErrorCode;
@@ -306,47 +399,132 @@ impl JsonBodyRule {
         envelope
     }
 
-    fn is_success(&self, pointer: &str, code: &Code) -> bool {
-        self.success_codes
-            .iter()
-            .any(|(p, codes)| p == pointer && codes.contains(code))
+    fn is_success(&self, field: &Field, code: &Code<'_>) -> bool {
+        self.success_codes.iter().any(|(success, codes)| {
+            success.pointer.as_str() == field.pointer.as_str() && codes.iter().any(|c| c == code)
+        })
     }
 
-    fn matches(&self, json: &Value, status: StatusCode) -> bool {
-        let code_hit = self.codes.iter().any(|(pointer, codes)| {
-            json.pointer(pointer)
-                .and_then(Code::of_json)
-                .is_some_and(|code| codes.contains(&code) && !self.is_success(pointer, &code))
-        });
-        if code_hit {
-            return true;
-        }
-        if self.keywords.is_empty() {
+    fn matches(&self, json: &impl Document, status: StatusCode) -> bool {
+        self.code_hit(json) || (self.reads_messages(json, status) && self.keyword_hit(json))
+    }
+
+    /// Whether a code at a pointer is one of its expiry codes (and not a
+    /// success code there).
+    fn code_hit(&self, json: &impl Document) -> bool {
+        self.codes.iter().any(|(field, codes)| {
+            json.find(field)
+                .and_then(Code::of_leaf)
+                .is_some_and(|code| codes.contains(&code) && !self.is_success(field, &code))
+        })
+    }
+
+    /// Whether the codes (or their absence) let the messages be read.
+    fn reads_messages(&self, json: &impl Document, status: StatusCode) -> bool {
+        !self.keywords.is_empty()
+            && match self.envelope(json) {
+                Envelope::Success => false,
+                Envelope::ErrorCode => true,
+                Envelope::NoCode => !status.is_success(),
+            }
+    }
+
+    fn keyword_hit(&self, json: &impl Document) -> bool {
+        self.keywords.iter().any(|(field, keywords)| {
+            json.find(field)
+                .and_then(Leaf::as_str)
+                .map(str::to_lowercase)
+                .is_some_and(|text| keywords.iter().any(|k| mentions(&text, k)))
+        })
+    }
+
+    /// Whether the raw bytes of `body`, a JSON object, show that it is not
+    /// expired: its codes hit no expiry code, and they (or their absence)
+    /// keep the messages unread. Nothing is parsed.
+    ///
+    /// NOTE: this only ever rules expiry out, so it must agree with a parse
+    /// whenever the body is JSON (a body that is not JSON is not expired
+    /// either). It does: every pointer with codes names a top-level member,
+    /// and `top_level_scalars` reads those members as a parse would, or
+    /// gives up; the codes and the status are all `code_hit` and
+    /// `reads_messages` look at.
+    fn rules_out_raw(&self, body: &[u8], status: StatusCode) -> bool {
+        let Some(code_slots) = &self.reading.code_slots else {
             return false;
-        }
-        let read_messages = match self.envelope(json) {
-            Envelope::Success => false,
-            Envelope::ErrorCode => true,
-            Envelope::NoCode => !status.is_success(),
         };
-        read_messages
-            && self.keywords.iter().any(|(pointer, keywords)| {
-                json.pointer(pointer)
-                    .and_then(Value::as_str)
-                    .map(str::to_lowercase)
-                    .is_some_and(|text| keywords.iter().any(|k| mentions(&text, k)))
+        let members = &self.reading.members;
+        let slot_of = |key: &[u8]| {
+            code_slots.iter().copied().find(|&slot| {
+                members
+                    .name(slot)
+                    .is_some_and(|name| name.as_bytes() == key)
             })
+        };
+        let rest_is_plain = |rest: &[u8]| {
+            memchr::memchr(b'\\', rest).is_none()
+                && self
+                    .reading
+                    .quoted_code_names
+                    .iter()
+                    .all(|name| name.find(rest).is_none())
+        };
+        let mut found = RawCodes([None; INLINE]);
+        top_level_scalars(body, slot_of, rest_is_plain, &mut found.0)
+            && !self.code_hit(&found)
+            && !self.reads_messages(&found, status)
     }
 }
 
-fn code_list<I>(codes: I) -> Vec<Code>
+impl Field {
+    fn new(pointer: String) -> Self {
+        Self {
+            pointer: JsonPointer::parse(pointer),
+            slot: None,
+        }
+    }
+}
+
+/// A body as read for a rule: its wanted members, or all of it.
+trait Document {
+    /// What `field`'s pointer reaches.
+    fn find(&self, field: &Field) -> Option<Leaf<'_>>;
+}
+
+impl Document for Value {
+    fn find(&self, field: &Field) -> Option<Leaf<'_>> {
+        field.pointer.find(self).map(Leaf::of_value)
+    }
+}
+
+/// The codes read from the raw bytes, by member slot.
+struct RawCodes<'b>([Option<Leaf<'b>>; INLINE]);
+
+impl Document for RawCodes<'_> {
+    fn find(&self, field: &Field) -> Option<Leaf<'_>> {
+        match field.pointer.tokens()? {
+            [_] => *self.0.get(field.slot?)?,
+            _ => None,
+        }
+    }
+}
+
+impl Document for Kept<'_> {
+    fn find(&self, field: &Field) -> Option<Leaf<'_>> {
+        let [_, rest @ ..] = field.pointer.tokens()? else {
+            return None;
+        };
+        self.get(field.slot?)?.find(rest)
+    }
+}
+
+fn code_list<I>(codes: I) -> Vec<Code<'static>>
 where
     I: IntoIterator,
     I::Item: ToString,
 {
     codes
         .into_iter()
-        .filter_map(|c| Code::of_text(&c.to_string()))
+        .filter_map(|c| Code::of_text(&c.to_string()).map(Code::into_owned))
         .collect()
 }
 
@@ -354,35 +532,40 @@ where
 /// is a number or a string holding one (`0`, `0.0`, `-0`, `0e0`, `"0"` and
 /// `"0000"` are all zero; `40003`, `4.0003e4` and `"40003"` are equal),
 /// otherwise as text, ASCII case-insensitively and trimmed (`"OK"` is
-/// `"ok"`; `true` is `"true"`).
-#[derive(Debug, Clone, PartialEq)]
-enum Code {
+/// `"ok"`; `true` is `"true"`). A code read from a body borrows its text.
+#[derive(Debug, Clone)]
+enum Code<'a> {
     Integer(i128),
     Fraction(f64),
-    Text(String),
+    Text(Cow<'a, str>),
 }
 
-impl Code {
+impl<'b> PartialEq<Code<'b>> for Code<'_> {
+    fn eq(&self, other: &Code<'b>) -> bool {
+        match (self, other) {
+            (Self::Integer(a), Code::Integer(b)) => a == b,
+            (Self::Fraction(a), Code::Fraction(b)) => a == b,
+            (Self::Text(a), Code::Text(b)) => a.eq_ignore_ascii_case(b),
+            _ => false,
+        }
+    }
+}
+
+impl<'a> Code<'a> {
     /// The code a JSON value holds: a number, a non-empty string or a
     /// boolean; `null`, `""`, objects and arrays hold none.
-    fn of_json(value: &Value) -> Option<Self> {
+    fn of_leaf(value: Leaf<'a>) -> Option<Self> {
         match value {
-            Value::Number(n) => {
-                if let Some(i) = n.as_i64() {
-                    Some(Self::Integer(i128::from(i)))
-                } else if let Some(u) = n.as_u64() {
-                    Some(Self::Integer(i128::from(u)))
-                } else {
-                    n.as_f64().map(Self::of_float)
-                }
-            }
-            Value::String(s) => Self::of_text(s),
-            Value::Bool(b) => Some(Self::Text(b.to_string())),
-            _ => None,
+            Leaf::Signed(i) => Some(Self::Integer(i128::from(i))),
+            Leaf::Unsigned(u) => Some(Self::Integer(i128::from(u))),
+            Leaf::Float(f) => Some(Self::of_float(f)),
+            Leaf::Text(text) => Self::of_text(text),
+            Leaf::Bool(b) => Some(Self::Text(Cow::Borrowed(if b { "true" } else { "false" }))),
+            Leaf::Null | Leaf::Composite => None,
         }
     }
 
-    fn of_text(text: &str) -> Option<Self> {
+    fn of_text(text: &'a str) -> Option<Self> {
         let text = text.trim();
         if text.is_empty() {
             return None;
@@ -398,7 +581,7 @@ impl Code {
             && text.bytes().any(|b| b.is_ascii_digit());
         match text.parse::<f64>() {
             Ok(f) if numeric && f.is_finite() => Some(Self::of_float(f)),
-            _ => Some(Self::Text(text.to_ascii_lowercase())),
+            _ => Some(Self::Text(Cow::Borrowed(text))),
         }
     }
 
@@ -411,25 +594,45 @@ impl Code {
             Self::Fraction(f)
         }
     }
+
+    /// The code, kept by the rule: text lowercased, as the docs show it.
+    fn into_owned(self) -> Code<'static> {
+        match self {
+            Self::Integer(i) => Code::Integer(i),
+            Self::Fraction(f) => Code::Fraction(f),
+            Self::Text(text) => Code::Text(Cow::Owned(text.to_ascii_lowercase())),
+        }
+    }
 }
 
 /// Whether the response says its body is one JSON document (not a stream
 /// of them: a `stream=` parameter, as in Kubernetes'
 /// `application/json;stream=watch`, says the body never ends).
-pub(crate) fn is_json(headers: &HeaderMap) -> bool {
-    let Some(value) = headers.get(CONTENT_TYPE).and_then(|v| v.to_str().ok()) else {
+pub(crate) fn is_json(content_type: Option<&HeaderValue>) -> bool {
+    let Some(value) = content_type.and_then(|v| v.to_str().ok()) else {
         return false;
     };
-    let mut parts = value.split(';');
-    let essence = parts.next().unwrap_or("").trim().to_ascii_lowercase();
-    let json = essence == "application/json"
-        || essence == "text/json"
-        || (essence.starts_with("application/") && essence.ends_with("+json"));
+    // NOTE: `to_str` leaves only visible ASCII and tabs, where ASCII
+    // trimming is `str::trim`.
+    let mut parts = value.as_bytes().split(|&b| b == b';');
+    let essence = parts.next().unwrap_or_default().trim_ascii();
+    let starts_with = |prefix: &[u8]| {
+        essence
+            .get(..prefix.len())
+            .is_some_and(|head| head.eq_ignore_ascii_case(prefix))
+    };
+    let ends_with = |suffix: &[u8]| {
+        essence
+            .len()
+            .checked_sub(suffix.len())
+            .is_some_and(|start| essence[start..].eq_ignore_ascii_case(suffix))
+    };
+    let json = essence.eq_ignore_ascii_case(b"application/json")
+        || essence.eq_ignore_ascii_case(b"text/json")
+        || (starts_with(b"application/") && ends_with(b"+json"));
     json && !parts.any(|param| {
-        param
-            .split('=')
-            .next()
-            .is_some_and(|name| name.trim().eq_ignore_ascii_case("stream"))
+        let name = param.split(|&b| b == b'=').next().unwrap_or_default();
+        name.trim_ascii().eq_ignore_ascii_case(b"stream")
     })
 }
 
@@ -443,7 +646,7 @@ impl ExpiryDetector for JsonBodyRule {
                 return HeadVerdict::NotExpired;
             }
         }
-        if is_json(head.headers()) {
+        if is_json(head.content_type()) {
             HeadVerdict::NeedBody
         } else {
             HeadVerdict::NotExpired
@@ -453,31 +656,25 @@ impl ExpiryDetector for JsonBodyRule {
     fn check_body(&self, head: &ResponseHead<'_>, body: &[u8]) -> bool {
         // RFC 8259 §8.1: a parser may ignore a byte order mark.
         let body = body.strip_prefix(UTF8_BOM).unwrap_or(body);
-        let starts_like_json = body
-            .iter()
-            .find(|b| !b.is_ascii_whitespace())
-            .is_some_and(|b| *b == b'{' || *b == b'[');
-        if !starts_like_json {
+        let object = match body.iter().find(|b| !b.is_ascii_whitespace()) {
+            Some(b'{') => true,
+            Some(b'[') => false,
+            _ => return false,
+        };
+        let status = head.status();
+        if object && self.rules_out_raw(body, status) {
             return false;
         }
-        let status = head.status();
-        let mut wanted = Vec::with_capacity(self.codes.len() + self.keywords.len());
-        for pointer in self.pointers() {
-            match first_member(pointer) {
-                Some(member) => wanted.push(member),
-                // A pointer to the whole document: read all of it.
-                None => {
-                    return serde_json::from_slice::<Value>(body)
-                        .is_ok_and(|json| self.matches(&json, status));
-                }
-            }
+        let whole = |body| {
+            serde_json::from_slice::<Value>(body).is_ok_and(|json| self.matches(&json, status))
+        };
+        if self.reading.whole_document {
+            return whole(body);
         }
-        match wanted_members(body, &wanted) {
-            Ok(Some(object)) => self.matches(&object, status),
+        match self.reading.members.read(body) {
+            Ok(Some(kept)) => self.matches(&kept, status),
             // An array at the top: pointers may index into it.
-            Ok(None) => {
-                serde_json::from_slice::<Value>(body).is_ok_and(|json| self.matches(&json, status))
-            }
+            Ok(None) => whole(body),
             Err(_) => false,
         }
     }
@@ -489,6 +686,9 @@ const UTF8_BOM: &[u8] = b"\xEF\xBB\xBF";
 #[cfg(test)]
 mod tests {
     use http::Version;
+
+    use http::HeaderMap;
+    use http::header::CONTENT_TYPE;
 
     use super::*;
 
@@ -724,5 +924,122 @@ mod tests {
             let body = format!(r#"{{"code":1,"msg":"{msg}"}}"#);
             assert!(expired(&body), "{msg}");
         }
+    }
+
+    /// `is_json` as it was written first, lowercasing into a new string.
+    fn is_json_by_lowercasing(value: &str) -> bool {
+        let mut parts = value.split(';');
+        let essence = parts.next().unwrap_or("").trim().to_ascii_lowercase();
+        let json = essence == "application/json"
+            || essence == "text/json"
+            || (essence.starts_with("application/") && essence.ends_with("+json"));
+        json && !parts.any(|param| {
+            param
+                .split('=')
+                .next()
+                .is_some_and(|name| name.trim().eq_ignore_ascii_case("stream"))
+        })
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn is_json_reads_content_types_as_lowercasing_did(
+            pieces in proptest::collection::vec(
+                proptest::sample::select(vec![
+                    "application/json", "APPLICATION/Json", "text/json", "TEXT/JSON", "application/",
+                    "Application/", "vnd.api", "+json", "+JSON", "json", "+", " ", "\t", ";", "=",
+                    "stream", "Stream", "charset", "utf-8", "\"", "x", "/",
+                ]),
+                0..8,
+            )
+        ) {
+            let value = pieces.concat();
+            let mut headers = HeaderMap::new();
+            headers.insert(CONTENT_TYPE, value.parse().unwrap());
+            proptest::prop_assert_eq!(is_json(headers.get(CONTENT_TYPE)), is_json_by_lowercasing(&value), "{:?}", value);
+        }
+    }
+
+    #[test]
+    fn the_raw_look_rules_out_what_it_can_see() {
+        let rule = JsonBodyRule::default_rules();
+        let ok = StatusCode::OK;
+        let bad = StatusCode::BAD_REQUEST;
+        for (status, body) in [
+            (
+                ok,
+                r#"{"code":0,"msg":"ok","data":{"id":42,"name":"widget","price":1999}}"#,
+            ),
+            (
+                ok,
+                r#" {"msg":"\u6210\u529f","data":[{"code":40003}],"code":"200"}"#,
+            ),
+            (
+                bad,
+                r#"{"code":"SUCCESS","msg":"token expired, new one issued"}"#,
+            ),
+            (ok, r#"{"code":40003,"code":0}"#),
+            (ok, r#"{"success":true,"msg":"token expired"}"#),
+            (
+                ok,
+                r#"{"id":7,"items":[{"code":40003}],"msg":"token expired"}"#,
+            ),
+            (ok, r#"{"code":null,"error":"token expired"}"#),
+        ] {
+            assert!(
+                rule.rules_out_raw(body.as_bytes(), status),
+                "{status} {body}"
+            );
+            let headers = head_with("application/json");
+            let head = ResponseHead::new(status, Version::HTTP_11, &headers);
+            assert!(!rule.check_body(&head, body.as_bytes()), "{status} {body}");
+        }
+        for (status, body, want) in [
+            (ok, r#"{"code":0,"code":40003}"#, true),
+            (ok, r#"{"code":0,"\u0063ode":40003}"#, true),
+            (ok, r#"{"code":0.0,"msg":"ok"}"#, false),
+            (ok, r#"{"code":1,"msg":"token expired"}"#, true),
+            (ok, r#"{"success":false,"msg":"token expired"}"#, true),
+            (bad, r#"{"msg":"token expired"}"#, true),
+            (bad, r#"{"msg":"unknown field"}"#, false),
+            (
+                ok,
+                r#"{"data":{"code":0},"msg":"token expired","code":1}"#,
+                true,
+            ),
+        ] {
+            assert!(
+                !rule.rules_out_raw(body.as_bytes(), status),
+                "{status} {body}"
+            );
+            let headers = head_with("application/json");
+            let head = ResponseHead::new(status, Version::HTTP_11, &headers);
+            assert_eq!(
+                rule.check_body(&head, body.as_bytes()),
+                want,
+                "{status} {body}"
+            );
+        }
+        // Only when every pointer with codes names a top-level member.
+        let deep = JsonBodyRule::default_rules().code_at("/error/code", [401]);
+        assert!(!deep.rules_out_raw(br#"{"code":0}"#, ok));
+        let headers = head_with("application/json");
+        let head = ResponseHead::new(ok, Version::HTTP_11, &headers);
+        assert!(deep.check_body(&head, br#"{"code":0,"error":{"code":401}}"#));
+        // A rule with codes only rules out any other code.
+        let codes = JsonBodyRule::new().code_at("/code", [40003]);
+        assert!(codes.rules_out_raw(br#"{"code":1,"msg":"token expired"}"#, bad));
+        assert!(!codes.rules_out_raw(br#"{"code":40003}"#, ok));
+    }
+
+    #[test]
+    fn debug_shows_the_rule_as_written() {
+        let rule = JsonBodyRule::new()
+            .code_at("/a~1b", ["OK"])
+            .keywords_at("/msg", ["Token Expired"]);
+        assert_eq!(
+            format!("{rule:?}"),
+            r#"JsonBodyRule { codes: [("/a~1b", [Text("ok")])], success_codes: [], keywords: [("/msg", ["token expired"])], statuses: None }"#
+        );
     }
 }

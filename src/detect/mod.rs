@@ -5,12 +5,15 @@
 //! ([`AuthRefreshLayer::peek_limit`](crate::AuthRefreshLayer::peek_limit)),
 //! and the caller always receives the whole body unchanged.
 
+use http::header::{CONTENT_TYPE, HeaderValue};
 use http::{HeaderMap, StatusCode, Version};
 
 mod challenge;
 mod combinators;
 mod json;
 mod json_fields;
+mod json_pointer;
+mod json_success;
 mod status;
 
 pub use challenge::BearerChallenge;
@@ -27,6 +30,10 @@ pub struct ResponseHead<'a> {
     status: StatusCode,
     version: Version,
     headers: &'a HeaderMap,
+    // NOTE: `Some` when whoever made the head already looked the
+    // `Content-Type` up: the detectors that ask for it, and the peek, then
+    // share one look-up.
+    content_type: Option<Option<&'a HeaderValue>>,
 }
 
 impl<'a> ResponseHead<'a> {
@@ -36,6 +43,38 @@ impl<'a> ResponseHead<'a> {
             status,
             version,
             headers,
+            content_type: None,
+        }
+    }
+
+    /// A head whose `Content-Type` is looked up once, here, for every
+    /// detector that asks for it.
+    pub(crate) fn with_content_type(
+        status: StatusCode,
+        version: Version,
+        headers: &'a HeaderMap,
+    ) -> Self {
+        Self {
+            content_type: Some(headers.get(CONTENT_TYPE)),
+            ..Self::new(status, version, headers)
+        }
+    }
+
+    /// The `Content-Type` header, if any (the first one).
+    ///
+    /// ```
+    /// use http::{HeaderMap, StatusCode, Version};
+    /// use tower_auth_refresh::ResponseHead;
+    ///
+    /// let mut headers = HeaderMap::new();
+    /// headers.insert("content-type", "application/json".parse().unwrap());
+    /// let head = ResponseHead::new(StatusCode::OK, Version::HTTP_11, &headers);
+    /// assert_eq!(head.content_type().unwrap(), "application/json");
+    /// ```
+    pub fn content_type(&self) -> Option<&'a HeaderValue> {
+        match self.content_type {
+            Some(content_type) => content_type,
+            None => self.headers.get(CONTENT_TYPE),
         }
     }
 
