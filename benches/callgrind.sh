@@ -10,7 +10,10 @@
 # Each variant is profiled twice, for 1 s and for 3 s: per request =
 # (difference of the instructions inside `hot_path::send`) / (difference of
 # its calls), so whatever is counted once (set-up, first-call
-# initialisation) cancels out.
+# initialisation) cancels out. For each variant it also lists the crate's
+# own functions with their inclusive cost per request (`AuthRefresh::call`
+# is the first attempt up to the inner service's return; the response
+# future's drop is the clean-up after the answer).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 command -v valgrind >/dev/null || { echo "valgrind is not installed (apt-get install valgrind)" >&2; exit 1; }
@@ -74,6 +77,25 @@ for v in variants:
     short_self, long_self = table(f"{short}.self", 1), table(f"{long}.self", 1)
     self_costs[v] = {k: (long_self[k] - short_self.get(k, 0)) / max(calls, 1) for k in long_self}
     print(f"{v}: {per_request[v]:.0f} instructions per request ({calls} requests)")
+
+def crate_functions(path):
+    """Inclusive cost of the crate's own functions."""
+    rows = {}
+    for line in open(path):
+        m = re.match(r"\s*([\d,]+) \(\s*[\d.]+%\)\s+\?\?\?:(.*?) \[", line)
+        if m and "tower_auth_refresh::" in m.group(2):
+            rows[m.group(2)] = int(m.group(1).replace(",", ""))
+    return rows
+
+for v in variants:
+    name = v.replace("/", "_")
+    short, long = f"{out}/{name}.1", f"{out}/{name}.3"
+    calls = max(calls_of_send(f"{long}.out") - calls_of_send(f"{short}.out"), 1)
+    short_fns, long_fns = crate_functions(f"{short}.inclusive"), crate_functions(f"{long}.inclusive")
+    rows = sorted(((cost - short_fns.get(fn, 0)) / calls, fn) for fn, cost in long_fns.items())
+    print(f"\n{v}: the crate's functions, inclusive instructions per request (largest first):")
+    for cost, fn in reversed(rows[-12:]):
+        print(f"{cost:8.0f}  {fn[:140]}")
 
 if len(variants) >= 2:
     a, b = variants[0], variants[1]

@@ -11,8 +11,9 @@
 //!   and retries a 401 once) around `AddAuthorization`: what a generic
 //!   "retry once and add a header" stack costs;
 //! - `ours/*`: `AuthRefreshLayer` with replay off, with replay on and an
-//!   empty body, with replay on and a 1 KiB body, and with the JSON body rule
-//!   added to the detector (a 200 JSON answer is then peeked);
+//!   empty body, with replay on and off and a 1 KiB body (of known length,
+//!   and streamed in one chunk of unknown length), and with the JSON body
+//!   rule added to the detector (a 200 JSON answer is then peeked);
 //! - `mutex_layer` / `rwlock_layer`: straightforward layers written here as
 //!   baselines (lock, check the expiry against the clock, clone the header);
 //! - `middle`: `middle` 0.5's client-credentials authorizer,
@@ -32,8 +33,8 @@ use criterion::{Criterion, criterion_group, criterion_main};
 use futures::FutureExt;
 use http::header::{AUTHORIZATION, CONTENT_TYPE, HeaderValue};
 use http::{Request, Response};
-use http_body::Body;
-use http_body_util::{BodyExt, Full};
+use http_body::{Body, Frame};
+use http_body_util::{BodyExt, Full, StreamBody};
 use tower::{Layer, Service, ServiceExt};
 use tower_auth_refresh::{
     AuthRefreshLayer, ExpiryDetectorExt, JsonBodyRule, Token, TokenHandle, Unauthorized,
@@ -106,6 +107,15 @@ where
         .unwrap();
     black_box(response.drain());
 }
+
+/// A 1 KiB body of unknown length in one chunk, as a streamed upload
+/// sends it (no size hint, so replay keeps it).
+fn streamed(chunk: &Bytes) -> Streamed {
+    StreamBody::new(futures::stream::iter(vec![Ok(Frame::data(chunk.clone()))]))
+}
+
+type Streamed =
+    StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;
 
 /// Reads a response body to the end without waiting.
 trait IntoBody {
@@ -329,6 +339,15 @@ fn hot_path(c: &mut Criterion) {
     });
     group.bench_function("ours/replay_on_1kib_body", |b| {
         b.iter(|| send(&mut replay_on, Full::new(kib.clone())))
+    });
+    group.bench_function("ours/replay_off_1kib_body", |b| {
+        b.iter(|| send(&mut replay_off, Full::new(kib.clone())))
+    });
+    group.bench_function("ours/replay_on_streamed_1kib", |b| {
+        b.iter(|| send(&mut replay_on, streamed(&kib)))
+    });
+    group.bench_function("ours/replay_off_streamed_1kib", |b| {
+        b.iter(|| send(&mut replay_off, streamed(&kib)))
     });
     let mut floor_kib = tower_http::auth::AddAuthorizationLayer::bearer(&token_string())
         .as_sensitive(true)

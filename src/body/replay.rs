@@ -24,8 +24,13 @@
 //!   the current attempt has yielded are freed, new chunks are no longer
 //!   kept, and the chunks a retry has still to yield are freed as it yields
 //!   them. A client-streaming upload answered early holds no buffer.
+//! - What the first attempt pays, and why: the caller's body is boxed (it
+//!   may be `!Unpin`) in the state shared with the [`Replay`] handle, so a
+//!   retry can read on from it even while the inner service holds the first
+//!   attempt's body without polling it (hyper may); each frame takes the
+//!   uncontended lock for the same reason; each chunk costs one refcount.
+//!   The chunk of a one-frame body is kept inline in that state.
 
-use std::collections::VecDeque;
 use std::fmt;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -35,6 +40,7 @@ use bytes::{Buf, Bytes};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
+use smallvec::SmallVec;
 
 use crate::BoxError;
 
@@ -105,6 +111,10 @@ enum ReplayKind<B> {
     Tee(Arc<Shared<B>>),
 }
 
+/// The chunks kept for a replay. Most request bodies arrive in one frame:
+/// that chunk is kept inline, with no allocation of its own.
+type Chunks = SmallVec<[Bytes; 1]>;
+
 /// What every attempt of one request shares.
 struct Shared<B> {
     state: Mutex<State<B>>,
@@ -116,10 +126,14 @@ struct Shared<B> {
 struct State<B> {
     /// The caller's body, read by the current attempt.
     body: Pin<Box<B>>,
-    buffered: VecDeque<Bytes>,
-    /// Buffered frames the current attempt has yielded.
+    /// The kept chunks, in order. Once released, those the current attempt
+    /// has yielded are empty placeholders (freed), until all are yielded
+    /// and the list is emptied.
+    chunks: Chunks,
+    /// Index in `chunks` of the next chunk the current attempt yields.
     cursor: usize,
-    /// Bytes counted against the cap (each frame counts `MIN_FRAME_COST` at least).
+    /// Bytes counted against the cap (each frame counts `MIN_FRAME_COST` at
+    /// least). Only kept while not released: nothing is added after that.
     cost: usize,
     /// The [`Replay`] handle is gone: nothing is kept any more.
     released: bool,
@@ -175,7 +189,7 @@ impl<B: Body> ReplayBody<B> {
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 body: Box::pin(body),
-                buffered: VecDeque::new(),
+                chunks: Chunks::new(),
                 cursor: 0,
                 cost: 0,
                 released: false,
@@ -268,25 +282,24 @@ where
     B::Error: Into<BoxError>,
 {
     fn poll_frame(&mut self, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let shared = self.shared.clone();
+        let Reader {
+            shared,
+            attempt,
+            yielded,
+            trailers_sent,
+        } = self;
         let mut state = shared.lock();
-        if state.attempt != self.attempt {
+        if state.attempt != *attempt {
             return Poll::Ready(Some(Err(
                 "request body superseded by a replay of the request".into(),
             )));
         }
         if let Some(chunk) = state.next_buffered() {
-            self.yielded += chunk.len() as u64;
+            *yielded += chunk.len() as u64;
             return Poll::Ready(Some(Ok(Frame::data(chunk))));
         }
         if state.ended {
-            if !self.trailers_sent {
-                self.trailers_sent = true;
-                if let Some(trailers) = &state.trailers {
-                    return Poll::Ready(Some(Ok(Frame::trailers(trailers.clone()))));
-                }
-            }
-            return Poll::Ready(None);
+            return Poll::Ready(state.trailers_once(trailers_sent));
         }
         if state.failed {
             return Poll::Ready(Some(Err("request body failed earlier".into())));
@@ -298,13 +311,7 @@ where
             }
             Poll::Ready(None) => {
                 state.ended = true;
-                if !self.trailers_sent {
-                    self.trailers_sent = true;
-                    if let Some(trailers) = &state.trailers {
-                        return Poll::Ready(Some(Ok(Frame::trailers(trailers.clone()))));
-                    }
-                }
-                return Poll::Ready(None);
+                return Poll::Ready(state.trailers_once(trailers_sent));
             }
             Poll::Ready(Some(Err(err))) => {
                 state.failed = true;
@@ -316,7 +323,7 @@ where
             Ok(mut data) => {
                 let chunk = data.copy_to_bytes(data.remaining());
                 state.keep(&chunk, shared.max_bytes);
-                self.yielded += chunk.len() as u64;
+                *yielded += chunk.len() as u64;
                 Frame::data(chunk)
             }
             Err(frame) => match frame.into_trailers() {
@@ -324,7 +331,7 @@ where
                     // Trailers end the body: a replay must not wait for more.
                     state.trailers = Some(trailers.clone());
                     state.ended = true;
-                    self.trailers_sent = true;
+                    *trailers_sent = true;
                     Frame::trailers(trailers)
                 }
                 // Neither data nor trailers: not something http-body 1 yields.
@@ -339,7 +346,7 @@ where
         if state.attempt != self.attempt {
             return false;
         }
-        let buffered_left = state.cursor < state.buffered.len();
+        let buffered_left = state.cursor < state.chunks.len();
         let trailers_left = !self.trailers_sent && state.trailers.is_some();
         if state.ended {
             return !buffered_left && !trailers_left;
@@ -368,42 +375,58 @@ impl<B> State<B> {
         let cost = self.cost + frame_cost(chunk);
         if cost > max_bytes.max(MIN_FRAME_COST) {
             self.capped = true;
-            self.buffered = VecDeque::new();
+            self.chunks = Chunks::new();
             self.cursor = 0;
             self.cost = 0;
             return;
         }
         self.cost = cost;
-        self.buffered.push_back(chunk.clone());
-        self.cursor = self.buffered.len();
+        self.chunks.push(chunk.clone());
+        self.cursor = self.chunks.len();
     }
 
     /// The next buffered chunk for the current attempt; once released, it
     /// is handed over and no longer kept.
     fn next_buffered(&mut self) -> Option<Bytes> {
+        let slot = self.chunks.get_mut(self.cursor)?;
+        self.cursor += 1;
         if !self.released {
-            let chunk = self.buffered.get(self.cursor)?.clone();
-            self.cursor += 1;
-            return Some(chunk);
+            return Some(slot.clone());
         }
-        let chunk = self.buffered.pop_front()?;
-        self.cost = self.cost.saturating_sub(frame_cost(&chunk));
-        if self.buffered.is_empty() {
-            self.buffered = VecDeque::new();
-        }
+        let chunk = std::mem::take(slot);
+        self.forget_if_all_yielded();
         Some(chunk)
+    }
+
+    /// The trailers, the first time the attempt reaches the end of the
+    /// body; `None` (the end) after that or when there are none.
+    fn trailers_once(&self, sent: &mut bool) -> Option<Result<Frame<Bytes>, BoxError>> {
+        if std::mem::replace(sent, true) {
+            return None;
+        }
+        let trailers = self.trailers.as_ref()?;
+        Some(Ok(Frame::trailers(trailers.clone())))
     }
 
     /// No replay can happen any more: frees what the current attempt has
     /// yielded and keeps nothing new.
     fn release(&mut self) {
         self.released = true;
-        for chunk in self.buffered.drain(..self.cursor) {
-            self.cost = self.cost.saturating_sub(frame_cost(&chunk));
+        if self.cursor == self.chunks.len() {
+            self.forget_if_all_yielded();
+            return;
         }
-        self.cursor = 0;
-        if self.buffered.is_empty() {
-            self.buffered = VecDeque::new();
+        for chunk in &mut self.chunks[..self.cursor] {
+            *chunk = Bytes::new();
+        }
+    }
+
+    /// Once released and every chunk is yielded, drops the (freed) list
+    /// and its storage.
+    fn forget_if_all_yielded(&mut self) {
+        if self.cursor == self.chunks.len() {
+            self.chunks = Chunks::new();
+            self.cursor = 0;
         }
     }
 }
@@ -416,6 +439,13 @@ fn frame_cost(chunk: &Bytes) -> usize {
 impl<B> Drop for Replay<B> {
     fn drop(&mut self) {
         if let ReplayKind::Tee(shared) = &self.kind {
+            // NOTE: no attempt's body is left (the inner service dropped
+            // it): this handle is the last owner and its drop frees it all.
+            // Only this handle could clone the `Arc`, so the count cannot
+            // rise meanwhile.
+            if Arc::strong_count(shared) == 1 {
+                return;
+            }
             shared.lock().release();
         }
     }
@@ -426,7 +456,7 @@ impl<B> ReplayBody<B> {
     #[cfg(test)]
     pub(crate) fn buffered_bytes(&self) -> usize {
         match &self.kind {
-            Kind::Tee { reader } => reader.shared.lock().buffered.iter().map(Bytes::len).sum(),
+            Kind::Tee { reader } => reader.shared.lock().chunks.iter().map(Bytes::len).sum(),
             _ => 0,
         }
     }
@@ -724,6 +754,23 @@ mod tests {
         assert_eq!(retry.buffered_bytes(), 0);
         assert!(retry.frame().await.is_none());
         assert!(retry.is_end_stream());
+    }
+
+    #[tokio::test]
+    async fn a_one_frame_body_is_kept_without_a_buffer_of_its_own() {
+        let (mut first, replay) = ReplayBody::new(streamed(data(&["one frame"])), 1024);
+        first.frame().await.unwrap().unwrap();
+        let Kind::Tee { reader } = &first.kind else {
+            panic!("a streamed body under the cap is kept");
+        };
+        assert!(
+            !reader.shared.lock().chunks.spilled(),
+            "the chunk sits in the shared state itself"
+        );
+        assert_eq!(first.buffered_bytes(), 9);
+        assert!(first.frame().await.is_none());
+        let (bytes, _) = read(replay.try_replay().unwrap()).await.unwrap();
+        assert_eq!(bytes, b"one frame");
     }
 
     #[test]
