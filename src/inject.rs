@@ -2,7 +2,7 @@
 
 use std::fmt::Write as _;
 
-use http::header::{AUTHORIZATION, Entry, HeaderName, HeaderValue};
+use http::header::{AUTHORIZATION, HeaderName, HeaderValue};
 use http::{Request, Uri};
 use secrecy::ExposeSecret;
 
@@ -155,8 +155,7 @@ impl TokenInjector {
         }
     }
 
-    /// Puts the token on a request head that does not carry one yet, with
-    /// one look-up of the header. `token` is asked only when the head has
+    /// Puts the token on a request head that does not carry one yet. `token` is asked only when the head has
     /// none of its own; it gives the prepared value and what goes with it.
     pub(crate) fn put_if_absent<T>(
         &self,
@@ -164,16 +163,21 @@ impl TokenInjector {
         token: impl FnOnce() -> Option<(HeaderValue, T)>,
     ) -> Put<T> {
         match &self.placement {
-            Placement::Header { name, .. } => match head.headers.entry(name) {
-                Entry::Occupied(_) => Put::Present,
-                Entry::Vacant(slot) => match token() {
+            // NOTE: a look-up and an insert: cheaper than `HeaderMap::entry`
+            // (counted with callgrind), which pays for its guard even when
+            // the header is absent.
+            Placement::Header { name, .. } => {
+                if head.headers.contains_key(name) {
+                    return Put::Present;
+                }
+                match token() {
                     Some((value, with)) => {
-                        slot.insert(value);
+                        head.headers.insert(name.clone(), value);
                         Put::Done(with)
                     }
                     None => Put::NoToken,
-                },
-            },
+                }
+            }
             Placement::Query { name } => {
                 if head
                     .uri

@@ -120,9 +120,15 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
         match self.project().inner.project() {
-            InnerProj::Plain { body } => body
-                .poll_frame(cx)
-                .map(|frame| frame.map(|frame| frame.map(|f| f.map_data(to_bytes)))),
+            InnerProj::Plain { body } => match body.poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(match frame.into_data() {
+                    Ok(data) => Frame::data(to_bytes(data)),
+                    Err(frame) => frame.map_data(to_bytes),
+                }))),
+                Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(err))),
+                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Pending => Poll::Pending,
+            },
             InnerProj::Whole { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
             InnerProj::Prefixed { rest } => rest.poll_frame(cx),
         }
