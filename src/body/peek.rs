@@ -142,6 +142,12 @@ where
         return FirstLook::Unjudged(ResponseBody::new(body));
     }
     let known_length = hint.exact().is_some();
+    // NOTE: as in `peek`: without a timer only a body of known length is
+    // read, whether or not its bytes happen to be there already, so the
+    // verdict does not depend on when they arrive.
+    if !known_length && deadline_timer(Duration::ZERO).is_none() {
+        return FirstLook::Unjudged(ResponseBody::new(body));
+    }
     let mut body = Box::pin(body);
     let first = match body.as_mut().poll_frame(cx) {
         Poll::Ready(None) => {
@@ -234,8 +240,9 @@ where
     }
     let mut complete = !too_long && !over_limit;
     // NOTE: no timer is set for a body that needs no more reading (it
-    // ended, or the first frame held one whole JSON document).
-    let timer = if !inner_done && complete && !json_closed {
+    // ended, is too long, or failed).
+    let needs_reading = !inner_done && complete;
+    let timer = if needs_reading {
         deadline_timer(deadline)
     } else {
         None
@@ -249,13 +256,15 @@ where
     };
     tokio::pin!(sleep);
 
-    if inner_done || !complete || json_closed {
+    if !needs_reading {
         // Nothing more to read.
     } else if no_timer && !known_length {
         tracing::debug!(
             "no tokio timer for the peek deadline; response body of unknown length passed on undetected"
         );
         complete = false;
+    } else if json_closed {
+        // The first frame already held one whole JSON document.
     } else {
         loop {
             let frame = tokio::select! {

@@ -119,14 +119,20 @@ where
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        match self.project().inner.project() {
+        let mut inner = self.project().inner;
+        match inner.as_mut().project() {
             InnerProj::Plain { body } => match body.poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame))) => Poll::Ready(Some(Ok(match frame.into_data() {
                     Ok(data) => Frame::data(to_bytes(data)),
                     Err(frame) => frame.map_data(to_bytes),
                 }))),
                 Poll::Ready(Some(Err(err))) => Poll::Ready(Some(Err(err))),
-                Poll::Ready(None) => Poll::Ready(None),
+                Poll::Ready(None) => {
+                    // NOTE: the upstream's body is never polled after its
+                    // end (a stream may panic then): it is let go here.
+                    inner.set(Inner::Whole { data: None });
+                    Poll::Ready(None)
+                }
                 Poll::Pending => Poll::Pending,
             },
             InnerProj::Whole { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
