@@ -189,6 +189,11 @@ impl AuthRefreshLayer {
     /// head. A body whose `Content-Length` is over the peek limit is not
     /// read at all.
     ///
+    /// A small answer usually arrives with its head: a body that has
+    /// already ended when the head comes is judged at once, in the same
+    /// poll, with no timer set and nothing boxed. Only a body still on its
+    /// way waits, for at most this deadline.
+    ///
     /// The deadline needs tokio's timer. On a runtime built without it
     /// (`enable_io()` only), only a body with a `Content-Length` within the
     /// peek limit is read (with no deadline); any other body is passed on
