@@ -28,8 +28,8 @@ use hyper_util::rt::TokioExecutor;
 use tower::{Layer, ServiceExt};
 use tower_auth_refresh::dpop::DpopKey;
 use tower_auth_refresh::{
-    AuthRefreshLayer, BoxError, RefreshContext, ReplayBody, RetrySkipped, SkipReason, Token,
-    TokenHandle, token_source_fn,
+    AuthRefresh, AuthRefreshLayer, BoxError, RefreshContext, ReplayBody, RetrySkipped, SkipReason,
+    Token, TokenHandle, token_source_fn,
 };
 
 /// Every test is bounded: a hang is a failure, not a stuck CI job.
@@ -299,6 +299,29 @@ fn issuer(server: &ResourceServer) -> (TokenHandle, Arc<AtomicUsize>) {
     (handle, calls)
 }
 
+/// A DPoP layer over the real client whose token is at hand: one request
+/// sent, and what the server saw of it cleared.
+async fn warmed_up(
+    server: &ResourceServer,
+) -> (TokenHandle, Arc<AtomicUsize>, AuthRefresh<HttpClient>) {
+    let (handle, calls) = issuer(server);
+    let service = AuthRefreshLayer::new(handle.clone())
+        .dpop(DpopKey::generate().unwrap())
+        .layer(client());
+    service
+        .clone()
+        .oneshot(get(&server.url("/a")))
+        .await
+        .unwrap();
+    server.take();
+    (handle, calls, service)
+}
+
+/// What the server answered, attempt by attempt.
+fn outcomes(attempts: &[Attempt]) -> Vec<Outcome> {
+    attempts.iter().map(|a| a.outcome).collect()
+}
+
 fn client() -> HttpClient {
     Client::builder(TokioExecutor::new()).build_http()
 }
@@ -456,16 +479,7 @@ async fn each_nonce_rotation_costs_exactly_one_extra_attempt() {
 async fn an_expired_token_behind_a_nonce_challenge_still_refreshes_once() {
     tokio::time::timeout(LIMIT, async {
         let server = ResourceServer::start().await;
-        let (handle, calls) = issuer(&server);
-        let service = AuthRefreshLayer::new(handle.clone())
-            .dpop(DpopKey::generate().unwrap())
-            .layer(client());
-        service
-            .clone()
-            .oneshot(get(&server.url("/a")))
-            .await
-            .unwrap();
-        server.take();
+        let (handle, calls, service) = warmed_up(&server).await;
 
         // The token dies and the nonce rotates at once; the success that
         // ends it all announces yet another nonce.
@@ -480,9 +494,8 @@ async fn an_expired_token_behind_a_nonce_challenge_still_refreshes_once() {
             .unwrap();
         assert_eq!(response.status(), 200);
         let attempts = server.take();
-        let outcomes: Vec<_> = attempts.iter().map(|a| a.outcome).collect();
         assert_eq!(
-            outcomes,
+            outcomes(&attempts),
             [Outcome::NonceChallenge, Outcome::InvalidToken, Outcome::Ok]
         );
         assert_eq!(attempts[2].authorization.as_deref(), Some("DPoP tok-2"));
@@ -515,16 +528,7 @@ async fn an_expired_token_behind_a_nonce_challenge_still_refreshes_once() {
 async fn a_second_nonce_challenge_is_handed_back_without_a_refresh() {
     tokio::time::timeout(LIMIT, async {
         let server = ResourceServer::start().await;
-        let (handle, calls) = issuer(&server);
-        let service = AuthRefreshLayer::new(handle.clone())
-            .dpop(DpopKey::generate().unwrap())
-            .layer(client());
-        service
-            .clone()
-            .oneshot(get(&server.url("/a")))
-            .await
-            .unwrap();
-        server.take();
+        let (handle, calls, service) = warmed_up(&server).await;
 
         server.rotate_before_each_check(true);
         let chunks = ["stale-", "every-", "time"];
@@ -541,8 +545,10 @@ async fn a_second_nonce_challenge_is_handed_back_without_a_refresh() {
                 .contains("use_dpop_nonce")
         );
         let attempts = server.take();
-        let outcomes: Vec<_> = attempts.iter().map(|a| a.outcome).collect();
-        assert_eq!(outcomes, [Outcome::NonceChallenge, Outcome::NonceChallenge]);
+        assert_eq!(
+            outcomes(&attempts),
+            [Outcome::NonceChallenge, Outcome::NonceChallenge]
+        );
         assert_eq!(attempts[1].nonce.as_deref(), Some("stale-1"));
         for attempt in &attempts {
             assert_eq!(attempt.authorization.as_deref(), Some("DPoP tok-1"));
@@ -581,16 +587,7 @@ async fn a_second_nonce_challenge_is_handed_back_without_a_refresh() {
 async fn a_nonce_challenge_to_the_refresh_retry_is_answered_once() {
     tokio::time::timeout(LIMIT, async {
         let server = ResourceServer::start().await;
-        let (handle, calls) = issuer(&server);
-        let service = AuthRefreshLayer::new(handle.clone())
-            .dpop(DpopKey::generate().unwrap())
-            .layer(client());
-        service
-            .clone()
-            .oneshot(get(&server.url("/a")))
-            .await
-            .unwrap();
-        server.take();
+        let (handle, calls, service) = warmed_up(&server).await;
 
         // tok-1 dies; the answer that says so still announces nonce-0, and
         // the nonce rotates right after it.
@@ -604,9 +601,8 @@ async fn a_nonce_challenge_to_the_refresh_retry_is_answered_once() {
             .unwrap();
         assert_eq!(response.status(), 200);
         let attempts = server.take();
-        let outcomes: Vec<_> = attempts.iter().map(|a| a.outcome).collect();
         assert_eq!(
-            outcomes,
+            outcomes(&attempts),
             [Outcome::InvalidToken, Outcome::NonceChallenge, Outcome::Ok]
         );
         let tokens: Vec<_> = attempts
