@@ -218,9 +218,7 @@ async fn a_save_that_loses_the_race_saves_again_when_the_stored_refresh_token_is
                 .unwrap();
         })
     });
-    let a = TokenHandle::builder(server.source())
-        .store(store.clone(), "k")
-        .build();
+    let a = on_k(&store, server.source());
     a.refresh_now().await.unwrap();
     let stored = store.load("k").await.unwrap().unwrap();
     assert_eq!(
@@ -229,9 +227,7 @@ async fn a_save_that_loses_the_race_saves_again_when_the_stored_refresh_token_is
         "the new refresh token is stored"
     );
 
-    let b = TokenHandle::builder(server.source())
-        .store(store.clone(), "k")
-        .build();
+    let b = on_k(&store, server.source());
     b.refresh_now().await.unwrap();
     assert_eq!(server.presented(), ["rt-1", "rt-2"]);
     assert_eq!(server.reused(), 0);
@@ -357,9 +353,7 @@ async fn by_default_an_unreachable_store_withholds_the_refresh_token_and_uses_th
         .await
         .unwrap();
     server.ledger.lock().unwrap().serial = 1;
-    let handle = TokenHandle::builder(server.source())
-        .store(store.clone(), "k")
-        .build();
+    let handle = on_k(&store, server.source());
     let upstream = Upstream::start().await;
     upstream.accept("at-1");
     let response = tower_auth_refresh::AuthRefreshLayer::new(handle.clone())
@@ -552,9 +546,7 @@ async fn a_store_that_lost_its_data_is_not_a_reason_to_present_a_shared_refresh_
         .await
         .unwrap();
     server.ledger.lock().unwrap().serial = 1;
-    let handle = TokenHandle::builder(server.source())
-        .store(store.clone(), "k")
-        .build();
+    let handle = on_k(&store, server.source());
     handle.valid_token().await.unwrap(); // adopts rt-1, version 1
     assert!(server.presented().is_empty());
     // The store restarts empty; the token is rejected upstream.
@@ -567,6 +559,26 @@ async fn a_store_that_lost_its_data_is_not_a_reason_to_present_a_shared_refresh_
 }
 
 // ---- a refresh whose outcome is unknown ----
+
+/// A handle on the store's entry `k`.
+fn on_k(store: &(impl TokenStore + Clone), source: impl TokenSource + 'static) -> TokenHandle {
+    TokenHandle::builder(source)
+        .store(store.clone(), "k")
+        .build()
+}
+
+/// `rt-1` stored under `k` (the server's serial at 1), and one refresh of
+/// it through a source whose first call fails with `first`.
+async fn refresh_failing_once(
+    store: &MemoryStore,
+    server: &Strict,
+    first: std::io::ErrorKind,
+) -> Result<(), BoxError> {
+    seed(store, "k", 1).await;
+    server.ledger.lock().unwrap().serial = 1;
+    let (source, _) = failing_once(server, first);
+    on_k(store, source).refresh_now().await.map(drop)
+}
 
 /// A source that presents the refresh token and fails once with `first`.
 fn failing_once(
@@ -603,17 +615,13 @@ fn failing_once(
 async fn after_an_uncertain_failure_the_refresh_token_is_not_presented_again() {
     let store = MemoryStore::new();
     let server = Strict::default();
-    seed(&store, "k", 1).await;
-    server.ledger.lock().unwrap().serial = 1;
-    let (source, _) = failing_once(&server, std::io::ErrorKind::Other);
-    let handle = TokenHandle::builder(source)
-        .store(store.clone(), "k")
-        .build();
-    assert!(handle.refresh_now().await.is_err());
+    assert!(
+        refresh_failing_once(&store, &server, std::io::ErrorKind::Other)
+            .await
+            .is_err()
+    );
     // Another process (or this one, later) refreshes: rt-1 may be spent.
-    let other = TokenHandle::builder(server.source())
-        .store(store.clone(), "k")
-        .build();
+    let other = on_k(&store, server.source());
     other.refresh_now().await.unwrap();
     assert_eq!(server.presented(), ["rt-1"]);
     assert_eq!(server.reused(), 0);
@@ -624,22 +632,18 @@ async fn after_an_uncertain_failure_the_refresh_token_is_not_presented_again() {
 async fn after_a_refused_connection_the_refresh_token_is_still_used() {
     let store = MemoryStore::new();
     let server = Strict::default();
-    seed(&store, "k", 1).await;
-    server.ledger.lock().unwrap().serial = 1;
-    let (source, _) = failing_once(&server, std::io::ErrorKind::ConnectionRefused);
-    let handle = TokenHandle::builder(source)
-        .store(store.clone(), "k")
-        .build();
-    assert!(handle.refresh_now().await.is_err());
+    assert!(
+        refresh_failing_once(&store, &server, std::io::ErrorKind::ConnectionRefused)
+            .await
+            .is_err()
+    );
     let stored = store.load("k").await.unwrap().unwrap();
     assert!(
         stored.token.metadata().is_empty(),
         "the entry is unmarked: {:?}",
         stored.token.metadata()
     );
-    let other = TokenHandle::builder(server.source())
-        .store(store.clone(), "k")
-        .build();
+    let other = on_k(&store, server.source());
     other.refresh_now().await.unwrap();
     assert_eq!(server.presented(), ["rt-1"]);
     assert_eq!(server.logins(), 0);
@@ -649,16 +653,12 @@ async fn after_a_refused_connection_the_refresh_token_is_still_used() {
 async fn a_withheld_refresh_token_is_a_failure_not_a_dead_grant() {
     let store = MemoryStore::new();
     let server = Strict::without_login();
-    seed(&store, "k", 1).await;
-    server.ledger.lock().unwrap().serial = 1;
-    let (source, _) = failing_once(&server, std::io::ErrorKind::Other);
-    let handle = TokenHandle::builder(source)
-        .store(store.clone(), "k")
-        .build();
-    assert!(handle.refresh_now().await.is_err());
-    let other = TokenHandle::builder(server.source())
-        .store(store.clone(), "k")
-        .build();
+    assert!(
+        refresh_failing_once(&store, &server, std::io::ErrorKind::Other)
+            .await
+            .is_err()
+    );
+    let other = on_k(&store, server.source());
     let err = other.refresh_now().await.unwrap_err();
     assert!(
         err.downcast_ref::<ReauthorizationRequired>().is_none(),
