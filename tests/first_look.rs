@@ -179,7 +179,7 @@ fn padded(code: u32, len: usize) -> String {
 // ---------------------------------------------------------------- 1. bytes
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn p1_bodies_byte_for_byte_through_hyper() {
+async fn bodies_byte_for_byte_through_hyper() {
     tokio::time::timeout(LIMIT, async {
         let at_limit = padded(0, 64);
         let over_limit = padded(0, 65);
@@ -286,7 +286,7 @@ async fn p1_bodies_byte_for_byte_through_hyper() {
 
 /// An expired code exactly at the limit is retried; one byte over is not.
 #[tokio::test]
-async fn p1_expired_at_limit_and_over_limit() {
+async fn expired_at_limit_and_over_limit() {
     tokio::time::timeout(LIMIT, async {
         let at_limit = padded(40003, 64);
         let over_limit = padded(40003, 65);
@@ -332,7 +332,7 @@ async fn p1_expired_at_limit_and_over_limit() {
 // ------------------------------------------------------------ 2. trailers
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn p1_h2_data_then_trailers_reach_the_caller_and_expiry_is_seen() {
+async fn h2_data_then_trailers_reach_the_caller_and_expiry_is_seen() {
     tokio::time::timeout(LIMIT, async {
         let server = Server::start(Arc::new(move |req, _| {
             Box::pin(async move {
@@ -527,7 +527,7 @@ fn scripted_service(
 
 /// Each scripted shape: (steps, expected bytes, trailers?, error?).
 #[tokio::test]
-async fn p2_scripted_bodies_reach_the_caller_whole() {
+async fn scripted_bodies_reach_the_caller_whole() {
     use Step::Err as Fail;
     use Step::{Data, Pending, Trailers};
     let cases: Vec<(&str, Vec<Step>, &[u8], bool, Option<&str>)> = vec![
@@ -638,7 +638,7 @@ async fn p2_scripted_bodies_reach_the_caller_whole() {
 /// after it returned None? 71308cf's `ResponseBody` fused it
 /// (`inner_done`); the new `Plain` variant delegates every poll.
 #[tokio::test]
-async fn p2_plain_body_is_not_polled_after_none() {
+async fn plain_body_is_not_polled_after_none() {
     let counter = Arc::new(AtomicUsize::new(0));
     let c = counter.clone();
     let (svc, _) = scripted_service(move |_, _| {
@@ -669,7 +669,7 @@ async fn p2_plain_body_is_not_polled_after_none() {
 /// Documented contract breach by the body; this records what the caller gets.
 #[tokio::test]
 #[ignore = "the body breaks the http-body contract; 71308cf lost the tail the same way"]
-async fn p2_body_lying_about_its_end_loses_the_rest() {
+async fn body_lying_about_its_end_loses_the_rest() {
     let (svc, _) = scripted_service(|_, _| {
         let mut s = Scripted::new(vec![Step::Data(b"{\"code\":0}"), Step::Data(b" tail")]);
         s.lie_end_after = Some(1);
@@ -689,7 +689,7 @@ async fn p2_body_lying_about_its_end_loses_the_rest() {
 /// `size_hint` exact but wrong (says 3, yields 10) and (says 1000 > limit,
 /// yields a small expired JSON).
 #[tokio::test]
-async fn p2_size_hint_exact_but_wrong() {
+async fn size_hint_exact_but_wrong() {
     let (svc, seen) = scripted_service(|n, _| {
         let mut s = Scripted::new(vec![Step::Data(if n == 1 {
             b"{\"code\":40003}"
@@ -823,48 +823,44 @@ const SHAPES: [Shape; 4] = [
     Shape::OpenChunked,
 ];
 
+/// Every shape, with and without a token at hand, on `rt`.
+fn every_shape_retried_once_on(rt: &tokio::runtime::Runtime, runtime: &str) {
+    for shape in SHAPES {
+        for warm in [false, true] {
+            let got = rt.block_on(async {
+                tokio::time::timeout(LIMIT, expiry_case(shape, warm))
+                    .await
+                    .unwrap()
+            });
+            check(shape, &format!("{runtime} warm={warm}"), got);
+        }
+    }
+}
+
 #[test]
-fn p3_expiry_retried_once_multi_thread() {
+fn expiry_retried_once_multi_thread() {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()
         .unwrap();
-    for shape in SHAPES {
-        for warm in [false, true] {
-            let got = rt.block_on(async {
-                tokio::time::timeout(LIMIT, expiry_case(shape, warm))
-                    .await
-                    .unwrap()
-            });
-            check(shape, &format!("multi-thread warm={warm}"), got);
-        }
-    }
+    every_shape_retried_once_on(&rt, "multi-thread");
 }
 
 #[test]
-fn p3_expiry_retried_once_current_thread() {
+fn expiry_retried_once_current_thread() {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .unwrap();
-    for shape in SHAPES {
-        for warm in [false, true] {
-            let got = rt.block_on(async {
-                tokio::time::timeout(LIMIT, expiry_case(shape, warm))
-                    .await
-                    .unwrap()
-            });
-            check(shape, &format!("current-thread warm={warm}"), got);
-        }
-    }
+    every_shape_retried_once_on(&rt, "current-thread");
 }
 
-/// No timer: the documented promise is that a Content-Length body within
-/// the limit is read; a chunked body of unknown length is passed on
-/// undetected unless its first frame is one whole JSON document.
+/// No timer: a Content-Length body within the limit is read; a chunked body
+/// of unknown length is passed on undetected (see
+/// `io_only_unknown_length_verdict_does_not_depend_on_timing`).
 #[test]
-fn p3_expiry_on_io_only_runtime() {
+fn expiry_on_io_only_runtime() {
     for shape in [Shape::Whole, Shape::TwoFramesLength] {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_io()
@@ -881,7 +877,7 @@ fn p3_expiry_on_io_only_runtime() {
 
 #[cfg(feature = "dpop")]
 #[tokio::test]
-async fn p4_dpop_nonce_challenge_with_json_body_never_refreshes() {
+async fn dpop_nonce_challenge_with_json_body_never_refreshes() {
     use tower_auth_refresh::dpop::DpopKey;
     tokio::time::timeout(LIMIT, async {
         let server = Server::start(Arc::new(move |_req, _| {
@@ -922,7 +918,7 @@ async fn p4_dpop_nonce_challenge_with_json_body_never_refreshes() {
 /// the retry: at most one refresh, one nonce resend.
 #[cfg(feature = "dpop")]
 #[tokio::test]
-async fn p4_dpop_first_look_expired_then_nonce_on_retry() {
+async fn dpop_first_look_expired_then_nonce_on_retry() {
     use tower_auth_refresh::dpop::DpopKey;
     tokio::time::timeout(LIMIT, async {
         let server = Server::start(Arc::new(move |_req, n| {
@@ -959,7 +955,7 @@ async fn p4_dpop_first_look_expired_then_nonce_on_retry() {
 // ------------------------------------------------------- 5. put_if_absent
 
 #[tokio::test]
-async fn p5_callers_own_token_is_left_alone() {
+async fn callers_own_token_is_left_alone() {
     // (injector, request builder, header or query to compare)
     let cases: Vec<(&str, TokenInjector, Request<Full<Bytes>>)> = vec![
         (
@@ -1027,7 +1023,7 @@ async fn p5_callers_own_token_is_left_alone() {
 struct Tag(u32);
 
 #[tokio::test]
-async fn p5_retry_carries_exactly_one_token_and_the_same_head() {
+async fn retry_carries_exactly_one_token_and_the_same_head() {
     for (name, injector) in [
         ("bearer", TokenInjector::bearer()),
         (
@@ -1118,7 +1114,7 @@ async fn p5_retry_carries_exactly_one_token_and_the_same_head() {
 // ------------------------------------------------------------- 6. proxy
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn p6_axum_proxy_frames_each_variant_correctly() {
+async fn axum_proxy_frames_each_variant_correctly() {
     tokio::time::timeout(LIMIT, async {
         let big = "y".repeat(100_000);
         let b = big.clone();
@@ -1217,7 +1213,7 @@ async fn p6_axum_proxy_frames_each_variant_correctly() {
 /// A whole body judged at first look drops the upstream `Incoming` at
 /// once: the connection must still go back to the pool.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn p7_first_look_whole_keeps_the_connection_alive() {
+async fn first_look_whole_keeps_the_connection_alive() {
     tokio::time::timeout(LIMIT, async {
         let server = Server::start(Arc::new(|_, _| {
             Box::pin(async { json(200, "{\"code\":0}") })
@@ -1252,7 +1248,7 @@ async fn p7_first_look_whole_keeps_the_connection_alive() {
 /// "any other body [than Content-Length within the limit] is passed on
 /// undetected".
 #[test]
-fn p3_io_only_unknown_length_verdict_does_not_depend_on_timing() {
+fn io_only_unknown_length_verdict_does_not_depend_on_timing() {
     let run_on = |timer: bool, warm: bool, steps: Vec<Step>| {
         let mut builder = tokio::runtime::Builder::new_current_thread();
         builder.enable_io();
@@ -1328,7 +1324,7 @@ fn p3_io_only_unknown_length_verdict_does_not_depend_on_timing() {
 /// A whole expired answer that cannot be retried (token too fresh) comes
 /// back byte for byte, marked.
 #[tokio::test]
-async fn p2_whole_expired_not_retried_is_handed_back_intact() {
+async fn whole_expired_not_retried_is_handed_back_intact() {
     let (svc, seen) =
         scripted_service(|_, _| Scripted::new(vec![Step::Data(b"{\"code\":40003,\"msg\":\"x\"}")]));
     let calls = Arc::new(AtomicUsize::new(0));
@@ -1357,7 +1353,7 @@ async fn p2_whole_expired_not_retried_is_handed_back_intact() {
 /// 16 concurrent requests, every first answer a whole `200 {"code":40003}`
 /// judged at first look: one refresh for all, one retry each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn p3_concurrent_first_look_expiries_share_one_refresh() {
+async fn concurrent_first_look_expiries_share_one_refresh() {
     tokio::time::timeout(LIMIT, async {
         let server = Server::start(Arc::new(|req, _| {
             Box::pin(async move {
@@ -1397,7 +1393,7 @@ async fn p3_concurrent_first_look_expiries_share_one_refresh() {
 /// several times and report how often it was retried (the docs say a
 /// chunked body is passed on undetected without a timer).
 #[test]
-fn p3_io_only_open_chunked_over_hyper() {
+fn io_only_open_chunked_over_hyper() {
     let mut outcomes = Vec::new();
     for _ in 0..10 {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -1417,7 +1413,7 @@ fn p3_io_only_open_chunked_over_hyper() {
 /// The one-frame body judged at first look: its Debug, size hint and
 /// end-of-stream as the caller sees them before reading.
 #[tokio::test]
-async fn p2_first_look_whole_variant_is_taken() {
+async fn first_look_whole_variant_is_taken() {
     let (svc, _) = scripted_service(|_, _| Scripted::new(vec![Step::Data(b"{\"code\":0}")]));
     let (handle, _) = handle_with(TokenInjector::bearer());
     handle.valid_token().await.unwrap();
@@ -1437,7 +1433,7 @@ async fn p2_first_look_whole_variant_is_taken() {
 /// byte, expiry retried once.
 #[cfg(feature = "reqwest")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn p1_reqwest_bodies_and_expiry() {
+async fn reqwest_bodies_and_expiry() {
     use tower_auth_refresh::AuthRefreshMiddleware;
     tokio::time::timeout(LIMIT, async {
         let at_limit = padded(0, 64);
@@ -1519,7 +1515,7 @@ async fn raw_server(answer: &'static [u8]) -> SocketAddr {
 /// A body cut short by the upstream is never handed on as a clean end:
 /// the caller gets the bytes that came and then an error.
 #[tokio::test]
-async fn p2_truncated_bodies_end_with_an_error() {
+async fn truncated_bodies_end_with_an_error() {
     tokio::time::timeout(LIMIT, async {
         let cases: [(&str, &'static [u8], &[u8]); 3] = [
             (
@@ -1553,12 +1549,12 @@ async fn p2_truncated_bodies_end_with_an_error() {
     .expect("bounded");
 }
 
-/// The same as `p2_plain_body_is_not_polled_after_none` with a body from
+/// The same as `plain_body_is_not_polled_after_none` with a body from
 /// the ecosystem: `StreamBody` over `futures::stream::unfold`, which
 /// panics when polled after its end. The caller polls once more after
 /// `None` (as `frame()` loops written `while let` + one more check do).
 #[tokio::test]
-async fn p2_plain_unfold_body_polled_after_none_panics() {
+async fn plain_unfold_body_polled_after_none_panics() {
     type Unfolded = StreamBody<
         std::pin::Pin<Box<dyn futures::Stream<Item = Result<Frame<Bytes>, Infallible>> + Send>>,
     >;
@@ -1590,7 +1586,7 @@ async fn p2_plain_unfold_body_polled_after_none_panics() {
 /// frame the caller reads: the hint brackets what is left, an exact hint
 /// is what is left, and the end is said only when nothing is left.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn p6_size_hint_and_end_track_what_is_left() {
+async fn size_hint_and_end_track_what_is_left() {
     tokio::time::timeout(LIMIT, async {
         let server = Server::start(Arc::new(|req, _| {
             Box::pin(async move {
@@ -1680,7 +1676,7 @@ async fn p6_size_hint_and_end_track_what_is_left() {
 /// data is followed by trailers, through an axum proxy that hands our body
 /// on: the outer h2 client sees the same data and trailers.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn p6_h2_trailers_through_a_proxy() {
+async fn h2_trailers_through_a_proxy() {
     tokio::time::timeout(LIMIT, async {
         let upstream = Server::start(Arc::new(|req, _| {
             Box::pin(async move {
