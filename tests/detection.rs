@@ -174,6 +174,18 @@ async fn handle_with_tok1() -> (TokenHandle, Issuer) {
     (handle, issuer)
 }
 
+/// `{"item":1}` posted to `url` through `service`, within `LIMIT`.
+async fn post_item<S, B>(service: S, url: &str) -> http::Response<B>
+where
+    S: tower::Service<http::Request<http_body_util::Full<Bytes>>, Response = http::Response<B>>,
+    S::Error: std::fmt::Debug,
+{
+    tokio::time::timeout(LIMIT, service.oneshot(post(url, r#"{"item":1}"#)))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
 fn json_layer(handle: TokenHandle) -> AuthRefreshLayer {
     AuthRefreshLayer::new(handle).detector(Unauthorized::new().or(JsonBodyRule::default_rules()))
 }
@@ -185,13 +197,7 @@ async fn a_success_that_mentions_expired_is_not_replayed() {
     let service = ServiceBuilder::new()
         .layer(json_layer(handle))
         .service(client());
-    let response = tokio::time::timeout(
-        LIMIT,
-        service.oneshot(post(&format!("{base}/orders"), r#"{"item":1}"#)),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let response = post_item(service, &format!("{base}/orders")).await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(
         body_text(response).await,
@@ -253,13 +259,7 @@ async fn an_insufficient_scope_challenge_is_not_overruled_by_the_body() {
     let service = ServiceBuilder::new()
         .layer(json_layer(handle))
         .service(client());
-    let response = tokio::time::timeout(
-        LIMIT,
-        service.oneshot(post(&format!("{base}/scope"), r#"{"item":1}"#)),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let response = post_item(service, &format!("{base}/scope")).await;
     assert_eq!(response.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(
         body_text(response).await,
@@ -285,13 +285,7 @@ async fn an_insufficient_scope_challenge_in_any_legal_spelling_is_not_replayed()
         let service = ServiceBuilder::new()
             .layer(json_layer(handle))
             .service(client());
-        let response = tokio::time::timeout(
-            LIMIT,
-            service.oneshot(post(&format!("{base}{path}"), r#"{"item":1}"#)),
-        )
-        .await
-        .unwrap()
-        .unwrap();
+        let response = post_item(service, &format!("{base}{path}")).await;
         assert_eq!(response.status(), StatusCode::UNAUTHORIZED, "{path}");
         assert_eq!(
             upstream.requests.lock().unwrap().len(),
@@ -311,13 +305,7 @@ async fn a_success_code_written_as_a_float_is_not_replayed() {
     let service = ServiceBuilder::new()
         .layer(json_layer(handle))
         .service(client());
-    let response = tokio::time::timeout(
-        LIMIT,
-        service.oneshot(post(&format!("{base}/orders/float-zero"), r#"{"item":1}"#)),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    let response = post_item(service, &format!("{base}/orders/float-zero")).await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(upstream.orders.load(Ordering::SeqCst), 1, "sent once");
     assert_eq!(issuer.calls(), 1, "no refresh beyond the first token");
