@@ -33,25 +33,15 @@ for variant in "$@"; do
     done
 done
 
-python3 - "$out" "$@" <<'PY'
+PYTHONPATH=benches python3 - "$out" "$@" <<'PY'
 import re, sys
+
+from callgrind_calls import calls_of
 
 out, variants = sys.argv[1], sys.argv[2:]
 
 def calls_of_send(path):
-    names, current, calls = {}, None, 0
-    for line in open(path, errors="replace"):
-        m = re.match(r"c?fn=\((\d+)\)(?: (.*))?", line)
-        if m:
-            if m.group(2):
-                names[m.group(1)] = m.group(2)
-            if line.startswith("cfn="):
-                current = names.get(m.group(1))
-            continue
-        m = re.match(r"calls=(\d+)", line)
-        if m and current and current.endswith("hot_path::send"):
-            calls += int(m.group(1))
-    return calls
+    return calls_of(path, "hot_path::send")
 
 def table(path, per):
     rows = {}

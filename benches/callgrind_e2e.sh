@@ -30,8 +30,10 @@ for stack in "$@"; do
     done
 done
 
-python3 - "$out" "$case_name" "$@" <<'PY'
-import glob, re, sys
+PYTHONPATH=benches python3 - "$out" "$case_name" "$@" <<'PY'
+import glob, sys
+
+from callgrind_calls import calls_of, total_instructions
 
 out, case, stacks = sys.argv[1], sys.argv[2], sys.argv[3:]
 
@@ -41,22 +43,7 @@ def main_thread(prefix):
     return files[0]
 
 def totals_and_requests(path):
-    total, requests, names, current = 0, 0, {}, None
-    for line in open(path, errors="replace"):
-        if line.startswith("totals:") or line.startswith("summary:"):
-            total = int(line.split()[1])
-            continue
-        m = re.match(r"c?fn=\((\d+)\)(?: (.*))?", line)
-        if m:
-            if m.group(2):
-                names[m.group(1)] = m.group(2)
-            if line.startswith("cfn="):
-                current = names.get(m.group(1))
-            continue
-        m = re.match(r"calls=(\d+)", line)
-        if m and current and current.endswith("e2e::request"):
-            requests += int(m.group(1))
-    return total, requests
+    return total_instructions(path), calls_of(path, "e2e::request")
 
 per = {}
 for stack in stacks:
