@@ -181,7 +181,8 @@ where
         let peeked = unfinished
             .peek(self.config.peek_limit, self.config.peek_deadline)
             .await;
-        let expired = judge(&self.config, &parts, peeked.complete.as_deref());
+        let head = ResponseHead::with_content_type(parts.status, parts.version, &parts.headers);
+        let expired = judge(&self.config, &head, peeked.complete.as_deref());
         let answer = Response::from_parts(parts, peeked.body);
         if !expired {
             return Ok(answer);
@@ -376,22 +377,14 @@ where
         return (false, ResponseBody::new(body));
     }
     let peeked = peek(body, config.peek_limit, config.peek_deadline).await;
-    let expired = peeked
-        .complete
-        .as_deref()
-        .is_some_and(|bytes| config.detector.check_body(&head, bytes));
+    let expired = judge(config, &head, peeked.complete.as_deref());
     (expired, peeked.body)
 }
 
 /// What the detector says of a body whose bytes were all read (`None`:
 /// not read in time or too long, so not expired).
-pub(crate) fn judge(
-    config: &LayerConfig,
-    parts: &http::response::Parts,
-    complete: Option<&[u8]>,
-) -> bool {
-    let head = ResponseHead::new(parts.status, parts.version, &parts.headers);
-    complete.is_some_and(|bytes| config.detector.check_body(&head, bytes))
+fn judge(config: &LayerConfig, head: &ResponseHead<'_>, complete: Option<&[u8]>) -> bool {
+    complete.is_some_and(|bytes| config.detector.check_body(head, bytes))
 }
 
 /// Counts and logs a retry that was not made, and marks the response's
