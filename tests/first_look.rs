@@ -1231,10 +1231,14 @@ async fn first_look_whole_keeps_the_connection_alive() {
             assert_eq!(got, b"{\"code\":0}");
         }
         assert_eq!(server.requests.load(Ordering::SeqCst), 10);
-        assert_eq!(
-            server.connections.load(Ordering::SeqCst),
-            1,
-            "one pooled connection"
+        // NOTE: hyper puts a connection back in its pool from the
+        // connection's own task, so the next request may open a second one
+        // before it is back; a body that kept connections from the pool
+        // would open one per request.
+        let connections = server.connections.load(Ordering::SeqCst);
+        assert!(
+            connections <= 3,
+            "{connections} connections for 10 requests: the pool is not reused"
         );
         let _ = &server.seen;
     })
